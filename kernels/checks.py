@@ -1,0 +1,92 @@
+"""Input validation for the padst ops.
+
+Shape checks are cheap and always run (also at trace time, from the fake
+implementations). Checks that read index *values* (is this a permutation? are block
+indices in range?) cost a pass over the index and a host sync on a GPU, so they can
+be switched off once a model is known to be well formed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+
+import torch
+from torch._subclasses.fake_tensor import is_fake
+
+_checks_enabled = os.environ.get("PADST_CHECKS", "1") != "0"
+
+
+def checks_enabled() -> bool:
+    """Whether the ops validate the values of their index tensors."""
+    return _checks_enabled
+
+
+@contextlib.contextmanager
+def set_checks(enabled: bool) -> Iterator[None]:
+    """Turn value checks on or off inside a ``with`` block (``PADST_CHECKS=0`` sets the default)."""
+    global _checks_enabled
+    previous, _checks_enabled = _checks_enabled, bool(enabled)
+    try:
+        yield
+    finally:
+        _checks_enabled = previous
+
+
+def _reads_values(index: torch.Tensor) -> bool:
+    """Value checks run on real tensors only: fake (tracing) tensors have no data."""
+    return _checks_enabled and index.numel() > 0 and not is_fake(index) and index.device.type != "meta"
+
+
+def fail(op: str, message: str) -> None:
+    raise ValueError(f"{op}: {message}")
+
+
+def check_index_tensor(op: str, name: str, index: torch.Tensor, shape: tuple[int, ...]) -> None:
+    """An index must be an int64 tensor of the given shape."""
+    if index.dtype != torch.int64:
+        fail(op, f"{name} must be an int64 tensor, got {index.dtype}")
+    if tuple(index.shape) != tuple(shape):
+        fail(op, f"{name} has shape {tuple(index.shape)}, expected {tuple(shape)}")
+
+
+def check_permutation(op: str, name: str, index: torch.Tensor, length: int) -> None:
+    """``index`` must be a permutation of ``range(length)``."""
+    check_index_tensor(op, name, index, (length,))
+    if not _reads_values(index):
+        return
+    lo, hi = int(index.min()), int(index.max())
+    if lo < 0 or hi >= length:
+        fail(op, f"{name} holds {lo if lo < 0 else hi}, outside [0, {length})")
+    counts = torch.bincount(index, minlength=length)
+    if bool((counts != 1).any()):
+        repeated = int(torch.nonzero(counts > 1)[0])
+        fail(op, f"{name} is not a permutation of {length} features: {repeated} appears "
+                 f"{int(counts[repeated])} times")
+
+
+def check_in_range(op: str, name: str, index: torch.Tensor, bound: int) -> None:
+    """Every value of ``index`` lies in ``[0, bound)``."""
+    if not _reads_values(index):
+        return
+    lo, hi = int(index.min()), int(index.max())
+    if lo < 0 or hi >= bound:
+        fail(op, f"{name} holds {lo if lo < 0 else hi}, outside [0, {bound})")
+
+
+def check_distinct_rows(op: str, name: str, index: torch.Tensor, what: str) -> None:
+    """No value repeats along the last dimension of ``index`` (a kept unit is kept once)."""
+    if index.shape[-1] < 2 or not _reads_values(index):
+        return
+    ordered = index.sort(dim=-1).values
+    if bool((ordered[..., 1:] == ordered[..., :-1]).any()):
+        fail(op, f"{name} keeps the same {what} twice in one row")
+
+
+def check_tensor(op: str, name: str, t: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype) -> None:
+    """A floating tensor (bias, values) must have the given shape and the input's dtype."""
+    if tuple(t.shape) != tuple(shape):
+        fail(op, f"{name} has shape {tuple(t.shape)}, expected {tuple(shape)}")
+    if t.dtype != dtype:
+        fail(op, f"{name} has dtype {t.dtype} but the input has {dtype}")

@@ -1,0 +1,212 @@
+"""The ``padst`` operator set (design section 4), as ``torch.library`` custom ops.
+
+Every structured op has one schema,
+
+    padst::<structure>_linear(x, values, index, out_features, bias=None,
+                              in_index=None, out_index=None) -> y
+
+with ``y = z[..., out_index]`` and ``z = S @ x[..., in_index] + bias``, where ``S`` is
+the weight described by ``(values, index)`` in the structure's compressed form. The
+uniform schema lets compiler passes treat all structures alike. Each op comes with two
+backward ops (``*_grad_input`` and ``*_grad_values``), so Dynamo, AOTAutograd and
+Inductor see opaque, correctly typed nodes in forward and backward graphs alike.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from padst_compiler.kernels import checks, cpu
+from padst_compiler.kernels.permutation import inverse_permutation
+
+Tensor = torch.Tensor
+
+# ------------------------------------------------------------------------ permute
+
+
+@torch.library.custom_op("padst::permute", mutates_args=())
+def permute(x: Tensor, index: Tensor) -> Tensor:
+    """``x[..., index]``: a gather along the feature (last) axis."""
+    _check_permute(x, index)
+    return x.index_select(-1, index)
+
+
+def _check_permute(x: Tensor, index: Tensor) -> None:
+    if x.dim() == 0:
+        checks.fail("padst::permute", "x must have a feature axis, got a 0-d tensor")
+    checks.check_permutation("padst::permute", "index", index, x.shape[-1])
+
+
+@permute.register_fake
+def _(x, index):
+    _check_permute(x, index)
+    return torch.empty_like(x)
+
+
+def _permute_setup(ctx, inputs, output):
+    ctx.save_for_backward(inputs[1])
+
+
+def _permute_backward(ctx, grad):
+    (index,) = ctx.saved_tensors
+    return torch.ops.padst.permute(grad, inverse_permutation(index)), None
+
+
+permute.register_autograd(_permute_backward, setup_context=_permute_setup)
+
+
+# ------------------------------------------------------------- structured linears
+
+
+@dataclass(frozen=True)
+class StructuredKernels:
+    """What one structure plugs into the generic op definition."""
+
+    name: str
+    check_format: Callable[[str, int, Tensor, Tensor, int], None]
+    forward: Callable
+    grad_input: Callable
+    grad_values: Callable
+
+
+def _check_call(op, kernels, x, values, index, out_features, bias, in_index, out_index):
+    """Shape and dtype checks shared by the real and fake implementations."""
+    if x.dim() == 0:
+        checks.fail(op, "x must have a feature axis, got a 0-d tensor")
+    if not x.dtype.is_floating_point:
+        checks.fail(op, f"x must be floating point, got {x.dtype}")
+    if values.dtype != x.dtype:
+        checks.fail(op, f"values have dtype {values.dtype} but x has {x.dtype}")
+    in_features = x.shape[-1]
+    kernels.check_format(op, in_features, values, index, out_features)
+    if bias is not None:
+        checks.check_tensor(op, "bias", bias, (out_features,), x.dtype)
+    if in_index is not None:
+        checks.check_permutation(op, "in_index", in_index, in_features)
+    if out_index is not None:
+        checks.check_permutation(op, "out_index", out_index, out_features)
+
+
+def _flat(t: Tensor) -> Tensor:
+    return t.reshape(-1, t.shape[-1])
+
+
+_FORWARD_SCHEMA = ("(Tensor x, Tensor values, Tensor index, int out_features, Tensor? bias=None, "
+                   "Tensor? in_index=None, Tensor? out_index=None) -> Tensor")
+_GRAD_INPUT_SCHEMA = ("(Tensor grad, Tensor values, Tensor index, int in_features, "
+                      "Tensor? in_index, Tensor? out_index) -> Tensor")
+_GRAD_VALUES_SCHEMA = ("(Tensor grad, Tensor x, Tensor values, Tensor index, "
+                       "Tensor? in_index, Tensor? out_index) -> Tensor")
+
+
+def define_structured_op(kernels: StructuredKernels):
+    """Register ``padst::<name>`` with its fake, backward ops and autograd formula."""
+    qualname = f"padst::{kernels.name}"
+
+    @torch.library.custom_op(qualname, mutates_args=(), schema=_FORWARD_SCHEMA)
+    def forward(x, values, index, out_features, bias=None, in_index=None, out_index=None):
+        _check_call(qualname, kernels, x, values, index, out_features, bias, in_index, out_index)
+        y = kernels.forward(_flat(x), values, index, out_features, bias, in_index, out_index)
+        return y.view(*x.shape[:-1], out_features)
+
+    @forward.register_fake
+    def _(x, values, index, out_features, bias=None, in_index=None, out_index=None):
+        _check_call(qualname, kernels, x, values, index, out_features, bias, in_index, out_index)
+        return x.new_empty(*x.shape[:-1], out_features)
+
+    @torch.library.custom_op(f"{qualname}_grad_input", mutates_args=(), schema=_GRAD_INPUT_SCHEMA)
+    def grad_input(grad, values, index, in_features, in_index, out_index):
+        dx = kernels.grad_input(_flat(grad), values, index, in_features, in_index, out_index)
+        return dx.view(*grad.shape[:-1], in_features)
+
+    @grad_input.register_fake
+    def _(grad, values, index, in_features, in_index, out_index):
+        return grad.new_empty(*grad.shape[:-1], in_features)
+
+    @torch.library.custom_op(f"{qualname}_grad_values", mutates_args=(), schema=_GRAD_VALUES_SCHEMA)
+    def grad_values(grad, x, values, index, in_index, out_index):
+        return kernels.grad_values(_flat(grad), _flat(x), values, index, in_index, out_index)
+
+    @grad_values.register_fake
+    def _(grad, x, values, index, in_index, out_index):
+        return torch.empty_like(values)
+
+    def setup_context(ctx, inputs, output):
+        x, values, index, _, bias, in_index, out_index = inputs
+        ctx.save_for_backward(x, values, index, in_index, out_index)
+
+    def backward(ctx, grad):
+        x, values, index, in_index, out_index = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        dx = grad_input(grad, values, index, x.shape[-1], in_index, out_index) if needs[0] else None
+        dvalues = grad_values(grad, x, values, index, in_index, out_index) if needs[1] else None
+        dbias = None
+        if needs[4]:
+            dbias = _flat(grad).sum(0)
+            if out_index is not None:
+                dbias = dbias.index_select(0, inverse_permutation(out_index))
+        return dx, dvalues, None, None, dbias, None, None
+
+    forward.register_autograd(backward, setup_context=setup_context)
+    return forward, grad_input, grad_values
+
+
+# ---------------------------------------------------------------- format checks
+
+
+def _check_block_format(op, in_features, values, col_blocks, out_features):
+    if values.dim() != 4:
+        checks.fail(op, f"block values must be [block_rows_count, kept, rows, cols], got shape {tuple(values.shape)}")
+    n_rows, kept, block_rows, block_cols = values.shape
+    checks.check_index_tensor(op, "index (column blocks)", col_blocks, (n_rows, kept))
+    if n_rows * block_rows != out_features:
+        checks.fail(op, f"values hold {n_rows}x{block_rows} = {n_rows * block_rows} output rows, "
+                        f"out_features is {out_features}")
+    if in_features % block_cols:
+        checks.fail(op, f"block columns {block_cols} do not divide in_features {in_features}")
+    checks.check_in_range(op, "index (column blocks)", col_blocks, in_features // block_cols)
+    checks.check_distinct_rows(op, "index (column blocks)", col_blocks, "column block")
+
+
+def _check_nm_format(op, in_features, values, positions, out_features):
+    if positions.dim() != 3:
+        checks.fail(op, f"N:M index must be [out, in/m, n], got shape {tuple(positions.shape)}")
+    _, groups, kept = positions.shape
+    checks.check_index_tensor(op, "index (positions)", positions, (out_features, groups, kept))
+    checks.check_tensor(op, "values", values, (out_features, groups * kept), values.dtype)
+    if groups == 0 or in_features % groups:
+        checks.fail(op, f"{groups} groups per row do not divide in_features {in_features}")
+    m = in_features // groups
+    if kept > m:
+        checks.fail(op, f"n = {kept} kept positions exceed the group size m = {m}")
+    checks.check_in_range(op, "index (positions)", positions, m)
+    checks.check_distinct_rows(op, "index (positions)", positions, "position")
+
+
+def _check_diag_format(op, in_features, values, offsets, out_features):
+    if values.dim() != 2:
+        checks.fail(op, f"diagonal values must be [K, L], got shape {tuple(values.shape)}")
+    n_diag, length = values.shape
+    checks.check_index_tensor(op, "index (offsets)", offsets, (n_diag,))
+    longer, shorter = max(out_features, in_features), min(out_features, in_features)
+    if shorter == 0 or longer % shorter:
+        checks.fail(op, f"wrap-around diagonals need one of out_features {out_features} and "
+                        f"in_features {in_features} to divide the other")
+    if length != longer:
+        checks.fail(op, f"diagonals have length {length}, expected max(out, in) = {longer}")
+    checks.check_in_range(op, "index (offsets)", offsets, longer)
+    checks.check_distinct_rows(op, "index (offsets) modulo min(out, in)", offsets % shorter, "diagonal")
+
+
+block_linear, block_linear_grad_input, block_linear_grad_values = define_structured_op(
+    StructuredKernels("block_linear", _check_block_format,
+                      cpu.block_forward, cpu.block_grad_input, cpu.block_grad_values))
+nm_linear, nm_linear_grad_input, nm_linear_grad_values = define_structured_op(
+    StructuredKernels("nm_linear", _check_nm_format,
+                      cpu.nm_forward, cpu.nm_grad_input, cpu.nm_grad_values))
+diag_linear, diag_linear_grad_input, diag_linear_grad_values = define_structured_op(
+    StructuredKernels("diag_linear", _check_diag_format,
+                      cpu.diag_forward, cpu.diag_grad_input, cpu.diag_grad_values))
