@@ -128,7 +128,8 @@ def define_structured_op(kernels: StructuredKernels):
 
     @torch.library.custom_op(f"{qualname}_grad_values", mutates_args=(), schema=_GRAD_VALUES_SCHEMA)
     def grad_values(grad, x, values, index, in_index, out_index):
-        return kernels.grad_values(_flat(grad), _flat(x), values, index, in_index, out_index)
+        # contiguous: the fake implementation promises the layout of empty_like(values)
+        return kernels.grad_values(_flat(grad), _flat(x), values, index, in_index, out_index).contiguous()
 
     @grad_values.register_fake
     def _(grad, x, values, index, in_index, out_index):
@@ -144,13 +145,41 @@ def define_structured_op(kernels: StructuredKernels):
         dx = grad_input(grad, values, index, x.shape[-1], in_index, out_index) if needs[0] else None
         dvalues = grad_values(grad, x, values, index, in_index, out_index) if needs[1] else None
         dbias = None
-        if needs[4]:
+        if len(needs) > 4 and needs[4]:  # needs_input_grad covers the arguments actually passed
             dbias = _flat(grad).sum(0)
             if out_index is not None:
                 dbias = dbias.index_select(0, inverse_permutation(out_index))
-        return dx, dvalues, None, None, dbias, None, None
+        return (dx, dvalues, None, None, dbias, None, None)[:len(needs)]
 
     forward.register_autograd(backward, setup_context=setup_context)
+
+    # The backward ops are linear in each argument, so their own derivatives are the
+    # three ops again: this gives double backward (and opcheck's AOT tests) for free.
+    def grad_input_setup(ctx, inputs, output):
+        grad, values, index, _, in_index, out_index = inputs
+        ctx.save_for_backward(grad, values, index, in_index, out_index)
+
+    def grad_input_backward(ctx, dx_grad):
+        grad, values, index, in_index, out_index = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        dgrad = forward(dx_grad, values, index, grad.shape[-1], None, in_index, out_index) if needs[0] else None
+        dvalues = grad_values(grad, dx_grad, values, index, in_index, out_index) if needs[1] else None
+        return dgrad, dvalues, None, None, None, None
+
+    grad_input.register_autograd(grad_input_backward, setup_context=grad_input_setup)
+
+    def grad_values_setup(ctx, inputs, output):
+        grad, x, _, index, in_index, out_index = inputs
+        ctx.save_for_backward(grad, x, index, in_index, out_index)
+
+    def grad_values_backward(ctx, dvalues_grad):
+        grad, x, index, in_index, out_index = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        dgrad = forward(x, dvalues_grad, index, grad.shape[-1], None, in_index, out_index) if needs[0] else None
+        dx = grad_input(grad, dvalues_grad, index, x.shape[-1], in_index, out_index) if needs[1] else None
+        return dgrad, dx, None, None, None, None
+
+    grad_values.register_autograd(grad_values_backward, setup_context=grad_values_setup)
     return forward, grad_input, grad_values
 
 

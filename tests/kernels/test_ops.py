@@ -1,0 +1,169 @@
+"""Every padst op against the dense reference, forward and backward, and opcheck."""
+
+import itertools
+
+import pytest
+import torch
+
+from padst_compiler.kernels import NM, Block, Diagonal, Unstructured, set_checks
+from padst_compiler.kernels.permutation import inverse_permutation
+
+from .reference import dense_reference
+
+STRUCTURES = [Block(4, 8), Block(8, 4), NM(4), NM(8), Diagonal()]
+SHAPES = [(32, 16), (16, 32), (32, 32)]  # out, in: taller, wider, square
+
+
+def make_case(structure, out_features, in_features, sparsity, batch_shape, dtype=torch.float64, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    dense = torch.randn(out_features, in_features, generator=gen, dtype=dtype)
+    weight = structure.project(dense, sparsity)
+    x = torch.randn(*batch_shape, in_features, generator=gen, dtype=dtype)
+    bias = torch.randn(out_features, generator=gen, dtype=dtype)
+    in_index = torch.randperm(in_features, generator=gen)
+    out_index = torch.randperm(out_features, generator=gen)
+    return weight, x, bias, in_index, out_index
+
+
+def run_with_grads(fn, x, values, bias, grad_out_seed=1):
+    x = x.clone().requires_grad_()
+    values = values.clone().requires_grad_()
+    bias = None if bias is None else bias.clone().requires_grad_()
+    y = fn(x, values, bias)
+    grad = torch.randn(y.shape, generator=torch.Generator().manual_seed(grad_out_seed), dtype=y.dtype)
+    y.backward(grad)
+    return y, x.grad, values.grad, None if bias is None else bias.grad
+
+
+@pytest.mark.parametrize("structure", STRUCTURES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.75])
+@pytest.mark.parametrize("batch_shape", [(7,), (2, 3), (1, 2, 3), ()], ids=str)
+def test_matches_dense_reference(structure, shape, sparsity, batch_shape):
+    out_features, in_features = shape
+    weight, x, bias, in_index, out_index = make_case(structure, *shape, sparsity, batch_shape)
+    for use_bias, use_in, use_out in itertools.product([False, True], repeat=3):
+        b = bias if use_bias else None
+        ii = in_index if use_in else None
+        oi = out_index if use_out else None
+        got = run_with_grads(
+            lambda x, v, b: structure.linear(x, v, weight.index, out_features, b, ii, oi), x, weight.values, b)
+        want = run_with_grads(
+            lambda x, v, b: dense_reference(structure, x, v, weight.index, out_features, b, ii, oi),
+            x, weight.values, b)
+        for name, g, w in zip(("y", "dx", "dvalues", "dbias"), got, want):
+            if w is None:
+                assert g is None
+                continue
+            torch.testing.assert_close(g, w, msg=lambda m: f"{name} (bias={use_bias}, in={use_in}, "
+                                                           f"out={use_out}): {m}")
+
+
+@pytest.mark.parametrize("structure", [Block(8, 8), NM(4), Diagonal()], ids=str)
+def test_bfloat16_matches_float32(structure):
+    weight, x, bias, in_index, out_index = make_case(structure, 64, 32, 0.5, (16,), dtype=torch.float32)
+    args = (weight.index, 64)
+    want = run_with_grads(lambda x, v, b: structure.linear(x, v, *args, b, in_index, out_index),
+                          x, weight.values, bias)
+    got = run_with_grads(lambda x, v, b: structure.linear(x, v, *args, b, in_index, out_index),
+                         x.bfloat16(), weight.values.bfloat16(), bias.bfloat16())
+    for g, w in zip(got, want):
+        assert g.dtype == torch.bfloat16
+        torch.testing.assert_close(g.float(), w, atol=0.15, rtol=0.05)
+
+
+def test_permute_forward_backward_and_composition():
+    x = torch.randn(3, 4, 10, dtype=torch.float64, requires_grad=True)
+    p, q = torch.randperm(10), torch.randperm(10)
+    y = torch.ops.padst.permute(x, p)
+    torch.testing.assert_close(y, x[..., p])
+    torch.testing.assert_close(torch.ops.padst.permute(y, q), x[..., p[q]])
+    torch.testing.assert_close(torch.ops.padst.permute(y, inverse_permutation(p)), x)
+    grad = torch.randn_like(y)
+    y.backward(grad)
+    torch.testing.assert_close(x.grad, grad[..., inverse_permutation(p)])
+
+
+def test_unstructured_is_masked_dense():
+    weight, x, bias, in_index, out_index = make_case(Unstructured(), 16, 32, 0.9, (5,))
+    assert weight.kept_fraction == pytest.approx(0.1, abs=1 / 512)
+    y = weight.linear(x, bias, in_index, out_index)
+    torch.testing.assert_close(y, dense_reference(Unstructured(), x, weight.values, weight.index, 16,
+                                                  bias, in_index, out_index))
+
+
+# ----------------------------------------------------------------------- opcheck
+
+
+def opcheck_cases():
+    for structure in (Block(4, 8), NM(4), Diagonal()):
+        weight, x, bias, in_index, out_index = make_case(structure, 32, 16, 0.5, (2, 5), dtype=torch.float32)
+        op = structure.op
+        ops = torch.ops.padst
+        name = op.__name__.split(".")[0]
+        grad_input, grad_values = getattr(ops, f"{name}_grad_input"), getattr(ops, f"{name}_grad_values")
+        grad = torch.randn(2, 5, 32)
+        leaf = lambda t: t.clone().requires_grad_()  # noqa: E731
+        yield f"{name}-plain", op, (x, weight.values, weight.index, 32)
+        yield f"{name}-fused", op, (leaf(x), leaf(weight.values), weight.index, 32, leaf(bias),
+                                     in_index, out_index)
+        yield f"{name}_grad_input", grad_input, (leaf(grad), leaf(weight.values), weight.index, 16,
+                                                 in_index, out_index)
+        yield f"{name}_grad_values", grad_values, (leaf(grad), leaf(x), weight.values, weight.index,
+                                                   in_index, out_index)
+    yield "permute", torch.ops.padst.permute, (torch.randn(3, 7, requires_grad=True), torch.randperm(7))
+
+
+@pytest.mark.parametrize("name,op,args", list(opcheck_cases()), ids=[c[0] for c in opcheck_cases()])
+def test_opcheck(name, op, args):
+    torch.library.opcheck(op, args)
+
+
+# ------------------------------------------------------------------ bad input
+
+
+def test_permute_rejects_non_permutations():
+    x = torch.randn(2, 4)
+    with pytest.raises(ValueError, match="not a permutation of 4 features: 1 appears 2 times"):
+        torch.ops.padst.permute(x, torch.tensor([0, 1, 1, 3]))
+    with pytest.raises(ValueError, match=r"outside \[0, 4\)"):
+        torch.ops.padst.permute(x, torch.tensor([0, 1, 2, 4]))
+    with pytest.raises(ValueError, match=r"index has shape \(3,\), expected \(4,\)"):
+        torch.ops.padst.permute(x, torch.tensor([0, 1, 2]))
+    with pytest.raises(ValueError, match="int64"):
+        torch.ops.padst.permute(x, torch.tensor([0, 1, 2, 3], dtype=torch.int32))
+    with set_checks(False):  # value checks off: the caller vouches for the index
+        torch.ops.padst.permute(x, torch.tensor([0, 1, 1, 3]))
+
+
+def test_structured_ops_reject_bad_inputs():
+    weight, x, bias, in_index, out_index = make_case(Block(4, 8), 32, 16, 0.5, (5,), dtype=torch.float32)
+    op = torch.ops.padst.block_linear
+    with pytest.raises(ValueError, match="padst::block_linear: values have dtype torch.bfloat16"):
+        op(x, weight.values.bfloat16(), weight.index, 32)
+    with pytest.raises(ValueError, match="out_features is 16"):
+        op(x, weight.values, weight.index, 16)
+    with pytest.raises(ValueError, match="block columns 8 do not divide in_features 12"):
+        op(torch.randn(5, 12), weight.values, weight.index, 32)
+    with pytest.raises(ValueError, match=r"bias has shape \(31,\), expected \(32,\)"):
+        op(x, weight.values, weight.index, 32, bias[:31])
+    with pytest.raises(ValueError, match="out_index is not a permutation"):
+        op(x, weight.values, weight.index, 32, None, None, torch.zeros(32, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"column blocks\) holds 2, outside \[0, 2\)"):
+        op(x, weight.values, torch.full_like(weight.index, 2), 32)
+    wide, x, *_ = make_case(Block(4, 8), 32, 32, 0.5, (5,), dtype=torch.float32)
+    with pytest.raises(ValueError, match="keeps the same column block twice"):
+        op(x, wide.values, torch.zeros_like(wide.index), 32)
+
+
+def test_nm_and_diagonal_ops_reject_bad_formats():
+    nm, x, *_ = make_case(NM(4), 8, 16, 0.5, (3,), dtype=torch.float32)
+    with pytest.raises(ValueError, match=r"positions\) holds 4, outside \[0, 4\)"):
+        torch.ops.padst.nm_linear(x, nm.values, torch.full_like(nm.index, 4), 8)
+    with pytest.raises(ValueError, match="4 groups per row do not divide in_features 18"):
+        torch.ops.padst.nm_linear(torch.randn(3, 18), nm.values, nm.index, 8)
+    diag, x, *_ = make_case(Diagonal(), 8, 16, 0.5, (3,), dtype=torch.float32)
+    with pytest.raises(ValueError, match="need one of out_features 8 and in_features 12 to divide"):
+        torch.ops.padst.diag_linear(torch.randn(3, 12), diag.values, diag.index, 8)
+    with pytest.raises(ValueError, match="keeps the same diagonal twice"):
+        torch.ops.padst.diag_linear(x, diag.values, torch.tensor([0, 8, 1, 2]), 8)
