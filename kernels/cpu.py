@@ -13,6 +13,8 @@ row, so both run through one row-sparse ("ELL") kernel built on
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 
@@ -92,16 +94,30 @@ def ell_forward(x, cols, vals, bias, in_index, out_index):
     return y
 
 
-def ell_grad_input(grad, cols, vals, in_features, in_index, out_index):
-    """``S^T grad`` through the transposed (CSC) form, built by sorting the column indices."""
-    cols, vals = _effective_rows(cols, vals, in_index, out_index)
+class TransposedRows(NamedTuple):
+    """``S^T`` in compressed-sparse-column form: the kept entries of input feature ``j``
+    are ``rows[starts[j]:starts[j] + counts[j]]`` with ``values`` alongside."""
+
+    starts: torch.Tensor
+    counts: torch.Tensor
+    rows: torch.Tensor
+    values: torch.Tensor
+
+
+def transpose_rows(cols, vals, in_features) -> TransposedRows:
+    """The transposed form the backward needs, built by one stable sort of the columns."""
     flat = cols.flatten()
     order = torch.argsort(flat, stable=True)
     counts = torch.bincount(flat, minlength=in_features)
-    starts = torch.cumsum(counts, 0) - counts
     rows = torch.div(order, cols.shape[1], rounding_mode="floor")
-    dx = F.embedding_bag(rows, grad.t().contiguous(), starts,
-                         per_sample_weights=vals.flatten()[order], mode="sum")
+    return TransposedRows(torch.cumsum(counts, 0) - counts, counts, rows, vals.flatten()[order])
+
+
+def ell_grad_input(grad, cols, vals, in_features, in_index, out_index):
+    """``S^T grad`` through the transposed form: one variable-length embedding bag per input."""
+    transposed = transpose_rows(*_effective_rows(cols, vals, in_index, out_index), in_features)
+    dx = F.embedding_bag(transposed.rows, grad.t().contiguous(), transposed.starts,
+                         per_sample_weights=transposed.values, mode="sum")
     return dx.t().contiguous()
 
 
@@ -120,7 +136,15 @@ def ell_grad_values(grad, x, cols, in_index, out_index):
 # ------------------------------------------------------------- N:M and diagonal as ELL
 
 
-def nm_rows(values, positions, in_features):
+def block_to_rows(values, col_blocks):
+    """Block weight as rows of (column, value): ``[out, k*cols]`` each."""
+    n_rows, kept, block_rows, block_cols = values.shape
+    cols = _block_columns(col_blocks, block_cols, None)[:, None, :].expand(-1, block_rows, -1)
+    vals = values.permute(0, 2, 1, 3)
+    return cols.reshape(n_rows * block_rows, -1), vals.reshape(n_rows * block_rows, -1)
+
+
+def nm_to_rows(values, positions, in_features):
     """N:M weight as rows of (column, value): ``[out, in*n/m]`` each."""
     out_features, groups, _ = positions.shape
     group_starts = torch.arange(groups, device=positions.device) * (in_features // groups)
@@ -128,7 +152,7 @@ def nm_rows(values, positions, in_features):
     return cols, values
 
 
-def diagonal_rows(values, offsets, out_features, in_features):
+def diagonal_to_rows(values, offsets, out_features, in_features):
     """Diagonal weight as rows of (column, value): entry j of diagonal k sits at
     ``(j % out, (j + offsets[k]) % in)``, so row i holds j = i + t*out for every t."""
     n_diag, length = values.shape
@@ -147,30 +171,30 @@ def diagonal_values_from_rows(row_values, n_diag, out_features):
 
 
 def nm_forward(x, values, positions, out_features, bias, in_index, out_index):
-    return ell_forward(x, *nm_rows(values, positions, x.shape[1]), bias, in_index, out_index)
+    return ell_forward(x, *nm_to_rows(values, positions, x.shape[1]), bias, in_index, out_index)
 
 
 def nm_grad_input(grad, values, positions, in_features, in_index, out_index):
-    cols, vals = nm_rows(values, positions, in_features)
+    cols, vals = nm_to_rows(values, positions, in_features)
     return ell_grad_input(grad, cols, vals, in_features, in_index, out_index)
 
 
 def nm_grad_values(grad, x, values, positions, in_index, out_index):
-    cols, _ = nm_rows(values, positions, x.shape[1])
+    cols, _ = nm_to_rows(values, positions, x.shape[1])
     return ell_grad_values(grad, x, cols, in_index, out_index)
 
 
 def diag_forward(x, values, offsets, out_features, bias, in_index, out_index):
-    cols, vals = diagonal_rows(values, offsets, out_features, x.shape[1])
+    cols, vals = diagonal_to_rows(values, offsets, out_features, x.shape[1])
     return ell_forward(x, cols, vals, bias, in_index, out_index)
 
 
 def diag_grad_input(grad, values, offsets, in_features, in_index, out_index):
-    cols, vals = diagonal_rows(values, offsets, grad.shape[1], in_features)
+    cols, vals = diagonal_to_rows(values, offsets, grad.shape[1], in_features)
     return ell_grad_input(grad, cols, vals, in_features, in_index, out_index)
 
 
 def diag_grad_values(grad, x, values, offsets, in_index, out_index):
-    cols, _ = diagonal_rows(values, offsets, grad.shape[1], x.shape[1])
+    cols, _ = diagonal_to_rows(values, offsets, grad.shape[1], x.shape[1])
     row_grads = ell_grad_values(grad, x, cols, in_index, out_index)
     return diagonal_values_from_rows(row_grads, values.shape[0], grad.shape[1])

@@ -17,6 +17,15 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from padst_compiler.kernels.cpu import (
+    TransposedRows,
+    block_to_rows,
+    diagonal_to_rows,
+    diagonal_values_from_rows,
+    nm_to_rows,
+    transpose_rows,
+)
+
 Tensor = torch.Tensor
 
 
@@ -49,13 +58,22 @@ class Structure(ABC):
     def project(self, dense: Tensor, sparsity: float, layer: str | None = None) -> SparseWeight:
         """The structured weight closest to ``dense``: the largest-magnitude units."""
 
-    @abstractmethod
     def expand(self, values: Tensor, index: Tensor, out_features: int, in_features: int) -> Tensor:
         """The dense ``out x in`` matrix of a compressed weight (differentiable in values)."""
+        cols, vals = self.as_rows(values, index, out_features, in_features)
+        return vals.new_zeros(out_features, in_features).scatter(1, cols, vals)
 
     @abstractmethod
     def kept_per_row(self, out_features: int, in_features: int, sparsity: float) -> int:
         """Non-zeros in each output row (every structured layout keeps a constant count)."""
+
+    @abstractmethod
+    def as_rows(self, values: Tensor, index: Tensor, out_features: int, in_features: int) -> tuple[Tensor, Tensor]:
+        """Row-sparse view: column and value of every kept entry, ``[out, kept_per_row]`` each."""
+
+    def transposed(self, values: Tensor, index: Tensor, out_features: int, in_features: int) -> TransposedRows:
+        """``S^T`` in compressed-sparse-column form, as the backward of ``S @ x`` reads it."""
+        return transpose_rows(*self.as_rows(values, index, out_features, in_features), in_features)
 
     def linear(self, x, values, index, out_features, bias=None, in_index=None, out_index=None) -> Tensor:
         """``(S @ x[..., in_index] + bias)[..., out_index]`` through this structure's op."""
@@ -172,11 +190,8 @@ class Block(Structure):
         values = blocks.gather(1, col_blocks[..., None, None].expand(-1, -1, self.rows, self.cols))
         return SparseWeight(self, out_features, in_features, values.contiguous(), col_blocks)
 
-    def expand(self, values, index, out_features, in_features):
-        n_rows, kept, rows, cols = values.shape
-        blocks = values.new_zeros(n_rows, in_features // cols, rows, cols)
-        blocks = blocks.scatter(1, index[..., None, None].expand(-1, -1, rows, cols), values)
-        return blocks.permute(0, 2, 1, 3).reshape(out_features, in_features)
+    def as_rows(self, values, index, out_features, in_features):
+        return block_to_rows(values, index)
 
     @property
     def op(self):
@@ -226,9 +241,8 @@ class NM(Structure):
         values = groups.gather(2, positions).reshape(out_features, -1)
         return SparseWeight(self, out_features, in_features, values.contiguous(), positions)
 
-    def expand(self, values, index, out_features, in_features):
-        groups = values.new_zeros(out_features, in_features // self.m, self.m)
-        return groups.scatter(2, index, values.reshape(index.shape)).reshape(out_features, in_features)
+    def as_rows(self, values, index, out_features, in_features):
+        return nm_to_rows(values, index, in_features)
 
     @property
     def op(self):
@@ -269,26 +283,18 @@ class Diagonal(Structure):
     def index_count(self, out_features, in_features, sparsity):
         return self.kept_units(out_features, in_features, sparsity)
 
-    @staticmethod
-    def coordinates(offsets: Tensor, out_features: int, in_features: int) -> tuple[Tensor, Tensor]:
-        """Row ``[L]`` and column ``[K, L]`` of every entry of the given diagonals."""
-        j = torch.arange(max(out_features, in_features), device=offsets.device)
-        return j % out_features, (j[None, :] + offsets[:, None]) % in_features
-
     def project(self, dense, sparsity, layer=None):
         out_features, in_features = dense.shape
         kept = self.kept_units(out_features, in_features, sparsity, layer)
-        every_offset = torch.arange(min(out_features, in_features), device=dense.device)
-        rows, cols = self.coordinates(every_offset, out_features, in_features)
-        diagonals = dense.detach()[rows[None, :], cols]
+        every = torch.arange(min(out_features, in_features), device=dense.device)
+        cols, _ = diagonal_to_rows(dense.new_empty(len(every), max(out_features, in_features)), every,
+                                   out_features, in_features)
+        diagonals = diagonal_values_from_rows(dense.detach().gather(1, cols), len(every), out_features)
         offsets = diagonals.float().square().sum(1).topk(kept).indices.sort().values
         return SparseWeight(self, out_features, in_features, diagonals[offsets].contiguous(), offsets)
 
-    def expand(self, values, index, out_features, in_features):
-        rows, cols = self.coordinates(index, out_features, in_features)
-        flat = (rows[None, :] * in_features + cols).flatten()
-        dense = values.new_zeros(out_features * in_features).scatter(0, flat, values.flatten())
-        return dense.view(out_features, in_features)
+    def as_rows(self, values, index, out_features, in_features):
+        return diagonal_to_rows(values, index, out_features, in_features)
 
     @property
     def op(self):
@@ -340,6 +346,9 @@ class Unstructured(Structure):
 
     def kept_count(self, values, index):
         return int(index.sum())
+
+    def as_rows(self, values, index, out_features, in_features):
+        raise NotImplementedError("an unstructured mask keeps a different count in each row")
 
     def linear(self, x, values, index, out_features, bias=None, in_index=None, out_index=None):
         """Masked dense matmul: there is no unstructured kernel, by design."""
