@@ -1,0 +1,37 @@
+"""The padst command line and the demo at this stage."""
+
+import pytest
+
+from padst_compiler import cli, demo
+
+
+def test_demo_checks_every_structure_and_prints_the_table(capsys):
+    assert cli.main(["demo", "--tokens", "64", "--repeats", "1"]) == 0
+    out = capsys.readouterr().out
+    for name in ("Block(32x32)", "Block(64x64)", "NM(m=32)", "Diagonal()", "Unstructured()"):
+        assert name in out
+    assert "speed-up vs dense" in out
+
+
+def test_demo_layer_check_matches_the_dense_reference():
+    result = demo.check_layer(demo.NM(32), 0.9, tokens=32, repeats=1)
+    assert result.max_abs_error < 1e-4
+    assert result.kept_fraction == pytest.approx(3 / 32)
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["demo", "--sparsity", "1.5"], "must be in [0, 1), got 1.5"),
+    (["demo", "--tokens", "zero"], "not an integer: 'zero'"),
+    (["demo", "--repeats", "0"], "must be at least 1"),
+])
+def test_bad_options_give_a_one_line_error(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_a_sparsity_no_structure_can_take_is_reported_without_traceback(capsys):
+    assert cli.main(["demo", "--sparsity", "0.99", "--tokens", "8", "--repeats", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("padst demo: error:") and "Traceback" not in err

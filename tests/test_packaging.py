@@ -1,0 +1,52 @@
+"""One import namespace, an installable wheel with nothing but padst_compiler in it,
+and the console script."""
+
+import subprocess
+import sys
+import zipfile
+from importlib import metadata
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("folder", ["kernels", "passes", "training"])
+def test_root_folders_cannot_be_imported_under_a_second_name(folder):
+    result = subprocess.run([sys.executable, "-c", f"import {folder}"], cwd=ROOT,
+                            capture_output=True, text=True)
+    assert result.returncode != 0
+    assert f"must be imported as padst_compiler.{folder}" in result.stderr
+
+
+def test_subpackages_resolve_to_the_root_folders():
+    import padst_compiler.kernels
+    import padst_compiler.passes
+    import padst_compiler.training
+
+    for name, folder in [("kernels", "kernels"), ("passes", "passes"), ("training", "training")]:
+        module = sys.modules[f"padst_compiler.{name}"]
+        assert Path(module.__file__).resolve().parent == ROOT / folder
+    assert not {"kernels", "passes", "training"} & set(sys.modules)
+
+
+def test_wheel_holds_only_the_padst_compiler_package(tmp_path):
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
+                    "--wheel-dir", str(tmp_path), str(ROOT)], check=True, capture_output=True)
+    (wheel,) = tmp_path.glob("padst_compiler-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    top_level = {name.split("/")[0] for name in names}
+    assert {t for t in top_level if not t.endswith(".dist-info")} == {"padst_compiler"}
+    for module in ("kernels/ops.py", "kernels/structures.py", "passes/__init__.py", "training/__init__.py"):
+        assert f"padst_compiler/{module}" in names
+    entry_points = next(n for n in names if n.endswith("entry_points.txt"))
+    assert "padst = padst_compiler.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
+
+
+def test_console_script_is_installed():
+    scripts = {ep.name: ep.value for ep in metadata.entry_points(group="console_scripts")}
+    assert scripts.get("padst") == "padst_compiler.cli:main"
+    padst = Path(sys.executable).parent / "padst"
+    result = subprocess.run([str(padst), "demo", "--help"], capture_output=True, text=True, check=True)
+    assert "--sparsity" in result.stdout
