@@ -152,16 +152,21 @@ def nm_to_rows(values, positions, in_features):
     return cols, values
 
 
-def diagonal_to_rows(values, offsets, out_features, in_features):
-    """Diagonal weight as rows of (column, value): entry j of diagonal k sits at
-    ``(j % out, (j + offsets[k]) % in)``, so row i holds j = i + t*out for every t."""
-    n_diag, length = values.shape
-    repeats = length // out_features
+def diagonal_columns(offsets, out_features, in_features):
+    """Column of every entry of the diagonals, in row layout ``[out, K*L/out]``: entry j of
+    diagonal k sits at ``(j % out, (j + offsets[k]) % in)``, so row i holds j = i + t*out."""
+    repeats = max(out_features, in_features) // out_features
     j = torch.arange(out_features, device=offsets.device)[:, None] + \
         torch.arange(repeats, device=offsets.device)[None, :] * out_features
     cols = (j[:, None, :] + offsets[None, :, None]) % in_features
-    vals = values.view(n_diag, repeats, out_features).permute(2, 0, 1)
-    return cols.reshape(out_features, -1), vals.reshape(out_features, -1)
+    return cols.reshape(out_features, -1)
+
+
+def diagonal_to_rows(values, offsets, out_features, in_features):
+    """Diagonal weight as rows of (column, value)."""
+    n_diag, length = values.shape
+    vals = values.view(n_diag, length // out_features, out_features).permute(2, 0, 1)
+    return diagonal_columns(offsets, out_features, in_features), vals.reshape(out_features, -1)
 
 
 def diagonal_values_from_rows(row_values, n_diag, out_features):

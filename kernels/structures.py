@@ -6,6 +6,12 @@ units a weight of a given shape keeps, how to project a dense matrix onto itself
 (keep the largest magnitudes while holding its invariant), how to expand its
 compressed form back to dense (differentiably, so the dense reference can check
 gradients), its cost, and which ``padst`` op computes with it.
+
+Every structure is described in terms of *units* arranged in *groups*, with the same
+number of kept units in every group: blocks in a block-row, positions in an M-group,
+diagonals (one group), weights (one group, unstructured). Projection and dynamic
+sparse training work on boolean unit masks ``[groups, units]`` and never need to know
+which structure they handle.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import torch.nn.functional as F
 from padst_compiler.kernels.cpu import (
     TransposedRows,
     block_to_rows,
+    diagonal_columns,
     diagonal_to_rows,
     diagonal_values_from_rows,
     nm_to_rows,
@@ -49,27 +56,56 @@ def _kept(total: int, sparsity: float) -> int:
 class Structure(ABC):
     """Base of the structure specs; subclasses are frozen dataclasses."""
 
+    op = None  # the torch.ops.padst overload; None where no structured kernel exists
+    index_itemsize = 8  # int64 indices
+
     @abstractmethod
     def kept_units(self, out_features: int, in_features: int, sparsity: float, layer: str | None = None) -> int:
         """Kept units per group (blocks per block-row, n per m, diagonals, or weights),
         after checking the shape; raises ``ValueError`` naming the layer and the rule."""
 
+    # -- units ---------------------------------------------------------------------
+
     @abstractmethod
+    def unit_scores(self, per_weight: Tensor) -> Tensor:
+        """Sum of a per-weight ``[out, in]`` score over each unit: ``[groups, units]``."""
+
+    @abstractmethod
+    def units_to_dense(self, mask: Tensor, out_features: int, in_features: int) -> Tensor:
+        """Boolean ``[out, in]`` matrix of the weights covered by a unit mask (any count per group)."""
+
+    @abstractmethod
+    def units_to_index(self, mask: Tensor, out_features: int, in_features: int) -> Tensor:
+        """Index tensor of a unit mask that keeps the same count in every group."""
+
+    @abstractmethod
+    def index_to_units(self, index: Tensor, out_features: int, in_features: int) -> Tensor:
+        """Unit mask ``[groups, units]`` of an index tensor."""
+
+    @abstractmethod
+    def compress(self, dense: Tensor, index: Tensor) -> Tensor:
+        """The values of ``dense`` at the positions ``index`` keeps."""
+
     def project(self, dense: Tensor, sparsity: float, layer: str | None = None) -> SparseWeight:
-        """The structured weight closest to ``dense``: the largest-magnitude units."""
+        """The structured weight closest to ``dense``: the largest-magnitude units of each group."""
+        out_features, in_features = dense.shape
+        kept = self.kept_units(out_features, in_features, sparsity, layer)
+        dense = dense.detach()
+        scores = self.unit_scores(dense.float().square())
+        mask = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, scores.topk(kept, dim=1).indices, True)
+        index = self.units_to_index(mask, out_features, in_features)
+        return SparseWeight(self, out_features, in_features, self.compress(dense, index).contiguous(), index)
+
+    # -- compressed form -------------------------------------------------------------
+
+    @abstractmethod
+    def as_rows(self, values: Tensor, index: Tensor, out_features: int, in_features: int) -> tuple[Tensor, Tensor]:
+        """Row-sparse view: column and value of every kept entry, ``[out, kept_per_row]`` each."""
 
     def expand(self, values: Tensor, index: Tensor, out_features: int, in_features: int) -> Tensor:
         """The dense ``out x in`` matrix of a compressed weight (differentiable in values)."""
         cols, vals = self.as_rows(values, index, out_features, in_features)
         return vals.new_zeros(out_features, in_features).scatter(1, cols, vals)
-
-    @abstractmethod
-    def kept_per_row(self, out_features: int, in_features: int, sparsity: float) -> int:
-        """Non-zeros in each output row (every structured layout keeps a constant count)."""
-
-    @abstractmethod
-    def as_rows(self, values: Tensor, index: Tensor, out_features: int, in_features: int) -> tuple[Tensor, Tensor]:
-        """Row-sparse view: column and value of every kept entry, ``[out, kept_per_row]`` each."""
 
     def transposed(self, values: Tensor, index: Tensor, out_features: int, in_features: int) -> TransposedRows:
         """``S^T`` in compressed-sparse-column form, as the backward of ``S @ x`` reads it."""
@@ -79,13 +115,19 @@ class Structure(ABC):
         """``(S @ x[..., in_index] + bias)[..., out_index]`` through this structure's op."""
         return self.op(x, values, index, out_features, bias, in_index, out_index)
 
-    op = None  # the torch.ops.padst overload; None where no structured kernel exists
-
     def kept_count(self, values: Tensor, index: Tensor) -> int:
         """Kept positions of a compressed weight."""
         return values.numel()
 
-    # -- costs -------------------------------------------------------------------
+    # -- costs -----------------------------------------------------------------------
+
+    @abstractmethod
+    def kept_per_row(self, out_features: int, in_features: int, sparsity: float) -> int:
+        """Non-zeros in each output row (every structured layout keeps a constant count)."""
+
+    @abstractmethod
+    def index_count(self, out_features: int, in_features: int, sparsity: float) -> int:
+        """Elements of the index tensor."""
 
     def nnz(self, out_features: int, in_features: int, sparsity: float) -> int:
         return out_features * self.kept_per_row(out_features, in_features, sparsity)
@@ -100,12 +142,6 @@ class Structure(ABC):
         itemsize = torch.empty((), dtype=dtype).element_size()
         return self.nnz(out_features, in_features, sparsity) * itemsize + \
             self.index_count(out_features, in_features, sparsity) * self.index_itemsize
-
-    index_itemsize = 8  # int64 indices
-
-    @abstractmethod
-    def index_count(self, out_features: int, in_features: int, sparsity: float) -> int:
-        """Elements of the index tensor."""
 
     def _error(self, layer: str | None, out_features: int, in_features: int, rule: str) -> ValueError:
         where = f"layer {layer!r}" if layer else "weight"
@@ -135,6 +171,11 @@ class SparseWeight:
         return self.structure.kept_count(self.values, self.index) / (self.out_features * self.in_features)
 
 
+def _row_major_kept(mask: Tensor) -> Tensor:
+    """Unit numbers of the kept units of each group, ascending: ``[groups, kept]``."""
+    return mask.nonzero()[:, 1].view(mask.shape[0], -1)
+
+
 # --------------------------------------------------------------------------- block
 
 
@@ -155,6 +196,10 @@ class Block(Structure):
     def __str__(self) -> str:
         return f"Block({self.rows}x{self.cols})"
 
+    @property
+    def op(self):
+        return torch.ops.padst.block_linear
+
     def kept_units(self, out_features, in_features, sparsity, layer=None):
         sparsity = check_sparsity(sparsity)
         if out_features % self.rows:
@@ -170,32 +215,37 @@ class Block(Structure):
                               "in a block-row")
         return kept
 
+    def _blocks(self, dense: Tensor) -> Tensor:
+        """``[out/rows, in/cols, rows, cols]`` view of a dense matrix."""
+        out_features, in_features = dense.shape
+        return dense.reshape(out_features // self.rows, self.rows, in_features // self.cols, self.cols) \
+                    .permute(0, 2, 1, 3)
+
+    def unit_scores(self, per_weight):
+        return self._blocks(per_weight).sum((2, 3))
+
+    def units_to_dense(self, mask, out_features, in_features):
+        return mask[:, None, :, None].expand(-1, self.rows, -1, self.cols).reshape(out_features, in_features)
+
+    def units_to_index(self, mask, out_features, in_features):
+        return _row_major_kept(mask)
+
+    def index_to_units(self, index, out_features, in_features):
+        mask = torch.zeros(out_features // self.rows, in_features // self.cols, dtype=torch.bool,
+                           device=index.device)
+        return mask.scatter_(1, index, True)
+
+    def compress(self, dense, index):
+        return self._blocks(dense).gather(1, index[..., None, None].expand(-1, -1, self.rows, self.cols))
+
+    def as_rows(self, values, index, out_features, in_features):
+        return block_to_rows(values, index)
+
     def kept_per_row(self, out_features, in_features, sparsity):
         return self.kept_units(out_features, in_features, sparsity) * self.cols
 
     def index_count(self, out_features, in_features, sparsity):
         return out_features // self.rows * self.kept_units(out_features, in_features, sparsity)
-
-    def _blocks(self, dense: Tensor) -> Tensor:
-        out_features, in_features = dense.shape
-        return dense.reshape(out_features // self.rows, self.rows, in_features // self.cols, self.cols) \
-                    .permute(0, 2, 1, 3)
-
-    def project(self, dense, sparsity, layer=None):
-        out_features, in_features = dense.shape
-        kept = self.kept_units(out_features, in_features, sparsity, layer)
-        blocks = self._blocks(dense.detach())
-        scores = blocks.float().square().sum((2, 3))
-        col_blocks = scores.topk(kept, dim=1).indices.sort(dim=1).values
-        values = blocks.gather(1, col_blocks[..., None, None].expand(-1, -1, self.rows, self.cols))
-        return SparseWeight(self, out_features, in_features, values.contiguous(), col_blocks)
-
-    def as_rows(self, values, index, out_features, in_features):
-        return block_to_rows(values, index)
-
-    @property
-    def op(self):
-        return torch.ops.padst.block_linear
 
 
 # ----------------------------------------------------------------------------- N:M
@@ -216,6 +266,10 @@ class NM(Structure):
     def __str__(self) -> str:
         return f"NM(m={self.m})"
 
+    @property
+    def op(self):
+        return torch.ops.padst.nm_linear
+
     def kept_units(self, out_features, in_features, sparsity, layer=None):
         sparsity = check_sparsity(sparsity)
         if in_features % self.m:
@@ -227,26 +281,31 @@ class NM(Structure):
                               f"sparsity {sparsity} keeps n = 0 of every m = {self.m} inputs")
         return kept
 
+    def unit_scores(self, per_weight):
+        return per_weight.reshape(-1, self.m)
+
+    def units_to_dense(self, mask, out_features, in_features):
+        return mask.reshape(out_features, in_features)
+
+    def units_to_index(self, mask, out_features, in_features):
+        return _row_major_kept(mask).view(out_features, in_features // self.m, -1)
+
+    def index_to_units(self, index, out_features, in_features):
+        mask = torch.zeros(out_features * in_features // self.m, self.m, dtype=torch.bool, device=index.device)
+        return mask.scatter_(1, index.reshape(mask.shape[0], -1), True)
+
+    def compress(self, dense, index):
+        out_features, in_features = dense.shape
+        return dense.reshape(out_features, in_features // self.m, self.m).gather(2, index).reshape(out_features, -1)
+
+    def as_rows(self, values, index, out_features, in_features):
+        return nm_to_rows(values, index, in_features)
+
     def kept_per_row(self, out_features, in_features, sparsity):
         return in_features // self.m * self.kept_units(out_features, in_features, sparsity)
 
     def index_count(self, out_features, in_features, sparsity):
         return self.nnz(out_features, in_features, sparsity)
-
-    def project(self, dense, sparsity, layer=None):
-        out_features, in_features = dense.shape
-        kept = self.kept_units(out_features, in_features, sparsity, layer)
-        groups = dense.detach().reshape(out_features, in_features // self.m, self.m)
-        positions = groups.abs().topk(kept, dim=2).indices.sort(dim=2).values
-        values = groups.gather(2, positions).reshape(out_features, -1)
-        return SparseWeight(self, out_features, in_features, values.contiguous(), positions)
-
-    def as_rows(self, values, index, out_features, in_features):
-        return nm_to_rows(values, index, in_features)
-
-    @property
-    def op(self):
-        return torch.ops.padst.nm_linear
 
 
 # ------------------------------------------------------------------------ diagonal
@@ -255,13 +314,18 @@ class NM(Structure):
 @dataclass(frozen=True)
 class Diagonal(Structure):
     """K wrap-around diagonals of length L = max(out, in); entry j of the diagonal with
-    offset o sits at ``(j % out, (j + o) % in)``. Needs min(out, in) to divide max(out, in).
+    offset o sits at ``(j % out, (j + o) % in)``. Needs min(out, in) to divide max(out, in),
+    so the min(out, in) offsets in ``[0, min)`` are the distinct diagonals (the units).
 
     Compressed: values ``[K, L]``, offsets ``[K]``.
     """
 
     def __str__(self) -> str:
         return "Diagonal()"
+
+    @property
+    def op(self):
+        return torch.ops.padst.diag_linear
 
     def kept_units(self, out_features, in_features, sparsity, layer=None):
         sparsity = check_sparsity(sparsity)
@@ -276,6 +340,32 @@ class Diagonal(Structure):
                               f"sparsity {sparsity} keeps none of the {shorter} diagonals")
         return kept
 
+    def unit_scores(self, per_weight):
+        out_features, in_features = per_weight.shape
+        every = torch.arange(min(out_features, in_features), device=per_weight.device)
+        return self.compress(per_weight, every).sum(1)[None, :]
+
+    def units_to_dense(self, mask, out_features, in_features):
+        offsets = mask[0].nonzero()[:, 0]
+        ones = torch.ones(len(offsets), max(out_features, in_features), device=mask.device)
+        return self.expand(ones, offsets, out_features, in_features) != 0
+
+    def units_to_index(self, mask, out_features, in_features):
+        return _row_major_kept(mask)[0]
+
+    def index_to_units(self, index, out_features, in_features):
+        shorter = min(out_features, in_features)
+        mask = torch.zeros(1, shorter, dtype=torch.bool, device=index.device)
+        return mask.scatter_(1, (index % shorter)[None, :], True)
+
+    def compress(self, dense, index):
+        out_features, in_features = dense.shape
+        cols = diagonal_columns(index, out_features, in_features)
+        return diagonal_values_from_rows(dense.gather(1, cols), len(index), out_features)
+
+    def as_rows(self, values, index, out_features, in_features):
+        return diagonal_to_rows(values, index, out_features, in_features)
+
     def kept_per_row(self, out_features, in_features, sparsity):
         kept = self.kept_units(out_features, in_features, sparsity)
         return kept * max(out_features, in_features) // out_features
@@ -283,30 +373,14 @@ class Diagonal(Structure):
     def index_count(self, out_features, in_features, sparsity):
         return self.kept_units(out_features, in_features, sparsity)
 
-    def project(self, dense, sparsity, layer=None):
-        out_features, in_features = dense.shape
-        kept = self.kept_units(out_features, in_features, sparsity, layer)
-        every = torch.arange(min(out_features, in_features), device=dense.device)
-        cols, _ = diagonal_to_rows(dense.new_empty(len(every), max(out_features, in_features)), every,
-                                   out_features, in_features)
-        diagonals = diagonal_values_from_rows(dense.detach().gather(1, cols), len(every), out_features)
-        offsets = diagonals.float().square().sum(1).topk(kept).indices.sort().values
-        return SparseWeight(self, out_features, in_features, diagonals[offsets].contiguous(), offsets)
-
-    def as_rows(self, values, index, out_features, in_features):
-        return diagonal_to_rows(values, index, out_features, in_features)
-
-    @property
-    def op(self):
-        return torch.ops.padst.diag_linear
-
 
 # -------------------------------------------------------------------- unstructured
 
 
 @dataclass(frozen=True)
 class Unstructured(Structure):
-    """Any pattern (the RigL/SET baseline): a dense weight and a boolean mask."""
+    """Any pattern (the RigL/SET baseline): a dense weight and a boolean mask; one group
+    whose units are the single weights."""
 
     def __str__(self) -> str:
         return "Unstructured()"
@@ -317,6 +391,37 @@ class Unstructured(Structure):
         if kept < 1:
             raise self._error(layer, out_features, in_features, f"sparsity {sparsity} keeps no weight")
         return kept
+
+    def unit_scores(self, per_weight):
+        return per_weight.reshape(1, -1)
+
+    def units_to_dense(self, mask, out_features, in_features):
+        return mask.reshape(out_features, in_features)
+
+    def units_to_index(self, mask, out_features, in_features):
+        return mask.reshape(out_features, in_features)
+
+    def index_to_units(self, index, out_features, in_features):
+        return index.reshape(1, -1)
+
+    def compress(self, dense, index):
+        return dense * index
+
+    def as_rows(self, values, index, out_features, in_features):
+        raise NotImplementedError("an unstructured mask keeps a different count in each row")
+
+    def expand(self, values, index, out_features, in_features):
+        return values * index
+
+    def kept_count(self, values, index):
+        return int(index.sum())
+
+    def linear(self, x, values, index, out_features, bias=None, in_index=None, out_index=None):
+        """Masked dense matmul: there is no unstructured kernel, by design."""
+        if in_index is not None:
+            x = x.index_select(-1, in_index)
+        y = F.linear(x, values * index, bias)
+        return y if out_index is None else y.index_select(-1, out_index)
 
     def kept_per_row(self, out_features, in_features, sparsity):
         raise NotImplementedError("an unstructured mask has no fixed count per row; use nnz()")
@@ -331,28 +436,3 @@ class Unstructured(Structure):
         """Dense values plus a one-byte mask: unstructured sparsity saves no memory."""
         itemsize = torch.empty((), dtype=dtype).element_size()
         return out_features * in_features * (itemsize + 1)
-
-    def project(self, dense, sparsity, layer=None):
-        out_features, in_features = dense.shape
-        kept = self.kept_units(out_features, in_features, sparsity, layer)
-        keep = dense.detach().abs().flatten().topk(kept).indices
-        mask = torch.zeros(out_features * in_features, dtype=torch.bool, device=dense.device)
-        mask[keep] = True
-        mask = mask.view(out_features, in_features)
-        return SparseWeight(self, out_features, in_features, (dense.detach() * mask).contiguous(), mask)
-
-    def expand(self, values, index, out_features, in_features):
-        return values * index
-
-    def kept_count(self, values, index):
-        return int(index.sum())
-
-    def as_rows(self, values, index, out_features, in_features):
-        raise NotImplementedError("an unstructured mask keeps a different count in each row")
-
-    def linear(self, x, values, index, out_features, bias=None, in_index=None, out_index=None):
-        """Masked dense matmul: there is no unstructured kernel, by design."""
-        if in_index is not None:
-            x = x.index_select(-1, in_index)
-        y = F.linear(x, values * index, bias)
-        return y if out_index is None else y.index_select(-1, out_index)

@@ -139,3 +139,17 @@ def test_specs_validate_their_own_options_and_are_immutable():
 def test_specs_are_importable_from_every_public_namespace():
     assert padst_compiler.Block is padst_compiler.training.Block is Block
     assert padst_compiler.training.NM is NM and padst_compiler.Diagonal is Diagonal
+
+
+@pytest.mark.parametrize("structure", STRUCTURED + [Unstructured()], ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_unit_views_agree_with_the_compressed_form(structure, shape):
+    out_features, in_features = shape
+    sw = structure.project(dense(*shape), 0.5)
+    mask = structure.index_to_units(sw.index, out_features, in_features)
+    assert torch.equal(mask.sum(1), torch.full((mask.shape[0],), structure.kept_units(*shape, 0.5)))
+    assert torch.equal(structure.units_to_index(mask, *shape), sw.index)
+    assert torch.equal(structure.units_to_dense(mask, *shape), sw.to_dense() != 0)
+    torch.testing.assert_close(structure.compress(sw.to_dense(), sw.index), sw.values)
+    unit_sizes = structure.unit_scores(torch.ones(shape))
+    assert unit_sizes.sum() == out_features * in_features and bool((unit_sizes == unit_sizes[0, 0]).all())
