@@ -1,8 +1,27 @@
-"""PA-DST training: structured sparse layers with learned permutations (design section 2)."""
+"""PA-DST training: structured sparse layers with learned permutations (design section 2).
+
+    model = sparsify(model, Block(32, 32), sparsity=0.9, permutation="learned")
+    sched = DSTScheduler(model, optimizer, total_steps=T)
+    loss = task_loss + sched.permutation_penalty()
+    loss.backward(); optimizer.step(); sched.step()
+"""
 
 if __name__ != "padst_compiler.training":  # pragma: no cover - exercised in a subprocess test
     raise ImportError(f"this package must be imported as padst_compiler.training, not {__name__!r}")
 
 from padst_compiler.kernels.structures import NM, Block, Diagonal, Structure, Unstructured
+from padst_compiler.training.layer import PADSTLinear
+from padst_compiler.training.scheduler import DSTScheduler
+from padst_compiler.training.sparsify import padst_layers, sparsify, sparsity_summary
 
-__all__ = ["Block", "NM", "Diagonal", "Unstructured", "Structure"]
+
+def harden_permutations(model) -> int:
+    """Harden every still-soft permutation of ``model`` now; returns how many were hardened."""
+    soft = [layer for _, layer in padst_layers(model) if layer.soft]
+    for layer in soft:
+        layer.harden()
+    return len(soft)
+
+
+__all__ = ["Block", "NM", "Diagonal", "Unstructured", "Structure", "PADSTLinear", "DSTScheduler",
+           "sparsify", "sparsity_summary", "harden_permutations", "padst_layers"]

@@ -1,0 +1,166 @@
+"""Dynamic sparse training: invariants, drop/grow choices, optimizer state, schedule."""
+
+import pytest
+import torch
+from torch import nn
+
+from padst_compiler.training import NM, Block, Diagonal, DSTScheduler, PADSTLinear, Unstructured, sparsify
+from padst_compiler.training.dst import drop_fraction_at, plan_update
+
+STRUCTURES = [Block(4, 4), NM(4), Diagonal(), Unstructured()]
+
+
+def test_cosine_drop_schedule():
+    assert drop_fraction_at(0, 0.3, 100) == pytest.approx(0.3)
+    assert drop_fraction_at(50, 0.3, 100) == pytest.approx(0.15)
+    assert drop_fraction_at(100, 0.3, 100) == pytest.approx(0.0)
+    assert drop_fraction_at(101, 0.3, 100) == 0.0
+
+
+@pytest.mark.parametrize("structure", STRUCTURES, ids=str)
+def test_plan_update_drops_smallest_and_grows_best_in_the_same_groups(structure):
+    gen = torch.Generator().manual_seed(0)
+    weight = structure.project(torch.randn(16, 32, generator=gen), 0.5)
+    mask = structure.index_to_units(weight.index, 16, 32)
+    magnitude = structure.unit_scores(weight.to_dense().square())
+    scores = torch.rand(mask.shape, generator=gen)
+    new, survivors = plan_update(structure, weight.values, weight.index, 16, 32, 3, scores)
+    assert torch.equal(new.sum(1), mask.sum(1))  # the invariant: same count in every group
+    dropped = mask & ~survivors
+    assert int(dropped.sum()) == 3
+    assert magnitude[dropped].max() <= magnitude[survivors].min()
+    grown = new & ~mask
+    assert int(grown.sum()) == 3 and torch.equal(grown.sum(1), dropped.sum(1))
+    for group in grown.nonzero()[:, 0].unique():
+        passed_over = scores[group][~mask[group] & ~grown[group]]
+        if passed_over.numel():
+            assert scores[group][grown[group]].min() >= passed_over.max()
+
+
+def make_layer(structure, permutation="none"):
+    torch.manual_seed(0)
+    return nn.Sequential(PADSTLinear(32, 16, structure, 0.5, permutation=permutation, bias=False))
+
+
+def one_step(model, optimizer, sched, x):
+    loss = model(x).square().mean() + sched.permutation_penalty()
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    sched.step()
+
+
+@pytest.mark.parametrize("structure", STRUCTURES, ids=str)
+@pytest.mark.parametrize("growth", ["rigl", "set"])
+def test_update_keeps_survivors_zeroes_new_units_and_moves_optimizer_state(structure, growth):
+    model = make_layer(structure)
+    layer = model[0]
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    sched = DSTScheduler(model, optimizer, total_steps=100, update_every=3, growth=growth)
+    x = torch.randn(64, 32)
+    for _ in range(2):
+        one_step(model, optimizer, sched, x)
+    before = layer.dense_weight().detach().clone()
+    state_before = structure.expand(optimizer.state[layer.values]["exp_avg"], layer.index, 16, 32).clone()
+    values_ptr, index_before = layer.values.data_ptr(), layer.index.clone()
+    one_step(model, optimizer, sched, x)  # step 3: optimizer step, then the mask update
+    after = layer.dense_weight().detach()
+    state_after = structure.expand(optimizer.state[layer.values]["exp_avg"], layer.index, 16, 32)
+    assert layer.values.data_ptr() == values_ptr and layer.index.shape == index_before.shape
+    assert not torch.equal(layer.index, index_before)
+    old_mask = structure.index_to_units(index_before, 16, 32)
+    new_mask = structure.index_to_units(layer.index, 16, 32)
+    assert torch.equal(new_mask.sum(1), old_mask.sum(1))
+    grown = structure.units_to_dense(new_mask & ~old_mask, 16, 32)
+    assert bool((after[grown] == 0).all()) and bool((state_after[grown] == 0).all())
+    survived = structure.units_to_dense(new_mask & old_mask, 16, 32)
+    assert not bool((after[survived] == before[survived]).all())  # the optimizer step moved them ...
+    assert bool((state_after[survived] != 0).any())  # ... and their Adam state travelled with them
+    assert bool((state_after[survived] != state_before[survived]).any())
+
+
+def test_rigl_grows_where_the_dense_gradient_is_largest():
+    model = make_layer(Block(4, 4))
+    layer = model[0]
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)  # lr 0: only the update moves anything
+    sched = DSTScheduler(model, optimizer, total_steps=10, update_every=1, drop_fraction=0.5, t_end=1.0)
+    x = torch.randn(64, 32)
+    target = torch.randn(64, 16)
+    assert layer.capture_dense_grad
+    loss = (model(x) - target).square().mean()
+    loss.backward()
+    dense_grad = layer.dense_grad.clone()
+    old_mask = Block(4, 4).index_to_units(layer.index, 16, 32)
+    sched.step()
+    new_mask = Block(4, 4).index_to_units(layer.index, 16, 32)
+    grown = new_mask & ~old_mask
+    scores = Block(4, 4).unit_scores(dense_grad.square())
+    for row in range(4):
+        free = ~old_mask[row]
+        best = scores[row][free].topk(int(grown[row].sum())).values
+        torch.testing.assert_close(scores[row][grown[row]].sort().values, best.sort().values)
+
+
+def test_dense_gradient_capture_matches_autograd():
+    layer = PADSTLinear(32, 16, NM(4), 0.5, permutation="random", side="input")
+    layer.capture_dense_grad = True
+    x = torch.randn(8, 32)
+    layer(x).square().sum().backward()
+    dense = layer.dense_weight().detach().requires_grad_()
+    y = torch.nn.functional.linear(x[:, layer.perm_index], dense, layer.bias.detach())
+    expected = torch.autograd.grad(y.square().sum(), dense)[0]
+    torch.testing.assert_close(layer.dense_grad, expected)
+
+
+def test_set_growth_is_seeded():
+    def final_index(seed):
+        model = make_layer(NM(4))
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        sched = DSTScheduler(model, optimizer, total_steps=10, update_every=2, growth="set", seed=seed)
+        x = torch.randn(16, 32, generator=torch.Generator().manual_seed(1))
+        for _ in range(4):
+            one_step(model, optimizer, sched, x)
+        return model[0].index.clone()
+
+    assert torch.equal(final_index(0), final_index(0))
+    assert not torch.equal(final_index(0), final_index(1))
+
+
+def test_rigl_without_a_backward_pass_is_explained():
+    model = make_layer(Block(4, 4))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    sched = DSTScheduler(model, optimizer, total_steps=10, update_every=1, t_end=1.0)
+    with pytest.raises(RuntimeError, match="layer '0': no dense gradient was captured for the RigL update at step 1"):
+        sched.step()
+
+
+def test_scheduler_hardens_at_the_configured_fraction_and_penalty_vanishes():
+    model = make_layer(Block(4, 4), permutation="learned")
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    sched = DSTScheduler(model, optimizer, total_steps=10, harden_at=0.3, harden_threshold=0.0)
+    x = torch.randn(16, 32)
+    for step in range(1, 5):
+        one_step(model, optimizer, sched, x)
+        assert model[0].soft == (step < 3)
+    assert sched.permutation_penalty().item() == 0
+    assert sorted(model[0].perm_index.tolist()) == list(range(16))
+
+
+@pytest.mark.parametrize("options,message", [
+    ({"growth": "random"}, "growth must be one of"),
+    ({"update_every": 0}, "update_every must be a positive integer"),
+    ({"t_end": 1.5}, r"t_end must be in \[0, 1\]"),
+])
+def test_scheduler_rejects_bad_options(options, message):
+    model = make_layer(Block(4, 4))
+    with pytest.raises(ValueError, match=message):
+        DSTScheduler(model, torch.optim.SGD(model.parameters(), lr=0.1), total_steps=10, **options)
+    with pytest.raises(ValueError, match="no PADSTLinear layer: call sparsify"):
+        DSTScheduler(nn.Linear(2, 2), torch.optim.SGD(nn.Linear(2, 2).parameters(), lr=0.1), total_steps=10)
+
+
+def test_scheduler_finds_layers_inside_wrappers():
+    inner = sparsify(nn.Sequential(nn.Linear(32, 32)), Block(4, 4), 0.5)
+    wrapped = nn.ModuleDict({"module": inner})
+    sched = DSTScheduler(wrapped, torch.optim.SGD(wrapped.parameters(), lr=0.1), total_steps=10)
+    assert [name for name, _ in sched.layers] == ["module.0"]

@@ -1,0 +1,195 @@
+"""``PADSTLinear``: a linear layer with a structured sparse weight and one permutation.
+
+    y = S · Π · x + b     (side="input", the default)
+    y = Π · (S · x + b)   (side="output")
+
+``S`` is stored compressed (the ``values`` parameter and the ``index`` buffer) and
+computed with the ``padst`` ops, so training is sparse as soon as the permutation is
+hard. While the permutation is being learned, ``Π`` is a soft matrix ``M`` in the
+Birkhoff polytope and the layer computes ``x @ M.T`` before the structured op.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from padst_compiler.kernels.permutation import inverse_permutation
+from padst_compiler.kernels.structures import Structure, check_sparsity
+from padst_compiler.training import permutation as perm
+
+PERMUTATION_MODES = ("learned", "random", "none")
+SIDES = ("input", "output", "auto")
+
+
+class PADSTLinear(nn.Module):
+    """Structured sparse linear layer with a learned, random or no permutation."""
+
+    def __init__(self, in_features: int, out_features: int, structure: Structure, sparsity: float,
+                 bias: bool = True, permutation: str = "learned", side: str = "auto",
+                 name: str | None = None, soft_noise: float = 0.5, seed: int = 0,
+                 device=None, dtype=None):
+        super().__init__()
+        if permutation not in PERMUTATION_MODES:
+            raise ValueError(f"{name or 'PADSTLinear'}: permutation must be one of {PERMUTATION_MODES}, "
+                             f"got {permutation!r}")
+        if side not in SIDES:
+            raise ValueError(f"{name or 'PADSTLinear'}: side must be one of {SIDES}, got {side!r}")
+        self.in_features, self.out_features = in_features, out_features
+        self.structure, self.sparsity = structure, check_sparsity(sparsity)
+        self.name = name
+        structure.kept_units(out_features, in_features, sparsity, layer=name)  # fail early, by name
+        if side == "auto":
+            side = "input" if in_features <= out_features else "output"
+        self.side, self.permutation = side, permutation
+        factory = {"device": device, "dtype": dtype}
+
+        dense = torch.empty(out_features, in_features, **factory)
+        nn.init.kaiming_uniform_(dense, a=5 ** 0.5)  # nn.Linear's initialisation
+        weight = structure.project(dense, sparsity, layer=name)
+        self.values = nn.Parameter(weight.values)
+        self.register_buffer("index", weight.index)
+        if bias:
+            bound = 1 / in_features ** 0.5
+            self.bias = nn.Parameter(torch.empty(out_features, **factory).uniform_(-bound, bound))
+        else:
+            self.register_parameter("bias", None)
+
+        self.capture_dense_grad = False  # set by the DST scheduler before a RigL update step
+        self.dense_grad: torch.Tensor | None = None
+
+        gen = torch.Generator().manual_seed(seed)
+        size = self.permuted_features
+        self.hard = permutation != "learned"
+        if permutation == "none":
+            self.register_buffer("perm_index", None)
+            self.register_parameter("soft_perm", None)
+        else:
+            start = perm.random_permutation(size, gen) if permutation == "random" else torch.arange(size)
+            self.register_buffer("perm_index", start.to(device))
+            soft = perm.identity_like_soft(size, soft_noise, gen, dtype or torch.float32).to(device) \
+                if permutation == "learned" else None
+            self.register_parameter("soft_perm", None if soft is None else nn.Parameter(soft))
+
+    # ------------------------------------------------------------------ construction
+
+    @classmethod
+    def from_dense(cls, weight: torch.Tensor, bias: torch.Tensor | None, structure: Structure,
+                   sparsity: float, **options) -> PADSTLinear:
+        """A layer whose structured weight is the projection of an existing dense ``[out, in]`` one."""
+        out_features, in_features = weight.shape
+        layer = cls(in_features, out_features, structure, sparsity, bias=bias is not None,
+                    device=weight.device, dtype=weight.dtype, **options)
+        projected = structure.project(weight, sparsity, layer=options.get("name"))
+        with torch.no_grad():
+            layer.values.copy_(projected.values)
+            layer.index.copy_(projected.index)
+            if bias is not None:
+                layer.bias.copy_(bias)
+        return layer
+
+    @property
+    def permuted_features(self) -> int:
+        return self.in_features if self.side == "input" else self.out_features
+
+    @property
+    def soft(self) -> bool:
+        """Whether the permutation is still a soft matrix being learned."""
+        return self.permutation == "learned" and not self.hard
+
+    # ----------------------------------------------------------------------- forward
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        in_index = out_index = None
+        if self.soft and self.side == "input":
+            x = x @ self.soft_perm.t()
+        elif self.hard and self.perm_index is not None:
+            in_index, out_index = (self.perm_index, None) if self.side == "input" else (None, self.perm_index)
+        if self.capture_dense_grad and torch.is_grad_enabled():
+            y = self._forward_capturing(x, in_index, out_index)
+        else:
+            y = self.structure.linear(x, self.values, self.index, self.out_features, self.bias, in_index, out_index)
+        if self.soft and self.side == "output":
+            y = y @ self.soft_perm.t()
+        return y
+
+    def _forward_capturing(self, x, in_index, out_index):
+        """The same function, unfused, with a hook that adds ``dL/dS`` (dense) to ``dense_grad``:
+        RigL grows where the dense gradient is largest, which the sparse backward never forms."""
+        if in_index is not None:
+            x = x.index_select(-1, in_index)
+        z = self.structure.linear(x, self.values, self.index, self.out_features, self.bias)
+        inputs = x.detach().reshape(-1, self.in_features)
+
+        def accumulate(grad):
+            dense = grad.reshape(-1, self.out_features).t() @ inputs
+            self.dense_grad = dense if self.dense_grad is None else self.dense_grad + dense
+
+        z.register_hook(accumulate)
+        return z if out_index is None else z.index_select(-1, out_index)
+
+    def dense_weight(self) -> torch.Tensor:
+        """``S`` as a dense ``[out, in]`` matrix (permutation not applied)."""
+        return self.structure.expand(self.values, self.index, self.out_features, self.in_features)
+
+    def effective_weight(self) -> torch.Tensor:
+        """The dense matrix ``W`` with ``forward(x) == x @ W.T + b'`` (``b'`` permuted on the output side)."""
+        weight = self.dense_weight()
+        if self.perm_index is None:
+            return weight
+        if self.side == "input":
+            return weight @ self.soft_perm if self.soft else weight[:, inverse_permutation(self.perm_index)]
+        return self.soft_perm @ weight if self.soft else weight[self.perm_index]
+
+    # ------------------------------------------------------------------ permutation
+
+    def penalty(self) -> torch.Tensor:
+        """Normalised distance of the soft matrix from a permutation (0 once hard)."""
+        if not self.soft:
+            return self.values.new_zeros(())
+        return perm.permutation_penalty(self.soft_perm)
+
+    @torch.no_grad()
+    def harden(self) -> None:
+        """Replace the soft matrix by the nearest permutation (assignment problem).
+
+        The structured weight is then re-fitted to the function the soft layer computed:
+        ``S' = project(W_eff[:, p])`` on the input side (``W_eff = S M``), and the
+        matching row form on the output side. When ``M`` already is a permutation this
+        leaves ``S`` unchanged; when it is not, the hard layer stays as close as the
+        structure allows to what training found, instead of dropping the mixing.
+        """
+        if not self.soft:
+            return
+        index = perm.harden(self.soft_perm)
+        weight, bias = self.effective_weight(), self.bias
+        if self.side == "input":
+            weight = weight[:, index]
+        else:
+            inverse = inverse_permutation(index)
+            weight = weight[inverse]
+            bias = None if bias is None else (self.soft_perm @ bias)[inverse]
+        fitted = self.structure.project(weight, self.sparsity, layer=self.name)
+        self.values.copy_(fitted.values)
+        self.index.copy_(fitted.index)
+        if bias is not None:
+            self.bias.copy_(bias)
+        self.perm_index.copy_(index)
+        self.soft_perm.requires_grad_(False)
+        self.hard = True
+
+    # ------------------------------------------------------------------- checkpoints
+
+    def get_extra_state(self) -> dict:
+        return {"structure": repr(self.structure), "sparsity": self.sparsity,
+                "permutation": self.permutation, "side": self.side, "hard": self.hard}
+
+    def set_extra_state(self, state: dict) -> None:
+        self.hard = bool(state["hard"])
+        if self.soft_perm is not None:
+            self.soft_perm.requires_grad_(not self.hard)
+
+    def extra_repr(self) -> str:
+        state = "soft" if self.soft else "hard" if self.perm_index is not None else "none"
+        return (f"{self.in_features} -> {self.out_features}, {self.structure}, sparsity={self.sparsity}, "
+                f"permutation={self.permutation} ({state}, {self.side}), bias={self.bias is not None}")

@@ -1,0 +1,171 @@
+"""``DSTScheduler``: the PA-DST training schedule around any optimizer.
+
+Call order per step::
+
+    loss = task_loss + sched.permutation_penalty()
+    loss.backward(); optimizer.step(); sched.step()
+
+``step()`` keeps soft permutations in the Birkhoff polytope, hardens each one when its
+penalty falls under the threshold (or all of them at ``harden_at``), and every
+``update_every`` steps until ``t_end`` moves the sparse masks (drop by magnitude, grow by
+RigL or SET) without changing any shape.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from padst_compiler.training import dst
+from padst_compiler.training.permutation import project_to_birkhoff_
+from padst_compiler.training.sparsify import padst_layers
+
+GROWTH_MODES = ("rigl", "set")
+
+
+def _distributed_world() -> int:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_world_size()
+    return 1
+
+
+class DSTScheduler:
+    """Dynamic sparsity and permutation schedule for the ``PADSTLinear`` layers of a model."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, total_steps: int, *,
+                 update_every: int = 100, drop_fraction: float = 0.3, t_end: float = 0.75,
+                 growth: str = "rigl", penalty_weight: float = 1.0, penalty_warmup: float = 0.0,
+                 harden_threshold: float = 0.22, harden_at: float = 0.5, sinkhorn_iterations: int = 10,
+                 seed: int = 0):
+        if growth not in GROWTH_MODES:
+            raise ValueError(f"growth must be one of {GROWTH_MODES}, got {growth!r}")
+        for option, value in (("total_steps", total_steps), ("update_every", update_every)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{option} must be a positive integer, got {value!r}")
+        for option, value in (("drop_fraction", drop_fraction), ("t_end", t_end), ("harden_at", harden_at),
+                              ("penalty_warmup", penalty_warmup)):
+            if not 0 <= value <= 1:
+                raise ValueError(f"{option} must be in [0, 1], got {value!r}")
+        self.layers = padst_layers(model)
+        if not self.layers:
+            raise ValueError("the model has no PADSTLinear layer: call sparsify(model, ...) first")
+        self.optimizer = optimizer
+        self.options = dict(total_steps=total_steps, update_every=update_every, drop_fraction=drop_fraction,
+                            t_end=t_end, growth=growth, penalty_weight=penalty_weight,
+                            penalty_warmup=penalty_warmup, harden_threshold=harden_threshold,
+                            harden_at=harden_at, sinkhorn_iterations=sinkhorn_iterations, seed=seed)
+        self.total_steps, self.update_every, self.growth = total_steps, update_every, growth
+        self.drop_fraction, self.seed = drop_fraction, seed
+        self.end_step = int(t_end * total_steps)
+        self.harden_step = int(harden_at * total_steps)
+        self.penalty_weight, self.penalty_warmup_steps = penalty_weight, int(penalty_warmup * total_steps)
+        self.harden_threshold, self.sinkhorn_iterations = harden_threshold, sinkhorn_iterations
+        self.step_count = 0
+        self._arm_gradient_capture()
+
+    # ------------------------------------------------------------------ permutations
+
+    def current_penalty_weight(self) -> float:
+        if self.penalty_warmup_steps == 0:
+            return self.penalty_weight
+        return self.penalty_weight * min(1.0, self.step_count / self.penalty_warmup_steps)
+
+    def permutation_penalty(self) -> torch.Tensor:
+        """``lambda * sum`` of the normalised penalties of the still-soft layers (add it to the loss)."""
+        soft = [layer.penalty() for _, layer in self.layers if layer.soft]
+        if not soft:
+            return torch.zeros((), device=self.layers[0][1].values.device)
+        return self.current_penalty_weight() * torch.stack(soft).sum()
+
+    @torch.no_grad()
+    def _keep_soft_permutations_feasible(self) -> None:
+        for _, layer in self.layers:
+            if layer.soft:
+                project_to_birkhoff_(layer.soft_perm, self.sinkhorn_iterations)
+
+    @torch.no_grad()
+    def _harden_due(self) -> None:
+        for _, layer in self.layers:
+            if layer.soft and (self.step_count >= self.harden_step or float(layer.penalty()) < self.harden_threshold):
+                layer.harden()
+
+    # --------------------------------------------------------------------- sparsity
+
+    def _update_due(self, step: int) -> bool:
+        return step % self.update_every == 0 and step <= self.end_step and self.drop_fraction > 0
+
+    def _arm_gradient_capture(self) -> None:
+        capture = self.growth == "rigl" and self._update_due(self.step_count + 1)
+        for _, layer in self.layers:
+            layer.capture_dense_grad = capture
+            if not capture:
+                layer.dense_grad = None
+
+    def _grow_scores(self, position: int, name: str, layer, mask_shape) -> torch.Tensor:
+        if self.growth == "set":
+            gen = torch.Generator().manual_seed(hash((self.seed, self.step_count, position)) & 0x7FFFFFFF)
+            return torch.rand(mask_shape, generator=gen).to(layer.values.device)
+        if layer.dense_grad is None:
+            raise RuntimeError(f"layer {name!r}: no dense gradient was captured for the RigL update at step "
+                               f"{self.step_count}; call sched.step() once after every optimizer.step(), "
+                               "with a backward pass through the model in between")
+        grad = layer.dense_grad
+        if _distributed_world() > 1:  # every rank must grow the same units
+            torch.distributed.all_reduce(grad)
+            grad = grad / _distributed_world()
+        return layer.structure.unit_scores(grad.float().square())
+
+    @torch.no_grad()
+    def _update_masks(self) -> None:
+        fraction = dst.drop_fraction_at(self.step_count, self.drop_fraction, self.end_step)
+        for position, (name, layer) in enumerate(self.layers):
+            structure, out_features, in_features = layer.structure, layer.out_features, layer.in_features
+            mask = structure.index_to_units(layer.index, out_features, in_features)
+            drop_count = round(fraction * int(mask.sum()))
+            if drop_count == 0:
+                continue
+            scores = self._grow_scores(position, name, layer, mask.shape)
+            new_mask, survivors = dst.plan_update(structure, layer.values, layer.index, out_features,
+                                                  in_features, drop_count, scores)
+            new_index = structure.units_to_index(new_mask, out_features, in_features)
+            keep = structure.units_to_dense(survivors, out_features, in_features)
+            moved = [layer.values] + [state for state in self.optimizer.state.get(layer.values, {}).values()
+                                      if torch.is_tensor(state) and state.shape == layer.values.shape]
+            for tensor in moved:
+                tensor.copy_(dst.remap(structure, tensor, layer.index, new_index, keep, out_features, in_features))
+            layer.index.copy_(new_index)
+
+    # ------------------------------------------------------------------------ step
+
+    def step(self) -> None:
+        """Advance one training step; call right after ``optimizer.step()``."""
+        self.step_count += 1
+        self._keep_soft_permutations_feasible()
+        self._harden_due()
+        if self._update_due(self.step_count):
+            self._update_masks()
+        self._arm_gradient_capture()
+
+    def progress_postfix(self) -> dict[str, str]:
+        """Figures for a progress bar: kept fraction, soft layers left, mean penalty."""
+        kept = sum(layer.structure.kept_count(layer.values, layer.index) for _, layer in self.layers)
+        total = sum(layer.in_features * layer.out_features for _, layer in self.layers)
+        with torch.no_grad():
+            soft = [float(layer.penalty()) for _, layer in self.layers if layer.soft]
+        postfix = {"density": f"{kept / total:.3f}"}
+        if soft:
+            postfix.update(soft=str(len(soft)), penalty=f"{sum(soft) / len(soft):.3f}")
+        return postfix
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def state_dict(self) -> dict:
+        return {"step": self.step_count, "options": dict(self.options)}
+
+    def load_state_dict(self, state: dict) -> None:
+        for option, value in state["options"].items():
+            if self.options.get(option) != value:
+                raise ValueError(f"scheduler checkpoint was saved with {option}={value!r}, this scheduler has "
+                                 f"{self.options.get(option)!r}; nothing was loaded")
+        self.step_count = int(state["step"])
+        self._arm_gradient_capture()

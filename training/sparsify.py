@@ -1,0 +1,187 @@
+"""``sparsify``: turn the linear layers of any model into ``PADSTLinear`` layers, in place."""
+
+from __future__ import annotations
+
+import fnmatch
+import warnings
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+from tabulate import tabulate
+from torch import nn
+
+from padst_compiler.kernels.structures import Structure, Unstructured, check_sparsity
+from padst_compiler.training.layer import PADSTLinear
+
+
+@dataclass(frozen=True)
+class _Candidate:
+    name: str
+    module: nn.Module
+    weight: torch.Tensor  # [out, in], a view for transposed-weight modules
+    bias: torch.Tensor | None
+
+
+def _as_linear(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """(weight [out, in], bias) of a linear layer, or None for anything else.
+
+    Besides ``nn.Linear`` this accepts the GPT-2 style ``Conv1D`` that stores its weight
+    transposed as ``[in, out]`` and names ``out`` as ``nf``; it is recognised by that
+    layout, not by its class name.
+    """
+    if isinstance(module, PADSTLinear):
+        return None
+    if isinstance(module, nn.Linear):
+        return module.weight, module.bias
+    weight, nf = getattr(module, "weight", None), getattr(module, "nf", None)
+    if isinstance(weight, nn.Parameter) and weight.dim() == 2 and isinstance(nf, int) and weight.shape[1] == nf:
+        return weight.t(), getattr(module, "bias", None)
+    return None
+
+
+def _matches(name: str, patterns: Iterable[str] | None) -> bool:
+    return any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns or ())
+
+
+def _shared_parameter_ids(model: nn.Module) -> set[int]:
+    """Parameters that more than one module holds (tied weights)."""
+    seen: dict[int, int] = {}
+    for _, param in model.named_parameters(remove_duplicate=False):
+        seen[id(param)] = seen.get(id(param), 0) + 1
+    return {key for key, count in seen.items() if count > 1}
+
+
+def erk_densities(shapes: dict[str, tuple[int, int]], sparsity: float) -> dict[str, float]:
+    """Erdős–Rényi-Kernel densities: proportional to ``(in + out) / (in * out)``, scaled so the
+    model keeps ``1 - sparsity`` of its weights; layers that would exceed 1 stay dense."""
+    dense: set[str] = set()
+    total = sum(o * i for o, i in shapes.values())
+    while True:
+        budget = (1 - sparsity) * total - sum(o * i for name, (o, i) in shapes.items() if name in dense)
+        raw = {name: (o + i) / (o * i) for name, (o, i) in shapes.items() if name not in dense}
+        scale = budget / sum(raw[name] * shapes[name][0] * shapes[name][1] for name in raw)
+        over = {name for name, value in raw.items() if value * scale > 1}
+        if not over:
+            return {name: 1.0 if name in dense else raw[name] * scale for name in shapes}
+        dense |= over
+
+
+def sparsify(model: nn.Module, structure: Structure, sparsity: float, *, permutation: str = "learned",
+             side: str = "auto", include: Iterable[str] | None = None, exclude: Iterable[str] | None = None,
+             strict: bool = False, distribution: str = "uniform", seed: int = 0, soft_noise: float = 0.5,
+             verbose: bool = False) -> nn.Module:
+    """Replace linear layers by ``PADSTLinear`` in place and return the model.
+
+    Every ``nn.Linear`` (and transposed-weight ``Conv1D``) is converted, except layers
+    whose weight is tied to another module (they stay dense, like embeddings). ``include``
+    keeps only layers whose qualified name matches one of its patterns (fnmatch),
+    ``exclude`` leaves matching layers dense. Layers whose shape the structure cannot take
+    are listed in one warning and left dense, or raise with ``strict=True``.
+    ``distribution="erk"`` spreads the sparsity Erdős–Rényi-Kernel style (unstructured
+    baselines only; structured layers keep a uniform sparsity so their invariant holds).
+    """
+    check_sparsity(sparsity)
+    if distribution not in ("uniform", "erk"):
+        raise ValueError(f"distribution must be 'uniform' or 'erk', got {distribution!r}")
+    if distribution == "erk" and not isinstance(structure, Unstructured):
+        raise ValueError(f"distribution='erk' needs Unstructured(), got {structure}: a structured layer "
+                         "keeps the same count per group, so its sparsity stays uniform")
+    tied = _shared_parameter_ids(model)
+    candidates = []
+    for name, module in model.named_modules():
+        linear = _as_linear(module)
+        if linear is None or id(getattr(module, "weight")) in tied:
+            continue
+        if (include is not None and not _matches(name, include)) or _matches(name, exclude):
+            continue
+        candidates.append(_Candidate(name, module, *linear))
+
+    if distribution == "erk":
+        densities = erk_densities({c.name: tuple(c.weight.shape) for c in candidates}, sparsity)
+        sparsities = {name: max(0.0, 1 - density) for name, density in densities.items()}
+    else:
+        sparsities = {c.name: sparsity for c in candidates}
+
+    rejected = []
+    for position, candidate in enumerate(candidates):
+        try:
+            layer = PADSTLinear.from_dense(
+                candidate.weight.detach(), None if candidate.bias is None else candidate.bias.detach(),
+                structure, sparsities[candidate.name], permutation=permutation, side=side,
+                name=candidate.name, soft_noise=soft_noise, seed=seed + position)
+        except ValueError as error:
+            rejected.append(str(error))
+            continue
+        if not candidate.name:
+            raise ValueError("sparsify replaces layers inside a model; the model itself is a linear layer: "
+                             "wrap it in a container (e.g. nn.Sequential) or use PADSTLinear.from_dense")
+        model.set_submodule(candidate.name, layer)
+    if rejected:
+        message = f"sparsify: {len(rejected)} layer(s) left dense:\n  " + "\n  ".join(rejected)
+        if strict:
+            raise ValueError(message)
+        warnings.warn(message, stacklevel=2)
+    if not getattr(model, "_padst_checkpoint_guard", False):
+        model.register_load_state_dict_pre_hook(check_checkpoint_matches)
+        model._padst_checkpoint_guard = True
+    if verbose:
+        print(sparsity_summary(model))
+    return model
+
+
+def padst_layers(model: nn.Module) -> list[tuple[str, PADSTLinear]]:
+    """Every ``PADSTLinear`` in ``model`` (through wrappers such as DDP), in module order."""
+    return [(name, module) for name, module in model.named_modules() if isinstance(module, PADSTLinear)]
+
+
+def sparsity_summary(model: nn.Module) -> str:
+    """A table of the PA-DST layers: shape, structure, kept fraction, permutation state."""
+    rows, kept, total = [], 0, 0
+    for name, layer in padst_layers(model):
+        count = layer.structure.kept_count(layer.values, layer.index)
+        size = layer.in_features * layer.out_features
+        kept, total = kept + count, total + size
+        state = "soft" if layer.soft else "hard" if layer.perm_index is not None else "-"
+        rows.append((name, f"{layer.out_features}x{layer.in_features}", str(layer.structure),
+                     f"{count / size:.3f}", layer.permutation, layer.side if layer.perm_index is not None else "-",
+                     state))
+    table = tabulate(rows, headers=["layer", "out x in", "structure", "kept", "permutation", "side", "state"],
+                     disable_numparse=True)
+    return f"{table}\n{len(rows)} PA-DST layers keep {kept} of {total} weights ({kept / max(total, 1):.3f})"
+
+
+def check_checkpoint_matches(module, state_dict, prefix, local_metadata, strict, missing_keys,
+                             unexpected_keys, error_msgs) -> None:
+    """Refuse a checkpoint that does not fit before a single tensor is copied.
+
+    ``load_state_dict`` copies entry by entry and only complains at the end, which would
+    leave a model half-loaded; this pre-hook runs on the root first and checks every
+    entry, naming the first layer that does not match.
+    """
+    layers = {name: layer for name, layer in padst_layers(module)}
+    own_state = module.state_dict()
+    if strict:
+        extra = [key for key in state_dict if key.startswith(prefix) and key[len(prefix):] not in own_state]
+        if extra:
+            raise ValueError(f"checkpoint entry {extra[0]!r} has no place in the model; nothing was loaded")
+    for key, own in own_state.items():
+        full_key = prefix + key
+        owner = key.rpartition(".")[0]
+        if full_key not in state_dict:
+            if strict:
+                raise ValueError(f"checkpoint has no entry {full_key!r} (layer {owner!r}); nothing was loaded")
+            continue
+        theirs = state_dict[full_key]
+        if key.endswith("_extra_state") and owner in layers:
+            mine = layers[owner].get_extra_state()
+            for field in ("structure", "sparsity", "permutation", "side"):
+                if theirs.get(field) != mine[field]:
+                    raise ValueError(f"checkpoint does not match layer {owner!r}: it was saved with "
+                                     f"{field}={theirs.get(field)!r}, the model has {mine[field]!r}; "
+                                     "nothing was loaded")
+        elif torch.is_tensor(own) and (not torch.is_tensor(theirs) or theirs.shape != own.shape
+                                       or (theirs.dtype != own.dtype and not own.is_floating_point())):
+            found = f"{tuple(theirs.shape)} {theirs.dtype}" if torch.is_tensor(theirs) else type(theirs).__name__
+            raise ValueError(f"checkpoint does not match layer {owner!r}: {key} is {found} in the checkpoint, "
+                             f"{tuple(own.shape)} {own.dtype} in the model; nothing was loaded")
