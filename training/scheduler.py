@@ -34,7 +34,7 @@ class DSTScheduler:
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, total_steps: int, *,
                  update_every: int = 100, drop_fraction: float = 0.3, t_end: float = 0.75,
-                 growth: str = "rigl", penalty_weight: float = 1.0, penalty_warmup: float = 0.0,
+                 growth: str = "rigl", penalty_weight: float = 1.0, penalty_start: float | None = None,
                  harden_threshold: float = 0.22, harden_at: float = 0.5, sinkhorn_iterations: int = 10,
                  seed: int = 0):
         if growth not in GROWTH_MODES:
@@ -42,8 +42,10 @@ class DSTScheduler:
         for option, value in (("total_steps", total_steps), ("update_every", update_every)):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{option} must be a positive integer, got {value!r}")
-        for option, value in (("drop_fraction", drop_fraction), ("t_end", t_end), ("harden_at", harden_at),
-                              ("penalty_warmup", penalty_warmup)):
+        penalty_start = penalty_weight if penalty_start is None else penalty_start
+        if not 0 < penalty_start <= penalty_weight:
+            raise ValueError(f"penalty_start must be in (0, penalty_weight], got {penalty_start!r}")
+        for option, value in (("drop_fraction", drop_fraction), ("t_end", t_end), ("harden_at", harden_at)):
             if not 0 <= value <= 1:
                 raise ValueError(f"{option} must be in [0, 1], got {value!r}")
         self.layers = padst_layers(model)
@@ -52,13 +54,13 @@ class DSTScheduler:
         self.optimizer = optimizer
         self.options = dict(total_steps=total_steps, update_every=update_every, drop_fraction=drop_fraction,
                             t_end=t_end, growth=growth, penalty_weight=penalty_weight,
-                            penalty_warmup=penalty_warmup, harden_threshold=harden_threshold,
+                            penalty_start=penalty_start, harden_threshold=harden_threshold,
                             harden_at=harden_at, sinkhorn_iterations=sinkhorn_iterations, seed=seed)
         self.total_steps, self.update_every, self.growth = total_steps, update_every, growth
         self.drop_fraction, self.seed = drop_fraction, seed
         self.end_step = int(t_end * total_steps)
         self.harden_step = int(harden_at * total_steps)
-        self.penalty_weight, self.penalty_warmup_steps = penalty_weight, int(penalty_warmup * total_steps)
+        self.penalty_weight, self.penalty_start = penalty_weight, penalty_start
         self.harden_threshold, self.sinkhorn_iterations = harden_threshold, sinkhorn_iterations
         self.step_count = 0
         self._arm_gradient_capture()
@@ -66,9 +68,10 @@ class DSTScheduler:
     # ------------------------------------------------------------------ permutations
 
     def current_penalty_weight(self) -> float:
-        if self.penalty_warmup_steps == 0:
-            return self.penalty_weight
-        return self.penalty_weight * min(1.0, self.step_count / self.penalty_warmup_steps)
+        """Geometric ramp from ``penalty_start`` to ``penalty_weight`` over the soft phase: weak
+        at first so the matrix can fit the task, strong at the end so it reaches a vertex."""
+        progress = min(1.0, self.step_count / max(self.harden_step, 1))
+        return self.penalty_start * (self.penalty_weight / self.penalty_start) ** progress
 
     def permutation_penalty(self) -> torch.Tensor:
         """``lambda * sum`` of the normalised penalties of the still-soft layers (add it to the loss)."""

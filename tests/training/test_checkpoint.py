@@ -1,0 +1,96 @@
+"""Checkpoints hold everything a run needs, resume to the same numbers, and never load half-way."""
+
+import pytest
+import torch
+from torch import nn
+
+from padst_compiler.training import NM, Block, DSTScheduler, sparsify
+
+TOTAL = 24
+
+
+def build(structure=Block(4, 4), seed=0, sparsity=0.5):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 16))
+    sparsify(model, structure, sparsity, permutation="learned", seed=seed)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    sched = DSTScheduler(model, optimizer, total_steps=TOTAL, update_every=4, harden_at=0.5,
+                         harden_threshold=0.0)
+    return model, optimizer, sched
+
+
+def train(model, optimizer, sched, start, stop):
+    for step in range(start, stop):
+        gen = torch.Generator().manual_seed(1000 + step)
+        x, target = torch.randn(32, 16, generator=gen), torch.randn(32, 16, generator=gen)
+        loss = (model(x) - target).square().mean() + sched.permutation_penalty()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        sched.step()
+
+
+@pytest.mark.parametrize("stop_at", [6, 17], ids=["while-soft", "after-hardening"])
+def test_resumed_run_matches_the_uninterrupted_run(tmp_path, stop_at):
+    reference = build()
+    train(*reference, 0, TOTAL)
+
+    first = build()
+    train(*first, 0, stop_at)
+    model, optimizer, sched = first
+    path = tmp_path / "checkpoint.pt"
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "sched": sched.state_dict()}, path)
+
+    resumed = build(seed=7)  # a fresh model: other initial values, masks and permutations
+    checkpoint = torch.load(path, weights_only=True)
+    resumed[0].load_state_dict(checkpoint["model"])
+    resumed[1].load_state_dict(checkpoint["optimizer"])
+    resumed[2].load_state_dict(checkpoint["sched"])
+    assert [layer.soft for _, layer in resumed[2].layers] == [layer.soft for _, layer in sched.layers]
+    train(*resumed, stop_at, TOTAL)
+
+    want, got = reference[0].state_dict(), resumed[0].state_dict()
+    assert want.keys() == got.keys()
+    for key in want:
+        if torch.is_tensor(want[key]):
+            torch.testing.assert_close(got[key], want[key], rtol=0, atol=0, msg=key)
+        else:
+            assert got[key] == want[key], key
+
+
+@pytest.mark.parametrize("other", [NM(4), Block(8, 8)], ids=str)
+def test_mismatched_structure_fails_by_layer_and_leaves_the_model_untouched(tmp_path, other):
+    saved, *_ = build(Block(4, 4))
+    path = tmp_path / "block.pt"
+    torch.save(saved.state_dict(), path)
+    model, *_ = build(other, seed=3)
+    before = {k: v.clone() if torch.is_tensor(v) else v for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="checkpoint does not match layer '0'.*nothing was loaded"):
+        model.load_state_dict(torch.load(path, weights_only=True))
+    after = model.state_dict()
+    for key, value in before.items():
+        if torch.is_tensor(value):
+            assert torch.equal(after[key], value), key
+
+
+def test_mismatched_sparsity_and_missing_entries_are_named(tmp_path):
+    saved, *_ = build(Block(4, 4), sparsity=0.5)
+    model, *_ = build(Block(4, 4), sparsity=0.6)  # keeps the same 2 of 4 blocks: equal shapes
+    with pytest.raises(ValueError, match="layer '0': it was saved with sparsity=0.5, the model has 0.6"):
+        model.load_state_dict(saved.state_dict())
+    model, *_ = build(NM(4), sparsity=0.75)
+    with pytest.raises(ValueError, match=r"layer '0': 0.values is \(32, 8\) torch.float32 in the checkpoint, "
+                                         r"\(32, 4\) torch.float32 in the model"):
+        model.load_state_dict(build(NM(4), sparsity=0.5)[0].state_dict())
+    state = build(NM(4))[0].state_dict()
+    del state["2.values"]
+    with pytest.raises(ValueError, match="checkpoint has no entry '2.values'"):
+        build(NM(4))[0].load_state_dict(state)
+
+
+def test_scheduler_checkpoint_with_other_options_is_refused():
+    *_, sched = build()
+    other = DSTScheduler(build()[0], torch.optim.SGD(build()[0].parameters(), lr=0.1), total_steps=99)
+    with pytest.raises(ValueError, match="saved with total_steps=24, this scheduler has 99"):
+        other.load_state_dict(sched.state_dict())
