@@ -59,6 +59,11 @@ class Structure(ABC):
     op = None  # the torch.ops.padst overload; None where no structured kernel exists
     index_itemsize = 8  # int64 indices
 
+    def interchangeable(self, side: str) -> int:
+        """Size of the groups of consecutive input (``side="input"``) or output features whose
+        order inside the group the structure does not care about (1: every position matters)."""
+        return 1
+
     @abstractmethod
     def kept_units(self, out_features: int, in_features: int, sparsity: float, layer: str | None = None) -> int:
         """Kept units per group (blocks per block-row, n per m, diagonals, or weights),
@@ -200,6 +205,9 @@ class Block(Structure):
     def op(self):
         return torch.ops.padst.block_linear
 
+    def interchangeable(self, side):
+        return self.cols if side == "input" else self.rows
+
     def kept_units(self, out_features, in_features, sparsity, layer=None):
         sparsity = check_sparsity(sparsity)
         if out_features % self.rows:
@@ -269,6 +277,9 @@ class NM(Structure):
     @property
     def op(self):
         return torch.ops.padst.nm_linear
+
+    def interchangeable(self, side):
+        return self.m if side == "input" else 1
 
     def kept_units(self, out_features, in_features, sparsity, layer=None):
         sparsity = check_sparsity(sparsity)

@@ -161,7 +161,7 @@ class PADSTLinear(nn.Module):
         """
         if not self.soft:
             return
-        index = perm.harden(self.soft_perm)
+        index = perm.harden(self.soft_perm, self.structure.interchangeable(self.side))
         weight, bias = self.effective_weight(), self.bias
         if self.side == "input":
             weight = weight[:, index]

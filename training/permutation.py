@@ -38,11 +38,18 @@ def permutation_penalty(matrix: Tensor) -> Tensor:
     return (rows.sum() + cols.sum()) / (2 * matrix.shape[0])
 
 
-def harden(matrix: Tensor) -> Tensor:
+def harden(matrix: Tensor, group: int = 1) -> Tensor:
     """The permutation closest to ``matrix``: the assignment maximising ``sum_i M[i, p[i]]``.
 
+    With ``group > 1`` the positions come in groups of that many interchangeable slots
+    (the columns of one weight block, the inputs of one M-group): a feature then scores
+    the mass its whole group gives it, so hardening keeps what the soft matrix learned
+    about *which group* a feature belongs to, whatever the order inside the group.
     Returned as an index vector ``p`` (``x[..., p] == x @ P.T``).
     """
+    if group > 1:
+        size = matrix.shape[0]
+        matrix = matrix.reshape(size // group, group, size).sum(1).repeat_interleave(group, dim=0)
     rows, cols = linear_sum_assignment(matrix.detach().float().cpu().numpy(), maximize=True)
     index = torch.empty(matrix.shape[0], dtype=torch.int64)
     index[torch.from_numpy(rows)] = torch.from_numpy(cols).long()

@@ -1,0 +1,55 @@
+"""Worker for test_distributed: PA-DST training under DistributedDataParallel (gloo, CPU).
+
+Run as ``python -m torch.distributed.run --nproc_per_node 2 ddp_worker.py OUT_DIR``, or
+imported by the test for the single-process run over the same global batches.
+"""
+
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from padst_compiler.training import Block, DSTScheduler, sparsify
+
+STEPS, GLOBAL_BATCH = 12, 32
+
+
+def build():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 16)).double()
+    sparsify(model, Block(4, 4), 0.5, permutation="learned")
+    return model
+
+
+def train(model, wrapped, rank=0, world=1):
+    optimizer = torch.optim.Adam(wrapped.parameters(), lr=1e-2)
+    sched = DSTScheduler(wrapped, optimizer, total_steps=STEPS, update_every=3, harden_at=0.5,
+                         harden_threshold=0.0)
+    shard = GLOBAL_BATCH // world
+    for step in range(STEPS):
+        gen = torch.Generator().manual_seed(step)
+        x = torch.randn(GLOBAL_BATCH, 16, generator=gen, dtype=torch.float64)
+        target = torch.randn(GLOBAL_BATCH, 16, generator=gen, dtype=torch.float64)
+        x, target = x[rank * shard:(rank + 1) * shard], target[rank * shard:(rank + 1) * shard]
+        loss = (wrapped(x) - target).square().mean() + sched.permutation_penalty()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        sched.step()
+    return model.state_dict()
+
+
+def main(out_dir: str) -> None:
+    torch.distributed.init_process_group("gloo")
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    model = build()
+    # find_unused_parameters: a hardened soft matrix stops receiving gradients
+    wrapped = nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
+    state = train(model, wrapped, rank, world)
+    torch.save(state, Path(out_dir) / f"rank{rank}.pt")
+    torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
