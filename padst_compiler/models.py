@@ -74,7 +74,16 @@ class GPT(nn.Module):
         self.ln_f = nn.LayerNorm(config.d_model)
         self.head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         self.head.weight = self.tok.weight
-        nn.init.normal_(self.pos, std=0.02)
+        self.apply(self._init_weights)  # GPT-2's initialisation: small weights, logits near uniform
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+        if isinstance(module, GPT):
+            nn.init.normal_(module.pos, std=0.02)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         tokens = idx.shape[1]
