@@ -1,0 +1,90 @@
+"""Pass 1, canonicalize: every way the graph writes a feature permutation becomes a
+standalone ``padst::permute`` node, so later passes see one form.
+
+    block_linear(x, v, i, n, b, p, q)  =>  permute(block_linear(permute(x, p), v, i, n, b), q)
+    x[..., idx]                        =>  permute(x, idx)        (idx a known permutation)
+    torch.index_select(x, -1, idx)     =>  permute(x, idx)        (idx a known permutation)
+
+A gather whose index is not known to be a permutation is left alone (it is a barrier
+for the layout pass, never a silent rewrite).
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+from torch import fx
+
+from padst_compiler.passes.context import PassContext
+from padst_compiler.passes.graph import (
+    IN_INDEX,
+    OUT_INDEX,
+    PERMUTE,
+    X,
+    canonical_target,
+    feature_size,
+    is_permute,
+    is_structured,
+    meta_value,
+    set_structured_args,
+    structured_args,
+)
+
+
+def _is_permutation(index: torch.Tensor | None) -> bool:
+    return (index is not None and index.dim() == 1 and index.dtype == torch.int64
+            and torch.equal(index.sort().values, torch.arange(index.numel(), device=index.device)))
+
+
+def _gather_index(node: fx.Node, ctx: PassContext) -> fx.Node | None:
+    """The index node of a last-axis gather written with indexing or index_select."""
+    value = meta_value(node.args[0]) if node.args else None
+    if value is None:
+        return None
+    last = value.dim() - 1
+    if node.op == "call_function" and node.target is operator.getitem:
+        key = node.args[1]
+        if isinstance(key, tuple) and len(key) == 2 and key[0] is Ellipsis and isinstance(key[1], fx.Node):
+            return key[1]
+        if isinstance(key, tuple) and len(key) == value.dim() and all(k == slice(None) for k in key[:-1]) \
+                and isinstance(key[-1], fx.Node):
+            return key[-1]
+        return None
+    is_index_select = (node.op == "call_function" and node.target is torch.index_select) or \
+                      (node.op == "call_method" and node.target == "index_select")
+    if is_index_select and len(node.args) == 3 and node.args[1] in (-1, last) and isinstance(node.args[2], fx.Node):
+        return node.args[2]
+    return None
+
+
+def canonicalize(gm: fx.GraphModule, ctx: PassContext) -> bool:
+    graph, changed = gm.graph, False
+    for node in list(graph.nodes):
+        if is_permute(node) and node.target is not PERMUTE:
+            node.target, changed = PERMUTE, True
+        elif is_structured(node):
+            args = structured_args(node)
+            in_index, out_index = args[IN_INDEX], args[OUT_INDEX]
+            if in_index is None and out_index is None and node.target is canonical_target(node) and not node.kwargs:
+                continue
+            if in_index is not None:
+                with graph.inserting_before(node):
+                    args[X] = graph.call_function(PERMUTE, (args[X], in_index))
+            args[IN_INDEX] = args[OUT_INDEX] = None
+            set_structured_args(node, args)
+            if out_index is not None:
+                with graph.inserting_after(node):
+                    permuted = graph.call_function(PERMUTE, (node, out_index))
+                node.replace_all_uses_with(permuted, delete_user_cb=lambda user: user is not permuted)
+            changed = True
+        else:
+            index = _gather_index(node, ctx)
+            value = ctx.constant(index)
+            if _is_permutation(value) and value.numel() == feature_size(node.args[0]):
+                with graph.inserting_before(node):
+                    permuted = graph.call_function(PERMUTE, (node.args[0], index))
+                node.replace_all_uses_with(permuted)
+                graph.erase_node(node)
+                changed = True
+    return changed
