@@ -43,6 +43,10 @@ class PassContext:
         self.constants[node] = tensor
         return node
 
+    def permuted_constant(self, gm: fx.GraphModule, node: fx.Node, index: torch.Tensor) -> fx.Node:
+        """A constant holding ``node``'s (constant) value gathered along its last axis."""
+        return self.add_constant(gm, self.constants[node].index_select(-1, index), "_padst_folded")
+
     @staticmethod
     def _first_computation(gm: fx.GraphModule) -> fx.Node:
         return next(n for n in gm.graph.nodes if n.op != "placeholder")

@@ -46,8 +46,8 @@ def _fold_permute(gm, ctx: PassContext, node: fx.Node) -> bool:
     source, index = node.args[0], ctx.constant(node.args[1])
     if index is None:
         return False
-    if (value := ctx.constant(source)) is not None:
-        node.replace_all_uses_with(ctx.add_constant(gm, value.index_select(-1, index), "_padst_folded"))
+    if ctx.constant(source) is not None:
+        node.replace_all_uses_with(ctx.permuted_constant(gm, source, index))
         gm.graph.erase_node(node)
         return True
     if not isinstance(source, fx.Node) or len(source.users) != 1:

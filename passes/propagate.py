@@ -150,8 +150,10 @@ class LayoutProblem:
     def _producer(self, member: fx.Node) -> tuple[fx.Node, str, float]:
         if is_structured(member):
             return member, "out_index", FUSED_STORE
+        if self._foldable(member):
+            return member, "fold", 0.0
         if member.op in ("placeholder", "get_attr"):
-            return member, "permute_after", 0.0 if self._foldable(member) else STANDALONE
+            return member, "permute_after", STANDALONE
         return member, "permute_after", STANDALONE
 
     def _consumer(self, member: fx.Node, user: fx.Node) -> tuple[str, float]:
@@ -224,6 +226,9 @@ def propagate_permutations(gm: fx.GraphModule, ctx: PassContext) -> bool:
                 args = structured_args(member)
                 args[OUT_INDEX] = index
                 set_structured_args(member, args)
+            elif how == "fold":
+                stored[member] = ctx.permuted_constant(gm, member, layout)
+                member.replace_all_uses_with(stored[member])
             else:
                 with graph.inserting_after(member):
                     permuted = graph.call_function(PERMUTE, (member, index))
