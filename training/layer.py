@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from padst_compiler.kernels.permutation import inverse_permutation
-from padst_compiler.kernels.structures import Structure, check_sparsity
+from padst_compiler.kernels.structures import Block, Structure, check_sparsity
 from padst_compiler.training import permutation as perm
 
 PERMUTATION_MODES = ("learned", "random", "none")
@@ -37,7 +37,7 @@ class PADSTLinear(nn.Module):
             raise ValueError(f"{name or 'PADSTLinear'}: side must be one of {SIDES}, got {side!r}")
         self.in_features, self.out_features = in_features, out_features
         self.structure, self.sparsity = structure, check_sparsity(sparsity)
-        self.name = name
+        self.name, self.seed = name, seed
         structure.kept_units(out_features, in_features, sparsity, layer=name)  # fail early, by name
         if side == "auto":
             side = "input" if in_features <= out_features else "output"
@@ -161,8 +161,14 @@ class PADSTLinear(nn.Module):
         """
         if not self.soft:
             return
-        index = perm.harden(self.soft_perm, self.structure.interchangeable(self.side))
         weight, bias = self.effective_weight(), self.bias
+        if isinstance(self.structure, Block):
+            kept = self.structure.kept_units(self.out_features, self.in_features, self.sparsity)
+            generator = torch.Generator().manual_seed(self.seed)
+            index = perm.harden_for_block(weight, self.soft_perm, self.structure.rows, self.structure.cols, kept,
+                                          self.side, generator)
+        else:
+            index = perm.harden(self.soft_perm, self.structure.interchangeable(self.side))
         if self.side == "input":
             weight = weight[:, index]
         else:
@@ -182,10 +188,11 @@ class PADSTLinear(nn.Module):
 
     def get_extra_state(self) -> dict:
         return {"structure": repr(self.structure), "sparsity": self.sparsity,
-                "permutation": self.permutation, "side": self.side, "hard": self.hard}
+                "permutation": self.permutation, "side": self.side, "hard": self.hard, "seed": self.seed}
 
     def set_extra_state(self, state: dict) -> None:
         self.hard = bool(state["hard"])
+        self.seed = int(state.get("seed", self.seed))  # hardening's random restarts follow the checkpoint
         if self.soft_perm is not None:
             self.soft_perm.requires_grad_(not self.hard)
 

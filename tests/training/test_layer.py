@@ -6,7 +6,12 @@ from torch import nn
 
 from padst_compiler.kernels import NM, Block, Diagonal, Unstructured
 from padst_compiler.training import PADSTLinear
-from padst_compiler.training.permutation import harden, permutation_penalty, project_to_birkhoff_
+from padst_compiler.training.permutation import (
+    harden,
+    harden_for_block,
+    permutation_penalty,
+    project_to_birkhoff_,
+)
 
 STRUCTURES = [Block(4, 4), NM(4), Diagonal(), Unstructured()]
 
@@ -89,3 +94,18 @@ def test_hardening_solves_the_assignment_problem():
     x = torch.randn(4, 9)
     torch.testing.assert_close(x[..., index], x @ torch.eye(9)[p].t())
     assert sorted(harden(torch.rand(20, 20)).tolist()) == list(range(20))  # always a permutation
+
+
+@pytest.mark.parametrize("side", ["input", "output"])
+def test_block_hardening_finds_an_order_the_structure_represents_exactly(side):
+    """W is block-sparse up to a hidden permutation and the soft matrix says nothing (uniform):
+    the structure-aware search still finds an order with no energy left outside the blocks."""
+    gen = torch.Generator().manual_seed(0)
+    structure, hidden = Block(4, 4), torch.randperm(32, generator=gen)
+    sparse = structure.project(torch.randn(32, 32, generator=gen), 0.75).to_dense()
+    weight = sparse[:, torch.argsort(hidden)] if side == "input" else sparse[torch.argsort(hidden)]
+    uniform = torch.full((32, 32), 1 / 32)
+    index = harden_for_block(weight, uniform, 4, 4, kept=2, side=side, generator=torch.Generator().manual_seed(1))
+    assert sorted(index.tolist()) == list(range(32))
+    ordered = weight[:, index] if side == "input" else weight[torch.argsort(index)]
+    torch.testing.assert_close(structure.project(ordered, 0.75).to_dense(), ordered)
