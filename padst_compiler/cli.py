@@ -36,11 +36,24 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--sparsity", type=_sparsity, default=0.9, help="fraction of weights removed (default 0.9)")
     demo.add_argument("--tokens", type=_positive_int, default=4096, help="rows of input (default 4096)")
     demo.add_argument("--repeats", type=_positive_int, default=7, help="timed repeats, median reported (default 7)")
+    bench = commands.add_parser("bench", help="benchmarks (ratios and tables, not tests)")
+    benches = bench.add_subparsers(dest="bench", required=True, metavar="BENCHMARK")
+    accuracy = benches.add_parser("accuracy", help="validation loss of dense, RigL/SET and PA-DST GPTs",
+                                  description="Short CPU training runs of a small GPT on the embedded corpus, "
+                                              "same steps and seed for every method.")
+    accuracy.add_argument("--steps", type=_positive_int, default=300, help="training steps per run (default 300)")
+    accuracy.add_argument("--sparsity", type=_sparsity, default=0.9, help="default 0.9")
+    accuracy.add_argument("--seed", type=int, default=0)
+    accuracy.add_argument("--out", help="also write the results as JSON here")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "bench":
+        from padst_compiler import bench
+
+        bench.accuracy(steps=args.steps, sparsity=args.sparsity, seed=args.seed, out=args.out)
     if args.command == "demo":
         from padst_compiler import demo
 

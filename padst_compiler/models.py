@@ -97,3 +97,43 @@ class GPT(nn.Module):
     def loss(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         logits = self(idx)
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+
+
+@dataclass(frozen=True)
+class ViTConfig:
+    image_size: int = 32
+    patch_size: int = 8
+    channels: int = 3
+    n_classes: int = 10
+    n_layer: int = 2
+    n_head: int = 4
+    d_model: int = 128
+    dropout: float = 0.0
+
+
+class ViT(nn.Module):
+    """A small Vision Transformer: linear patch embedding, class token, pre-LN encoder blocks."""
+
+    def __init__(self, config: ViTConfig):
+        super().__init__()
+        if config.image_size % config.patch_size:
+            raise ValueError(f"patch_size {config.patch_size} does not divide image_size {config.image_size}")
+        self.config = config
+        patches = (config.image_size // config.patch_size) ** 2
+        self.patch = nn.Linear(config.channels * config.patch_size ** 2, config.d_model)
+        self.cls = nn.Parameter(torch.zeros(1, 1, config.d_model))
+        self.pos = nn.Parameter(torch.randn(1, patches + 1, config.d_model) * 0.02)
+        self.blocks = nn.ModuleList(Block(config.d_model, config.n_head, False, config.dropout)
+                                    for _ in range(config.n_layer))
+        self.ln_f = nn.LayerNorm(config.d_model)
+        self.head = nn.Linear(config.d_model, config.n_classes)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        batch, channels, height, width = images.shape
+        size = self.config.patch_size
+        patches = images.unfold(2, size, size).unfold(3, size, size)  # [B, C, H/p, W/p, p, p]
+        patches = patches.permute(0, 2, 3, 1, 4, 5).reshape(batch, -1, channels * size * size)
+        x = torch.cat([self.cls.expand(batch, -1, -1), self.patch(patches)], dim=1) + self.pos
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.ln_f(x[:, 0]))
