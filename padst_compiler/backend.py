@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import fx
+from torch._dynamo.exc import RestartAnalysis
 
 from padst_compiler.passes.context import PassContext
 from padst_compiler.pipeline import MODES, PASS_NAMES, PipelineResult, run_pipeline
@@ -120,6 +121,8 @@ def padst_backend(gm: fx.GraphModule, example_inputs: list, options: dict | None
     config = BackendConfig.from_options(options)
     try:
         optimized = optimize_graph(gm, example_inputs, config).gm
+    except RestartAnalysis:  # Dynamo's own control flow, not a failure
+        raise
     except Exception as error:  # never let a pass failure crash the user's program
         warnings.warn(f"padst: the passes failed on this graph ({type(error).__name__}: {error}); "
                       "compiling it with Inductor unchanged", stacklevel=2)
@@ -128,6 +131,8 @@ def padst_backend(gm: fx.GraphModule, example_inputs: list, options: dict | None
 
     try:
         return compile_fx(optimized, example_inputs)
+    except RestartAnalysis:
+        raise
     except Exception as error:
         warnings.warn(f"padst: Inductor failed on this graph ({type(error).__name__}: {error}); "
                       "running it eagerly", stacklevel=2)

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import fx
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+from torch.fx.experimental.symbolic_shapes import ShapeEnv
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
 from padst_compiler.passes.canonicalize import canonicalize
@@ -97,7 +98,7 @@ def fake_inputs_for(example_inputs: Sequence) -> list:
     sizes, which are static; symbolic token sizes stay symbolic in Dynamo's own graph)."""
     if any(isinstance(x, FakeTensor) for x in example_inputs):
         return list(example_inputs)
-    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    mode = FakeTensorMode(allow_non_fake_inputs=True, shape_env=ShapeEnv())  # a shape env for .item()
     return [mode.from_tensor(x) if isinstance(x, torch.Tensor) else x for x in example_inputs]
 
 

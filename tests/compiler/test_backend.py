@@ -16,7 +16,8 @@ from padst_compiler.backend import BackendConfig, optimize_graph, padst_backend
 from padst_compiler.models import GPT, ViT, GPTConfig, ViTConfig
 from padst_compiler.training import NM, Block, DSTScheduler, sparsify
 
-pytestmark = pytest.mark.slow
+# a silent fallback would make every other test pass without the passes: make it an error
+pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("error:padst:UserWarning")]
 
 
 @pytest.fixture(autouse=True)
@@ -141,12 +142,17 @@ def test_new_batch_and_sequence_sizes_do_not_recompile_with_dynamic_shapes():
     calls = []
     compiled = torch.compile(model, backend=counting_backend(calls), dynamic=True)
     with torch.no_grad():
-        for batch, tokens in [(2, 8), (3, 12), (5, 16)]:
+        compiles = []
+        for batch, tokens in [(2, 8), (3, 11), (5, 13)]:
             idx = torch.randint(0, 256, (batch, tokens))
             torch.testing.assert_close(compiled(idx), model(idx), rtol=1e-5, atol=1e-5)
-    assert len(calls) == 1
+            compiles.append(len(calls))
+    # Dynamo may call the backend more than once for its first compile (it restarts its analysis
+    # to specialise scalars); what matters is that new sizes compile nothing
+    assert compiles[0] >= 1 and compiles[1] == compiles[2] == compiles[0]
 
 
+@pytest.mark.filterwarnings("default:padst:UserWarning")
 def test_a_failing_pass_falls_back_to_inductor_with_a_warning(monkeypatch):
     def broken(gm, ctx):
         raise RuntimeError("deliberately broken pass")
