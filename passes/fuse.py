@@ -45,6 +45,8 @@ def fuse_permutations(gm: fx.GraphModule, ctx: PassContext) -> bool:
             if known_p and known_q:
                 args[X], args[IN_INDEX] = source.args[0], _index_node(gm, ctx, compose(p, q), args[IN_INDEX])
                 set_structured_args(node, args)
+                if not source.users:
+                    gm.graph.erase_node(source)
                 changed = True
         users = list(node.users)
         if len(users) == 1 and is_permute(users[0]) and users[0].args[0] is node:
