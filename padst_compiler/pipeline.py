@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 import torch
 from torch import fx
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
-from torch.fx.experimental.symbolic_shapes import ShapeEnv
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
 from padst_compiler.passes.canonicalize import canonicalize
@@ -26,7 +25,7 @@ from padst_compiler.passes.context import PassContext
 from padst_compiler.passes.fold import fold_into_weights
 from padst_compiler.passes.fuse import fuse_permutations
 from padst_compiler.passes.graph import IN_INDEX, OUT_INDEX, canonical_target, is_permute, is_structured, \
-    structured_args
+    meta_value, structured_args
 from padst_compiler.passes.propagate import propagate_permutations
 
 MODES = ("training", "inference")
@@ -87,19 +86,33 @@ class PipelineResult:
 
 
 def refresh_meta(gm: fx.GraphModule, fake_inputs: Sequence) -> None:
-    """Re-run fake propagation so every node (new ones too) carries ``meta["val"]``."""
-    mode = next((x.fake_mode for x in fake_inputs if isinstance(x, FakeTensor)), None) or \
-        FakeTensorMode(allow_non_fake_inputs=True)
-    FakeTensorProp(gm, mode).propagate_dont_convert_inputs(*fake_inputs)
+    """Give every node a ``meta["val"]`` the passes can read feature sizes from.
+
+    A graph without metadata (a hand-traced one) gets one fake propagation. A Dynamo graph
+    keeps its own ``example_value``s (re-propagating would have to replay Dynamo's symbolic
+    shapes and unbacked scalars); nodes the passes add are permutes, which have the shape
+    of their input, and get_attr constants, which hold real tensors.
+    """
+    if any("val" not in n.meta and "example_value" not in n.meta for n in gm.graph.nodes if n.op == "placeholder"):
+        mode = next((x.fake_mode for x in fake_inputs if isinstance(x, FakeTensor)), None) or \
+            FakeTensorMode(allow_non_fake_inputs=True)
+        FakeTensorProp(gm, mode).propagate_dont_convert_inputs(*fake_inputs)
+        return
+    for node in gm.graph.nodes:
+        if meta_value(node) is not None:
+            continue
+        if node.op == "get_attr":
+            node.meta["val"] = getattr(gm, node.target)
+        elif is_permute(node) and meta_value(node.args[0]) is not None:
+            node.meta["val"] = meta_value(node.args[0])
 
 
 def fake_inputs_for(example_inputs: Sequence) -> list:
-    """Fake versions of the example inputs in a mode of our own (the passes only read feature
-    sizes, which are static; symbolic token sizes stay symbolic in Dynamo's own graph)."""
+    """Fake versions of the example inputs, for graphs that carry no metadata of their own."""
     if any(isinstance(x, FakeTensor) for x in example_inputs):
         return list(example_inputs)
-    mode = FakeTensorMode(allow_non_fake_inputs=True, shape_env=ShapeEnv())  # a shape env for .item()
-    return [mode.from_tensor(x) if isinstance(x, torch.Tensor) else x for x in example_inputs]
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    return [mode.from_tensor(x, static_shapes=True) if isinstance(x, torch.Tensor) else x for x in example_inputs]
 
 
 def _outputs(gm: fx.GraphModule, inputs: Sequence) -> list[torch.Tensor]:
