@@ -11,8 +11,6 @@ for the layout pass, never a silent rewrite).
 
 from __future__ import annotations
 
-import operator
-
 import torch
 from torch import fx
 
@@ -26,6 +24,7 @@ from padst_compiler.passes.graph import (
     feature_size,
     is_permute,
     is_structured,
+    last_axis_gather_index,
     meta_value,
     set_structured_args,
     structured_args,
@@ -35,27 +34,6 @@ from padst_compiler.passes.graph import (
 def _is_permutation(index: torch.Tensor | None) -> bool:
     return (index is not None and index.dim() == 1 and index.dtype == torch.int64
             and torch.equal(index.sort().values, torch.arange(index.numel(), device=index.device)))
-
-
-def _gather_index(node: fx.Node, ctx: PassContext) -> fx.Node | None:
-    """The index node of a last-axis gather written with indexing or index_select."""
-    value = meta_value(node.args[0]) if node.args else None
-    if value is None:
-        return None
-    last = value.dim() - 1
-    if node.op == "call_function" and node.target is operator.getitem:
-        key = node.args[1]
-        if isinstance(key, tuple) and len(key) == 2 and key[0] is Ellipsis and isinstance(key[1], fx.Node):
-            return key[1]
-        if isinstance(key, tuple) and len(key) == value.dim() and all(k == slice(None) for k in key[:-1]) \
-                and isinstance(key[-1], fx.Node):
-            return key[-1]
-        return None
-    is_index_select = (node.op == "call_function" and node.target is torch.index_select) or \
-                      (node.op == "call_method" and node.target == "index_select")
-    if is_index_select and len(node.args) == 3 and node.args[1] in (-1, last) and isinstance(node.args[2], fx.Node):
-        return node.args[2]
-    return None
 
 
 def canonicalize(gm: fx.GraphModule, ctx: PassContext) -> bool:
@@ -79,7 +57,7 @@ def canonicalize(gm: fx.GraphModule, ctx: PassContext) -> bool:
                 node.replace_all_uses_with(permuted, delete_user_cb=lambda user: user is not permuted)
             changed = True
         else:
-            index = _gather_index(node, ctx)
+            index = last_axis_gather_index(node)
             value = ctx.constant(index)
             if _is_permutation(value) and value.numel() == feature_size(node.args[0]):
                 with graph.inserting_before(node):

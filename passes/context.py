@@ -48,6 +48,14 @@ class PassContext:
         return self.add_constant(gm, self.constants[node].index_select(-1, index), "_padst_folded")
 
     @staticmethod
+    def inserting_after(gm: fx.GraphModule, node: fx.Node):
+        """Insertion point right after ``node``; after every input and constant when ``node`` is one
+        (constants get hoisted to the top, so a use must come after all of them)."""
+        if node.op in ("placeholder", "get_attr"):
+            return gm.graph.inserting_before(next(n for n in gm.graph.nodes if n.op not in ("placeholder", "get_attr")))
+        return gm.graph.inserting_after(node)
+
+    @staticmethod
     def _first_computation(gm: fx.GraphModule) -> fx.Node:
         return next(n for n in gm.graph.nodes if n.op != "placeholder")
 

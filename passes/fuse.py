@@ -3,7 +3,8 @@
     structured(permute(x, p), ..., in_index=q)       =>  structured(x, ..., in_index=p[q])
     permute(structured(x, ..., out_index=o), q)      =>  structured(x, ..., out_index=o[q])
 
-The second rewrite needs the structured op to have no other user. Indices are composed
+Each rewrite needs the permute (first) or the structured op (second) to have no other
+user: otherwise the permute stays and fusing would only add an indexed access. Indices are composed
 at compile time, so both must be known (they always are after canonicalize).
 """
 
@@ -40,13 +41,12 @@ def fuse_permutations(gm: fx.GraphModule, ctx: PassContext) -> bool:
             continue
         args = structured_args(node)
         source = args[X]
-        if isinstance(source, fx.Node) and is_permute(source):
+        if isinstance(source, fx.Node) and is_permute(source) and len(source.users) == 1:
             (known_p, p), (known_q, q) = _known(ctx, source.args[1]), _known(ctx, args[IN_INDEX])
             if known_p and known_q:
                 args[X], args[IN_INDEX] = source.args[0], _index_node(gm, ctx, compose(p, q), args[IN_INDEX])
                 set_structured_args(node, args)
-                if not source.users:
-                    gm.graph.erase_node(source)
+                gm.graph.erase_node(source)
                 changed = True
         users = list(node.users)
         if len(users) == 1 and is_permute(users[0]) and users[0].args[0] is node:

@@ -110,3 +110,25 @@ def is_dense_linear(node: fx.Node) -> bool:
 
 def replace_uses(node: fx.Node, replacement: fx.Node) -> None:
     node.replace_all_uses_with(replacement, propagate_meta=False)
+
+
+def last_axis_gather_index(node: fx.Node) -> fx.Node | None:
+    """The index node of a gather along the last axis written as ``x[..., idx]``,
+    ``x[:, :, idx]`` or ``index_select(x, -1, idx)``; None for anything else."""
+    value = meta_value(node.args[0]) if node.args else None
+    if value is None:
+        return None
+    last = value.dim() - 1
+    if node.op == "call_function" and node.target is operator.getitem:
+        key = node.args[1]
+        if isinstance(key, tuple) and len(key) == 2 and key[0] is Ellipsis and isinstance(key[1], fx.Node):
+            return key[1]
+        if isinstance(key, tuple) and len(key) == value.dim() and all(k == slice(None) for k in key[:-1]) \
+                and isinstance(key[-1], fx.Node):
+            return key[-1]
+        return None
+    is_index_select = (node.op == "call_function" and node.target is torch.index_select) or \
+                      (node.op == "call_method" and node.target == "index_select")
+    if is_index_select and len(node.args) == 3 and node.args[1] in (-1, last) and isinstance(node.args[2], fx.Node):
+        return node.args[2]
+    return None

@@ -230,7 +230,7 @@ def propagate_permutations(gm: fx.GraphModule, ctx: PassContext) -> bool:
                 stored[member] = ctx.permuted_constant(gm, member, layout)
                 member.replace_all_uses_with(stored[member])
             else:
-                with graph.inserting_after(member):
+                with ctx.inserting_after(gm, member):
                     permuted = graph.call_function(PERMUTE, (member, index))
                 member.replace_all_uses_with(permuted, delete_user_cb=lambda user: user is not permuted)
                 stored[member] = permuted
