@@ -74,15 +74,22 @@ def _fold_permute(gm, ctx: PassContext, node: fx.Node) -> bool:
     return True
 
 
+def read_permuted_input(gm, ctx: PassContext, linear: fx.Node, source: fx.Node, index: torch.Tensor) -> None:
+    """Make ``linear`` read ``source`` and compute what it computed on ``source[..., index]``:
+    ``F.linear(x[..., p], W, b) == F.linear(x, W[:, inv(p)], b)`` (the weight must be constant)."""
+    _, weight, bias = _linear_args(linear)
+    linear.args = (source, ctx.add_constant(gm, ctx.constants[weight][:, inverse(index)], "_padst_folded"), bias)
+    linear.kwargs = {}
+
+
 def _fold_linear_input(gm, ctx: PassContext, node: fx.Node) -> bool:
-    x, weight, bias = _linear_args(node)
+    x, weight, _ = _linear_args(node)
     if not (isinstance(x, fx.Node) and is_permute(x)):
         return False
-    index, constants = ctx.constant(x.args[1]), _constant_args(ctx, weight)
-    if index is None or constants is None:
+    index = ctx.constant(x.args[1])
+    if index is None or _constant_args(ctx, weight) is None:
         return False
-    node.args = (x.args[0], ctx.add_constant(gm, constants[0][:, inverse(index)], "_padst_folded"), bias)
-    node.kwargs = {}
+    read_permuted_input(gm, ctx, node, x.args[0], index)
     return True
 
 

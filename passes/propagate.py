@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import fx
 
 from padst_compiler.passes.context import PassContext
+from padst_compiler.passes.fold import read_permuted_input
 from padst_compiler.passes.indices import compose, inverse
 from padst_compiler.passes.graph import (
     IN_INDEX,
@@ -68,6 +69,16 @@ class Edge:
     source: int  # component of its input
     target: int  # component of its output
     index: torch.Tensor
+    cost: float  # of keeping a gather here: the fuse pass absorbs it next to a structured op
+
+
+def _kept_permute_cost(node: fx.Node) -> float:
+    users, source = list(node.users), node.args[0]
+    if len(users) == 1 and is_structured(users[0]) and structured_args(users[0])[X] is node:
+        return FUSED_LOAD
+    if is_structured(source) and len(source.users) == 1:
+        return FUSED_STORE
+    return STANDALONE
 
 
 def _is_softmax_last(node: fx.Node) -> bool:
@@ -131,7 +142,8 @@ class LayoutProblem:
             if is_permute(node) and node in self.component_of and node.args[0] in self.component_of:
                 index = ctx.constant(node.args[1])
                 if index is not None:
-                    self.edges.append(Edge(node, self.component_of[node.args[0]], self.component_of[node], index))
+                    self.edges.append(Edge(node, self.component_of[node.args[0]], self.component_of[node], index,
+                                           _kept_permute_cost(node)))
         edge_nodes = {edge.node for edge in self.edges}
         for component in self.components:
             for member in component.members:
@@ -163,14 +175,14 @@ class LayoutProblem:
         if _is_feature_reduction(user, member):
             return "invariant", 0.0
         if is_dense_linear(user) and user.args[0] is member and self._foldable(user.args[1]):
-            return "permute_before", 0.0  # the fold pass moves it into the frozen weight
+            return "fold_linear", 0.0  # into the frozen weight's columns
         return "permute_before", STANDALONE
 
     # ------------------------------------------------------------------- solving
 
     def cost(self, layouts: list[torch.Tensor | None]) -> float:
         total = sum(c.cost() for c, s in zip(self.components, layouts) if s is not None)
-        return total + sum(STANDALONE for e in self.edges if self.residual(e, layouts) is not None)
+        return total + sum(e.cost for e in self.edges if self.residual(e, layouts) is not None)
 
     def residual(self, edge: Edge, layouts) -> torch.Tensor | None:
         """The gather an edge still needs: stored_b = stored_a[..., r], r = inv(s_a)[p[s_b]]."""
@@ -241,6 +253,8 @@ def propagate_permutations(gm: fx.GraphModule, ctx: PassContext) -> bool:
                 args = structured_args(user)
                 args[IN_INDEX] = inverse
                 set_structured_args(user, args)
+            elif how == "fold_linear":
+                read_permuted_input(gm, ctx, user, source, torch.argsort(layout))
             elif how == "permute_before":
                 with graph.inserting_before(user):
                     restored = graph.call_function(PERMUTE, (source, inverse))
