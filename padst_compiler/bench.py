@@ -19,8 +19,8 @@ from padst_compiler.recipe import RunConfig, label, train
 ACCURACY_STRUCTURES = (Block(8, 8), NM(32), Diagonal())
 
 
-def accuracy_configs(steps: int, sparsity: float = 0.9, seed: int = 0) -> list[RunConfig]:
-    common = dict(steps=steps, sparsity=sparsity, seed=seed)
+def accuracy_configs(steps: int, sparsity: float = 0.9, seed: int = 0, lr: float = 1e-3) -> list[RunConfig]:
+    common = dict(steps=steps, sparsity=sparsity, seed=seed, lr=lr)
     configs = [RunConfig(structure=None, **common),
                RunConfig(structure=Unstructured(), permutation="none", growth="rigl", **common),
                RunConfig(structure=Unstructured(), permutation="none", growth="set", **common),
@@ -31,11 +31,11 @@ def accuracy_configs(steps: int, sparsity: float = 0.9, seed: int = 0) -> list[R
     return configs
 
 
-def accuracy(steps: int = 300, sparsity: float = 0.9, seed: int = 0, out: str | None = None,
+def accuracy(steps: int = 600, sparsity: float = 0.9, seed: int = 0, lr: float = 1e-3, out: str | None = None,
              progress: bool = True) -> list[dict]:
     corpus = ByteCorpus(stdlib_corpus(RunConfig().corpus_bytes))
     rows = []
-    for config in accuracy_configs(steps, sparsity, seed):
+    for config in accuracy_configs(steps, sparsity, seed, lr):
         result = train(config, corpus, progress=progress)
         density = 1.0 if result.scheduler is None else float(result.scheduler.progress_postfix()["density"])
         rows.append({"method": label(config), "density": density, "val_loss": result.validation_loss,
@@ -45,6 +45,6 @@ def accuracy(steps: int = 300, sparsity: float = 0.9, seed: int = 0, out: str | 
                      f"{r['seconds']:.0f}") for r in rows],
                    headers=["method", "density", "val loss", "perplexity", "train s"], disable_numparse=True))
     if out:
-        Path(out).write_text(json.dumps({"steps": steps, "sparsity": sparsity, "seed": seed, "runs": rows},
+        Path(out).write_text(json.dumps({"steps": steps, "sparsity": sparsity, "seed": seed, "lr": lr, "runs": rows},
                                         indent=2))
     return rows

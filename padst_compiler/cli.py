@@ -41,7 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     accuracy = benches.add_parser("accuracy", help="validation loss of dense, RigL/SET and PA-DST GPTs",
                                   description="Short CPU training runs of a small GPT on the embedded corpus, "
                                               "same steps and seed for every method.")
-    accuracy.add_argument("--steps", type=_positive_int, default=300, help="training steps per run (default 300)")
+    accuracy.add_argument("--steps", type=_positive_int, default=600, help="training steps per run (default 600)")
+    accuracy.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate for every run (default 1e-3)")
     accuracy.add_argument("--sparsity", type=_sparsity, default=0.9, help="default 0.9")
     accuracy.add_argument("--seed", type=int, default=0)
     accuracy.add_argument("--out", help="also write the results as JSON here")
@@ -53,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "bench":
         from padst_compiler import bench
 
-        bench.accuracy(steps=args.steps, sparsity=args.sparsity, seed=args.seed, out=args.out)
+        bench.accuracy(steps=args.steps, sparsity=args.sparsity, seed=args.seed, lr=args.lr, out=args.out)
     if args.command == "demo":
         from padst_compiler import demo
 

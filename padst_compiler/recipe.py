@@ -27,7 +27,7 @@ class RunConfig:
     distribution: str = "uniform"
     steps: int = 300
     batch_size: int = 16
-    lr: float = 3e-3
+    lr: float = 1e-3
     eval_every: int = 50
     eval_batches: int = 8
     seed: int = 0
