@@ -36,6 +36,14 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--sparsity", type=_sparsity, default=0.9, help="fraction of weights removed (default 0.9)")
     demo.add_argument("--tokens", type=_positive_int, default=4096, help="rows of input (default 4096)")
     demo.add_argument("--repeats", type=_positive_int, default=7, help="timed repeats, median reported (default 7)")
+    diff = commands.add_parser("diff", help="show what every padst pass did to each recorded graph",
+                               description="padst diff DIR: per-pass summary, unified diffs and the first pass "
+                                           "that changed the numbers, for a debug directory written with "
+                                           "debug_dir=... or PADST_DEBUG_DIR. padst diff A.py B.py: diff two graphs.")
+    diff.add_argument("paths", nargs="+", metavar="PATH", help="a debug directory, or two graph code files")
+    diff.add_argument("--html", metavar="FILE", help="also write one self-contained HTML report")
+    diff.add_argument("--tolerance", type=float, default=1e-4, help="largest harmless output difference")
+    diff.add_argument("--color", choices=["auto", "always", "never"], default="auto")
     bench = commands.add_parser("bench", help="benchmarks (ratios and tables, not tests)")
     benches = bench.add_subparsers(dest="bench", required=True, metavar="BENCHMARK")
     accuracy = benches.add_parser("accuracy", help="validation loss of dense, RigL/SET and PA-DST GPTs",
@@ -51,6 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "diff":
+        return _diff(args)
     if args.command == "bench":
         from padst_compiler import bench
 
@@ -63,6 +73,31 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as error:  # a structure that cannot take the requested sparsity
             print(f"padst demo: error: {error}", file=sys.stderr)
             return 2
+    return 0
+
+
+def _diff(args) -> int:
+    from pathlib import Path
+
+    from padst_compiler import debug
+
+    color = args.color == "always" or (args.color == "auto" and sys.stdout.isatty())
+    try:
+        if len(args.paths) == 2 and all(Path(p).is_file() for p in args.paths):
+            a, b = (Path(p).read_text() for p in args.paths)
+            print(debug.code_diff(a, b, color, tuple(args.paths)))
+            return 0
+        if len(args.paths) != 1:
+            print("padst diff: error: give one debug directory or two graph files", file=sys.stderr)
+            return 2
+        runs = debug.load_runs(args.paths[0])
+    except debug.DebugDirError as error:
+        print(f"padst diff: error: {error}", file=sys.stderr)
+        return 2
+    print(debug.render_text(runs, color, args.tolerance))
+    if args.html:
+        Path(args.html).write_text(debug.render_html(runs, args.tolerance))
+        print(f"\nHTML report written to {args.html}")
     return 0
 
 

@@ -1,25 +1,42 @@
-"""Recording of pass runs for the graph-diff tool (design section 6).
+"""The graph-diff debugging tool (design section 6).
 
-``write_run`` stores one run per compiled graph under ``DIR/run-NNN/``: ``summary.json``
-(per pass: changed, seconds, node counts before and after, largest output difference)
-and the readable code of the graph before and after every pass.
+Recording: ``write_run`` stores one run per compiled graph under ``DIR/run-NNN/``:
+``summary.json`` (per pass: changed, seconds, node counts before and after, largest
+output difference from the original graph) and the readable code before and after
+every pass; the same snapshots go to PyTorch's structured trace (``TORCH_TRACE``, read
+by tlparse). Reading: ``load_runs``, ``summary_table``, ``pass_diff``, ``first_bad_pass``,
+``render_text`` and ``render_html`` (one self-contained file) serve ``padst diff`` and tests.
 """
 
 from __future__ import annotations
 
+import difflib
+import html
 import json
-from dataclasses import asdict
+import re
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from padst_compiler.pipeline import PipelineResult
+from tabulate import tabulate
+from torch._logging import trace_structured
+
+DEFAULT_TOLERANCE = 1e-4
+COUNT_KEYS = ("permutes", "gathers", "fused_gathers", "nodes")
 
 
-def write_run(directory: str | Path, result: PipelineResult, original_code: str) -> Path:
+class DebugDirError(ValueError):
+    """A debug directory that is missing, empty or not written by padst."""
+
+
+# ------------------------------------------------------------------------- writing
+
+
+def write_run(directory: str | Path, result, original_code: str) -> Path:
+    """Store the records of one pipeline run (a ``PipelineResult``) in a new ``run-NNN`` folder."""
     root = Path(directory)
     root.mkdir(parents=True, exist_ok=True)
-    number = 1 + max((int(p.name.split("-")[1]) for p in root.glob("run-*") if p.name.split("-")[1].isdigit()),
-                     default=0)
-    run = root / f"run-{number:03d}"
+    numbers = [int(p.name[4:]) for p in root.glob("run-*") if p.name[4:].isdigit()]
+    run = root / f"run-{max(numbers, default=0) + 1:03d}"
     run.mkdir()
     (run / "original.py").write_text(original_code)
     passes = []
@@ -30,5 +47,140 @@ def write_run(directory: str | Path, result: PipelineResult, original_code: str)
         entry = asdict(record)
         del entry["code_before"], entry["code_after"]
         passes.append({"file": stem, **entry})
+        trace_structured("artifact", metadata_fn=lambda stem=stem: {"name": f"padst_{run.name}_{stem}",
+                                                                     "encoding": "string"},
+                         payload_fn=lambda record=record: record.code_after)
     (run / "summary.json").write_text(json.dumps({"passes": passes}, indent=2))
     return run
+
+
+# ------------------------------------------------------------------------- reading
+
+
+@dataclass
+class PassView:
+    name: str
+    changed: bool
+    seconds: float
+    counts_before: dict
+    counts_after: dict
+    max_abs_diff: float | None
+    code_before: str
+    code_after: str
+
+
+@dataclass
+class Run:
+    name: str
+    passes: list[PassView]
+
+
+def load_runs(directory: str | Path) -> list[Run]:
+    root = Path(directory)
+    if not root.is_dir():
+        raise DebugDirError(f"{root} is not a directory")
+    runs = []
+    for folder in sorted(root.glob("run-*")):
+        try:
+            summary = json.loads((folder / "summary.json").read_text())
+            passes = [PassView(p["name"], p["changed"], p["seconds"], p["counts_before"], p["counts_after"],
+                               p.get("max_abs_diff"), (folder / f"{p['file']}.before.py").read_text(),
+                               (folder / f"{p['file']}.after.py").read_text()) for p in summary["passes"]]
+        except (OSError, KeyError, TypeError, json.JSONDecodeError) as error:
+            raise DebugDirError(f"{folder} is not a readable padst run ({type(error).__name__}: {error})") from None
+        runs.append(Run(folder.name, passes))
+    if not runs:
+        raise DebugDirError(f"{root} holds no padst run (run-NNN folders); compile with "
+                            "debug_dir=... or PADST_DEBUG_DIR set")
+    return runs
+
+
+def first_bad_pass(run: Run, tolerance: float = DEFAULT_TOLERANCE) -> PassView | None:
+    """The first pass whose outputs differ from the original graph's by more than ``tolerance``."""
+    return next((p for p in run.passes if p.max_abs_diff is not None and p.max_abs_diff > tolerance), None)
+
+
+def _count_change(view: PassView, key: str) -> str:
+    before, after = view.counts_before.get(key, 0), view.counts_after.get(key, 0)
+    return str(before) if before == after else f"{before} -> {after}"
+
+
+def summary_table(run: Run, tolerance: float = DEFAULT_TOLERANCE) -> str:
+    rows = []
+    for view in run.passes:
+        diff = "-" if view.max_abs_diff is None else f"{view.max_abs_diff:.2e}"
+        if view.max_abs_diff is not None and view.max_abs_diff > tolerance:
+            diff += " !"
+        rows.append((view.name, "yes" if view.changed else "no", *(_count_change(view, k) for k in COUNT_KEYS),
+                     diff, f"{view.seconds * 1e3:.1f}"))
+    return tabulate(rows, headers=["pass", "changed", "permutes", "gathers", "fused", "nodes", "max |diff|", "ms"],
+                    disable_numparse=True)
+
+
+_CLEANUP_TAIL = re.compile(r";\s+(\w+\s*=\s*)+None\s*$")
+
+
+def normalize_code(code: str) -> list[str]:
+    """Lines worth diffing: no comments (Dynamo's long source-location lines would drown the
+    change and misalign the columns) and no ``;  x = None`` clean-up tails."""
+    lines = []
+    for line in code.splitlines():
+        if not line.strip() or line.strip().startswith("#"):
+            continue
+        lines.append(_CLEANUP_TAIL.sub("", line).rstrip())
+    return lines
+
+
+_COLORS = {"+": "\033[32m", "-": "\033[31m", "@": "\033[36m"}
+
+
+def code_diff(before: str, after: str, color: bool = False, names: tuple[str, str] = ("before", "after")) -> str:
+    lines = difflib.unified_diff(normalize_code(before), normalize_code(after), *names, lineterm="")
+    if not color:
+        return "\n".join(lines)
+    return "\n".join(f"{_COLORS[line[0]]}{line}\033[0m" if line[:1] in _COLORS else line for line in lines)
+
+
+def render_text(runs: list[Run], color: bool = False, tolerance: float = DEFAULT_TOLERANCE) -> str:
+    parts = []
+    for run in runs:
+        parts.append(f"== {run.name} ==\n{summary_table(run, tolerance)}")
+        bad = first_bad_pass(run, tolerance)
+        if bad is not None:
+            parts.append(f"first pass that changed the numbers: {bad.name} (max |diff| {bad.max_abs_diff:.3e} > "
+                         f"{tolerance:g})")
+        for view in run.passes:
+            if view.changed:
+                parts.append(f"-- {view.name} --\n" + code_diff(view.code_before, view.code_after, color,
+                                                                (f"{view.name}.before", f"{view.name}.after")))
+    return "\n\n".join(parts)
+
+
+_CSS = """body{font-family:sans-serif;margin:1.5em} table.summary td,table.summary th{padding:2px 10px}
+details{margin:.6em 0;border:1px solid #ccc;padding:.3em} summary{cursor:pointer;font-weight:bold}
+.bad{color:#b00} table.diff{font-family:monospace;font-size:12px;border-collapse:collapse}
+.diff_add{background:#cfc} .diff_chg{background:#ffc} .diff_sub{background:#fcc} td.diff_header{color:#999}"""
+
+
+def render_html(runs: list[Run], tolerance: float = DEFAULT_TOLERANCE) -> str:
+    """One self-contained page: summary per run, then each pass side by side, collapsible."""
+    body = ["<h1>padst graph diff</h1>"]
+    differ = difflib.HtmlDiff(wrapcolumn=100)
+    for run in runs:
+        body.append(f"<h2>{html.escape(run.name)}</h2>")
+        body.append(tabulate([[p.name, "yes" if p.changed else "no", *(_count_change(p, k) for k in COUNT_KEYS),
+                               "-" if p.max_abs_diff is None else f"{p.max_abs_diff:.2e}"] for p in run.passes],
+                             headers=["pass", "changed", "permutes", "gathers", "fused", "nodes", "max |diff|"],
+                             tablefmt="html").replace("<table>", '<table class="summary">'))
+        bad = first_bad_pass(run, tolerance)
+        if bad is not None:
+            body.append(f'<p class="bad">First pass that changed the numbers: <b>{html.escape(bad.name)}</b> '
+                        f"(max |diff| {bad.max_abs_diff:.3e})</p>")
+        for view in run.passes:
+            table = differ.make_table(normalize_code(view.code_before), normalize_code(view.code_after),
+                                      "before", "after", context=True, numlines=3)
+            state = "changed" if view.changed else "unchanged"
+            body.append(f'<details class="pass" data-pass="{html.escape(view.name)}"{" open" if view.changed else ""}>'
+                        f"<summary>{html.escape(view.name)} ({state})</summary>{table}</details>")
+    return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>padst graph diff</title>"
+            f"<style>{_CSS}</style></head><body>{''.join(body)}</body></html>")
