@@ -48,3 +48,76 @@ def accuracy(steps: int = 600, sparsity: float = 0.9, seed: int = 0, lr: float =
         Path(out).write_text(json.dumps({"steps": steps, "sparsity": sparsity, "seed": seed, "lr": lr, "runs": rows},
                                         indent=2))
     return rows
+
+
+def model_speed(layers: int = 2, tokens: int = 4096, sequence: int = 512, sparsity: float = 0.9,
+                repeats: int = 5, out: str | None = None) -> list[dict]:
+    """GPT-2-small-shaped stack (d 768, MLP 3072): inference and one training step of the
+    compiled PA-DST model (Block 32x32, hardened permutations) against the dense model
+    compiled with Inductor and against the same PA-DST model without permutations (the
+    permutation tax); medians of interleaved repeats in one process, plus compile times."""
+    import time
+
+    import torch
+
+    from padst_compiler.api import optimize
+    from padst_compiler.models import GPT, GPTConfig
+    from padst_compiler.timing import interleaved_medians
+    from padst_compiler.training import sparsify
+
+    config = GPTConfig(block_size=sequence, n_layer=layers, n_head=12, d_model=768)
+    idx = torch.randint(0, 256, (tokens // sequence, sequence), generator=torch.Generator().manual_seed(0))
+
+    def build(permutation):
+        torch.manual_seed(0)
+        model = GPT(config)
+        if permutation is not None:  # "random" is hardened from the start: same cost as a learned one
+            sparsify(model, Block(32, 32), sparsity, permutation=permutation)
+        return model
+
+    variants = {"dense (Inductor)": (None, "inductor"), "PA-DST (padst)": ("random", "padst"),
+                "PA-DST no permutation (padst)": ("none", "padst")}
+    inference, training, compile_seconds = {}, {}, {}
+    for name, (permutation, backend) in variants.items():
+        torch._dynamo.reset()
+        start = time.perf_counter()
+        if backend == "padst":
+            inference[name] = optimize(build(permutation), [idx], mode="inference")
+        else:
+            inference[name] = torch.compile(build(permutation).eval(), backend="inductor")
+            with torch.no_grad():
+                inference[name](idx)
+        compile_seconds[name] = time.perf_counter() - start
+        model = build(permutation)
+        compiled = torch.compile(model, backend=backend)
+        compiled(idx).float().mean().backward()
+        training[name] = (model, compiled)
+
+    def infer(name):
+        with torch.no_grad():
+            return inference[name](idx)
+
+    def step(name):
+        model, compiled = training[name]
+        model.zero_grad(set_to_none=True)
+        compiled(idx).float().mean().backward()
+
+    infer_times = interleaved_medians({name: (lambda n=name: infer(n)) for name in variants}, repeats=repeats)
+    train_times = interleaved_medians({name: (lambda n=name: step(n)) for name in variants}, repeats=repeats)
+    dense = "dense (Inductor)"
+    rows = [{"model": name, "inference_ms": infer_times[name] * 1e3, "train_step_ms": train_times[name] * 1e3,
+             "inference_speedup": infer_times[dense] / infer_times[name],
+             "train_speedup": train_times[dense] / train_times[name], "compile_s": compile_seconds[name]}
+            for name in variants]
+    print(tabulate([(r["model"], f"{r['inference_ms']:.0f}", f"{r['inference_speedup']:.2f}x",
+                     f"{r['train_step_ms']:.0f}", f"{r['train_speedup']:.2f}x", f"{r['compile_s']:.0f}")
+                    for r in rows],
+                   headers=["model", "inference ms", "vs dense", "train step ms", "vs dense", "compile s"],
+                   disable_numparse=True))
+    tax = infer_times["PA-DST (padst)"] / infer_times["PA-DST no permutation (padst)"] - 1
+    print(f"permutation tax: inference {tax * 100:+.1f} %, training step "
+          f"{(train_times['PA-DST (padst)'] / train_times['PA-DST no permutation (padst)'] - 1) * 100:+.1f} %")
+    if out:
+        Path(out).write_text(json.dumps({"tokens": tokens, "layers": layers, "sparsity": sparsity, "rows": rows},
+                                        indent=2))
+    return rows

@@ -54,6 +54,13 @@ def build_parser() -> argparse.ArgumentParser:
     accuracy.add_argument("--sparsity", type=_sparsity, default=0.9, help="default 0.9")
     accuracy.add_argument("--seed", type=int, default=0)
     accuracy.add_argument("--out", help="also write the results as JSON here")
+    model = benches.add_parser("model", help="inference and training-step speed of a compiled GPT-2-sized stack",
+                               description="PA-DST (padst backend) against the dense model compiled with Inductor "
+                                           "and against PA-DST without permutations, CPU, medians of repeats.")
+    model.add_argument("--layers", type=_positive_int, default=2)
+    model.add_argument("--tokens", type=_positive_int, default=4096, help="tokens per batch (sequences of 512)")
+    model.add_argument("--repeats", type=_positive_int, default=5)
+    model.add_argument("--out", help="also write the results as JSON here")
     return parser
 
 
@@ -64,7 +71,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "bench":
         from padst_compiler import bench
 
-        bench.accuracy(steps=args.steps, sparsity=args.sparsity, seed=args.seed, lr=args.lr, out=args.out)
+        if args.bench == "accuracy":
+            bench.accuracy(steps=args.steps, sparsity=args.sparsity, seed=args.seed, lr=args.lr, out=args.out)
+        else:
+            bench.model_speed(layers=args.layers, tokens=args.tokens, repeats=args.repeats, out=args.out)
     if args.command == "demo":
         from padst_compiler import demo
 
