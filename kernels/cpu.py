@@ -170,7 +170,7 @@ def diagonal_to_rows(values, offsets, out_features, in_features):
 
 
 def diagonal_values_from_rows(row_values, n_diag, out_features):
-    """Inverse of the value layout of :func:`diagonal_rows`: ``[out, K*t] -> [K, L]``."""
+    """Inverse of the value layout of :func:`diagonal_to_rows`: ``[out, K*t] -> [K, L]``."""
     repeats = row_values.shape[1] // n_diag
     return row_values.view(out_features, n_diag, repeats).permute(1, 2, 0).reshape(n_diag, -1)
 

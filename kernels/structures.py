@@ -341,6 +341,8 @@ class Diagonal(Structure):
     def kept_units(self, out_features, in_features, sparsity, layer=None):
         sparsity = check_sparsity(sparsity)
         longer, shorter = max(out_features, in_features), min(out_features, in_features)
+        if shorter < 1:
+            raise self._error(layer, out_features, in_features, "a weight needs at least one row and one column")
         if longer % shorter:
             raise self._error(layer, out_features, in_features,
                               "wrap-around diagonals need one of out_features and in_features "

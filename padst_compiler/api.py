@@ -39,7 +39,7 @@ def optimize(model: nn.Module, example_inputs: Sequence, mode: str = "inference"
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if not isinstance(example_inputs, (tuple, list)):
         raise TypeError("example_inputs must be a tuple or list of the model's positional inputs")
-    options = {"mode": mode, "disable": tuple(disable), "check": check}
+    options = {"mode": mode, "disable": (disable,) if isinstance(disable, str) else tuple(disable), "check": check}
     if debug_dir is not None:
         options["debug_dir"] = str(debug_dir)
     backend = functools.partial(padst_backend, options=options)

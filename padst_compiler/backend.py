@@ -8,7 +8,9 @@ Options (``torch.compile(..., options={...})``):
   parameters, which is only right when they are frozen (``padst_compiler.optimize`` does that).
 - ``disable``: names of passes to skip.
 - ``debug_dir``: record every pass of every graph there (also ``PADST_DEBUG_DIR``).
-- ``check``: compare each pass's outputs with the original graph's on the example inputs.
+- ``check``: compare each pass's outputs with the original graph's on the example inputs; a
+  pass that changes them beyond 1e-4 is reported in the fallback warning (the graph is
+  then compiled unmodified).
 
 Any failure in the passes falls back to Inductor on the unmodified graph, and a failure
 in Inductor to eager execution, each with a warning that says why: training never
@@ -28,6 +30,8 @@ from torch import fx
 from torch._dynamo.exc import RestartAnalysis
 
 from padst_compiler.passes.context import PassContext
+from padst_compiler.passes.graph import IN_INDEX, OUT_INDEX, is_permute, is_structured, last_axis_gather_index, \
+    structured_args
 from padst_compiler.pipeline import MODES, PASS_NAMES, PipelineResult, run_pipeline
 
 log = logging.getLogger(__name__)
@@ -51,7 +55,8 @@ class BackendConfig:
         mode = options.get("mode", "training")
         if mode not in MODES:
             raise ValueError(f"padst backend: mode must be one of {MODES}, got {mode!r}")
-        disable = tuple(options.get("disable", ()))
+        disable = options.get("disable", ())
+        disable = (disable,) if isinstance(disable, str) else tuple(disable)
         if set(disable) - set(PASS_NAMES):
             raise ValueError(f"padst backend: cannot disable unknown pass(es) {sorted(set(disable) - set(PASS_NAMES))};"
                              f" the passes are {list(PASS_NAMES)}")
@@ -70,18 +75,33 @@ def _module_state_kind(node: fx.Node) -> str | None:
     return None
 
 
+def _permutation_index_nodes(gm: fx.GraphModule) -> set[fx.Node]:
+    """Nodes used as a permutation index (permute index, in_index / out_index, a feature
+    gather's index). Other integer buffers, such as the structure's own index that DST
+    rewrites every update, must stay graph inputs."""
+    used = set()
+    for node in gm.graph.nodes:
+        if is_permute(node):
+            used.add(node.args[1])
+        elif is_structured(node):
+            args = structured_args(node)
+            used.update(a for a in (args[IN_INDEX], args[OUT_INDEX]) if a is not None)
+        elif (index := last_axis_gather_index(node)) is not None:
+            used.add(index)
+    return used
+
+
 def context_for(gm: fx.GraphModule, example_inputs: Sequence, mode: str) -> PassContext:
     """Which placeholders hold fixed tensors: index buffers always (a new permutation comes with a
     recompile, since hardening flips a guarded flag), all module state in inference mode."""
     ctx = PassContext(mode=mode)
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    permutation_indices = _permutation_index_nodes(gm)
     for node, value in zip(placeholders, example_inputs):
         kind = _module_state_kind(node)
         if kind is None or not isinstance(value, torch.Tensor) or isinstance(value, torch._subclasses.FakeTensor):
             continue
-        if kind == "parameter":
-            ctx.parameters.add(node)
-        is_index = kind == "buffer" and value.dtype == torch.int64 and value.dim() == 1
+        is_index = kind == "buffer" and node in permutation_indices and value.dtype == torch.int64 and value.dim() == 1
         if is_index or mode == "inference":
             ctx.constants[node] = value.detach()
     for node in gm.graph.nodes:

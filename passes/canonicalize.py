@@ -36,6 +36,15 @@ def _is_permutation(index: torch.Tensor | None) -> bool:
             and torch.equal(index.sort().values, torch.arange(index.numel(), device=index.device)))
 
 
+def _permute(graph: fx.Graph, source: fx.Node, index: fx.Node) -> fx.Node:
+    """A permute node that carries its value's metadata at once, so later rewrites in the
+    same run can read its feature size."""
+    node = graph.call_function(PERMUTE, (source, index))
+    if meta_value(source) is not None:
+        node.meta["val"] = meta_value(source)
+    return node
+
+
 def canonicalize(gm: fx.GraphModule, ctx: PassContext) -> bool:
     graph, changed = gm.graph, False
     for node in list(graph.nodes):
@@ -48,12 +57,12 @@ def canonicalize(gm: fx.GraphModule, ctx: PassContext) -> bool:
                 continue
             if in_index is not None:
                 with graph.inserting_before(node):
-                    args[X] = graph.call_function(PERMUTE, (args[X], in_index))
+                    args[X] = _permute(graph, args[X], in_index)
             args[IN_INDEX] = args[OUT_INDEX] = None
             set_structured_args(node, args)
             if out_index is not None:
                 with graph.inserting_after(node):
-                    permuted = graph.call_function(PERMUTE, (node, out_index))
+                    permuted = _permute(graph, node, out_index)
                 node.replace_all_uses_with(permuted, delete_user_cb=lambda user: user is not permuted)
             changed = True
         else:
@@ -61,7 +70,7 @@ def canonicalize(gm: fx.GraphModule, ctx: PassContext) -> bool:
             value = ctx.constant(index)
             if _is_permutation(value) and value.numel() == feature_size(node.args[0]):
                 with graph.inserting_before(node):
-                    permuted = graph.call_function(PERMUTE, (node.args[0], index))
+                    permuted = _permute(graph, node.args[0], index)
                 node.replace_all_uses_with(permuted)
                 graph.erase_node(node)
                 changed = True

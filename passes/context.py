@@ -16,7 +16,6 @@ class PassContext:
 
     mode: str = "training"
     constants: dict[fx.Node, torch.Tensor] = field(default_factory=dict)
-    parameters: set[fx.Node] = field(default_factory=set)
 
     @property
     def inference(self) -> bool:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from padst_compiler.kernels.permutation import inverse_permutation
+
 
 def is_identity(index: torch.Tensor | None) -> bool:
     return index is None or torch.equal(index, torch.arange(len(index), device=index.device))
@@ -19,4 +21,4 @@ def compose(first: torch.Tensor | None, second: torch.Tensor | None) -> torch.Te
 
 
 def inverse(index: torch.Tensor | None) -> torch.Tensor | None:
-    return None if index is None else torch.argsort(index)
+    return None if index is None else inverse_permutation(index)

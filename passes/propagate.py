@@ -55,7 +55,6 @@ _REDUCTION_METHODS = {"sum", "mean", "amax", "amin", "logsumexp"}
 @dataclass
 class Component:
     members: set[fx.Node]
-    size: int
     producers: list[tuple[fx.Node, str, float]] = field(default_factory=list)  # (member, how, cost)
     consumers: list[tuple[fx.Node, fx.Node, str, float]] = field(default_factory=list)  # (member, user, how, cost)
 
@@ -134,8 +133,7 @@ class LayoutProblem:
                 transparent.add(node)
                 for source in inputs:
                     union.add_edge(source, node)
-        self.components = [Component(set(nodes), feature_size(next(iter(nodes))))
-                           for nodes in nx.connected_components(union)]
+        self.components = [Component(set(nodes)) for nodes in nx.connected_components(union)]
         self.component_of = {m: i for i, c in enumerate(self.components) for m in c.members}
         self.edges: list[Edge] = []
         for node in gm.graph.nodes:
@@ -160,17 +158,17 @@ class LayoutProblem:
         return self.ctx.inference and isinstance(node, fx.Node) and node in self.ctx.constants
 
     def _producer(self, member: fx.Node) -> tuple[fx.Node, str, float]:
-        if is_structured(member):
+        out_index = structured_args(member)[OUT_INDEX] if is_structured(member) else None
+        if is_structured(member) and (out_index is None or out_index in self.ctx.constants):
             return member, "out_index", FUSED_STORE
         if self._foldable(member):
             return member, "fold", 0.0
-        if member.op in ("placeholder", "get_attr"):
-            return member, "permute_after", STANDALONE
         return member, "permute_after", STANDALONE
 
     def _consumer(self, member: fx.Node, user: fx.Node) -> tuple[str, float]:
-        if is_structured(user) and structured_args(user)[X] is member and \
-                member not in structured_args(user)[1:]:
+        args = structured_args(user) if is_structured(user) else None
+        if args is not None and args[X] is member and member not in args[1:] and \
+                (args[IN_INDEX] is None or args[IN_INDEX] in self.ctx.constants):
             return "in_index", FUSED_LOAD
         if _is_feature_reduction(user, member):
             return "invariant", 0.0
@@ -220,6 +218,14 @@ class LayoutProblem:
                 layouts[child] = compose(edge.index, layouts[parent])
 
 
+def _known_index(ctx: PassContext, node) -> torch.Tensor | None:
+    return None if node is None else ctx.constants[node]
+
+
+def _index_node(gm: fx.GraphModule, ctx: PassContext, index: torch.Tensor | None) -> fx.Node | None:
+    return None if index is None else ctx.add_constant(gm, index, "_padst_layout")
+
+
 def propagate_permutations(gm: fx.GraphModule, ctx: PassContext) -> bool:
     problem = LayoutProblem(gm, ctx)
     if not problem.edges:  # every boundary prefers the identity layout: nothing to gain
@@ -234,9 +240,9 @@ def propagate_permutations(gm: fx.GraphModule, ctx: PassContext) -> bool:
         stored = {}
         index = ctx.add_constant(gm, layout, "_padst_layout")
         for member, how, _ in component.producers:
-            if how == "out_index":
+            if how == "out_index":  # z[..., o][..., s]: compose with an index the op already has
                 args = structured_args(member)
-                args[OUT_INDEX] = index
+                args[OUT_INDEX] = _index_node(gm, ctx, compose(_known_index(ctx, args[OUT_INDEX]), layout))
                 set_structured_args(member, args)
             elif how == "fold":
                 stored[member] = ctx.permuted_constant(gm, member, layout)
@@ -246,18 +252,18 @@ def propagate_permutations(gm: fx.GraphModule, ctx: PassContext) -> bool:
                     permuted = graph.call_function(PERMUTE, (member, index))
                 member.replace_all_uses_with(permuted, delete_user_cb=lambda user: user is not permuted)
                 stored[member] = permuted
-        inverse = ctx.add_constant(gm, torch.argsort(layout), "_padst_layout")
+        restore = inverse(layout)
         for member, user, how, _ in component.consumers:
             source = stored.get(member, member)
-            if how == "in_index":
+            if how == "in_index":  # stored[..., inv(s)][..., i]: compose with an index the op already has
                 args = structured_args(user)
-                args[IN_INDEX] = inverse
+                args[IN_INDEX] = _index_node(gm, ctx, compose(restore, _known_index(ctx, args[IN_INDEX])))
                 set_structured_args(user, args)
             elif how == "fold_linear":
-                read_permuted_input(gm, ctx, user, source, torch.argsort(layout))
+                read_permuted_input(gm, ctx, user, source, restore)
             elif how == "permute_before":
                 with graph.inserting_before(user):
-                    restored = graph.call_function(PERMUTE, (source, inverse))
+                    restored = graph.call_function(PERMUTE, (source, ctx.add_constant(gm, restore, "_padst_layout")))
                 user.replace_input_with(source, restored)
     for edge in problem.edges:
         residual = problem.residual(edge, layouts)

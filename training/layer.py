@@ -100,6 +100,10 @@ class PADSTLinear(nn.Module):
     # ----------------------------------------------------------------------- forward
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        features = x.shape[-1]
+        if isinstance(features, int) and features != self.in_features:  # (a Proxy under fx tracing)
+            raise ValueError(f"{self.name or 'PADSTLinear'}: expected inputs with {self.in_features} features "
+                             f"in the last dimension, got shape {tuple(x.shape)}")
         in_index = out_index = None
         if self.soft and self.side == "input":
             x = x @ self.soft_perm.t()

@@ -143,7 +143,9 @@ def harden_for_block(effective: Tensor, soft: Tensor, rows: int, cols: int, kept
     else:  # rows are permuted (S' = W[q], p = inv(q)): profiles per column block, groups of `rows`
         profiles = energy.reshape(out_features, in_features // cols, cols).sum(2).t()
         group, along = rows, 0
-        start = torch.argsort(harden(soft, rows))
+        # y = M z: the block rows group z positions, the columns of M; harden(M.T) assigns a y
+        # position to each z position, which is the row order q searched here (p = inv(q))
+        start = harden(soft.t(), rows)
     # Integer energies (2**24 levels of the total): every comparison in the search is exact, so
     # bit-level differences between runs (DDP ranks, resumed checkpoints) cannot change its path.
     profiles = torch.round(profiles / profiles.sum().clamp(min=1e-300) * 2 ** 24)

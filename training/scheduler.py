@@ -42,9 +42,17 @@ class DSTScheduler:
         for option, value in (("total_steps", total_steps), ("update_every", update_every)):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{option} must be a positive integer, got {value!r}")
+        if isinstance(total_steps, bool):
+            raise ValueError(f"total_steps must be a positive integer, got {total_steps!r}")
+        if penalty_weight < 0:
+            raise ValueError(f"penalty_weight must be >= 0, got {penalty_weight!r}")
         penalty_start = penalty_weight if penalty_start is None else penalty_start
-        if not 0 < penalty_start <= penalty_weight:
-            raise ValueError(f"penalty_start must be in (0, penalty_weight], got {penalty_start!r}")
+        if penalty_weight > 0 and not 0 < penalty_start <= penalty_weight:
+            raise ValueError(f"penalty_start must be in (0, penalty_weight={penalty_weight}], got {penalty_start!r}")
+        if not 0 <= harden_threshold < 1:
+            raise ValueError(f"harden_threshold must be in [0, 1) (the penalty is normalised), got {harden_threshold!r}")
+        if not isinstance(sinkhorn_iterations, int) or sinkhorn_iterations < 1:
+            raise ValueError(f"sinkhorn_iterations must be a positive integer, got {sinkhorn_iterations!r}")
         for option, value in (("drop_fraction", drop_fraction), ("t_end", t_end), ("harden_at", harden_at)):
             if not 0 <= value <= 1:
                 raise ValueError(f"{option} must be in [0, 1], got {value!r}")
@@ -70,6 +78,8 @@ class DSTScheduler:
     def current_penalty_weight(self) -> float:
         """Geometric ramp from ``penalty_start`` to ``penalty_weight`` over the soft phase: weak
         at first so the matrix can fit the task, strong at the end so it reaches a vertex."""
+        if self.penalty_weight == 0:
+            return 0.0
         progress = min(1.0, self.step_count / max(self.harden_step, 1))
         return self.penalty_start * (self.penalty_weight / self.penalty_start) ** progress
 
@@ -91,11 +101,17 @@ class DSTScheduler:
         for _, layer in self.layers:
             if layer.soft and (self.step_count >= self.harden_step or float(layer.penalty()) < self.harden_threshold):
                 layer.harden()
+                # hardening re-fits the weight (new values, possibly a new index): moments of the
+                # old slots would push the new weights in stale directions
+                for param in (layer.values, layer.bias):
+                    for state in self.optimizer.state.get(param, {}).values():
+                        if torch.is_tensor(state) and param is not None and state.shape == param.shape:
+                            state.zero_()
 
     # --------------------------------------------------------------------- sparsity
 
     def _update_due(self, step: int) -> bool:
-        return step % self.update_every == 0 and step <= self.end_step and self.drop_fraction > 0
+        return step % self.update_every == 0 and step < self.end_step and self.drop_fraction > 0
 
     def _arm_gradient_capture(self) -> None:
         capture = self.growth == "rigl" and self._update_due(self.step_count + 1)
@@ -128,6 +144,7 @@ class DSTScheduler:
             if drop_count == 0:
                 continue
             scores = self._grow_scores(position, name, layer, mask.shape)
+            layer.dense_grad = None  # consumed: the next update captures afresh
             new_mask, survivors = dst.plan_update(structure, layer.values, layer.index, out_features,
                                                   in_features, drop_count, scores)
             new_index = structure.units_to_index(new_mask, out_features, in_features)

@@ -174,6 +174,9 @@ def check_checkpoint_matches(module, state_dict, prefix, local_metadata, strict,
             continue
         theirs = state_dict[full_key]
         if key.endswith("_extra_state") and owner in layers:
+            if not isinstance(theirs, dict):
+                raise ValueError(f"checkpoint does not match layer {owner!r}: its {key} is a "
+                                 f"{type(theirs).__name__}, not a PADSTLinear state; nothing was loaded")
             mine = layers[owner].get_extra_state()
             for field in ("structure", "sparsity", "permutation", "side"):
                 if theirs.get(field) != mine[field]:

@@ -120,3 +120,17 @@ def test_nm_structure_and_side_output_layers_compose():
     code = check_pass(propagate_permutations, gm, ctx, [x])
     FileCheck().check("nm_linear.default(x, v1, i1, 32, None, None, _padst").check("relu") \
         .check("block_linear.default(relu, v2, i2, 16, None, None, None)").run(code)
+
+
+def test_indices_a_structured_op_already_has_are_composed_not_replaced():
+    """Without canonicalize first (a disabled pass, or a second pipeline run) existing indices stay."""
+    nm = NM(4).project(torch.randn(32, 16), 0.5)
+
+    def fn(m, x):
+        h = torch.relu(torch.ops.padst.nm_linear(x, m.v1, m.i1, 32, None, None, m.o))
+        return block(permute(h, m.p), m.v2, m.i2, 16, None, m.q)
+
+    x = torch.randn(3, 16)
+    gm, ctx = trace(fn, [x], v1=nm.values, i1=nm.index, o=torch.randperm(32), p=P32, v2=PROJ.values,
+                    i2=PROJ.index, q=torch.randperm(32))
+    check_pass(propagate_permutations, gm, ctx, [x])

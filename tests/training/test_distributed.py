@@ -1,6 +1,7 @@
 """Under DDP (gloo, 2 CPU processes) masks, growth and hardened permutations agree on every
 rank and with one process training on the same global batches."""
 
+import os
 import socket
 import subprocess
 import sys
@@ -22,7 +23,7 @@ def test_ddp_ranks_agree_with_each_other_and_with_a_single_process(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
          f"--master_port={free_port()}", str(worker), str(tmp_path)],
-        capture_output=True, text=True, timeout=300)
+        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
     rank0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
     rank1 = torch.load(tmp_path / "rank1.pt", weights_only=True)

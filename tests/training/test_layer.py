@@ -109,3 +109,9 @@ def test_block_hardening_finds_an_order_the_structure_represents_exactly(side):
     assert sorted(index.tolist()) == list(range(32))
     ordered = weight[:, index] if side == "input" else weight[torch.argsort(index)]
     torch.testing.assert_close(structure.project(ordered, 0.75).to_dense(), ordered)
+
+
+def test_inputs_of_the_wrong_width_are_refused_by_name():
+    layer = PADSTLinear(16, 8, NM(4), 0.5, name="mlp.fc")
+    with pytest.raises(ValueError, match=r"mlp.fc: expected inputs with 16 features .* got shape \(2, 32\)"):
+        layer(torch.randn(2, 32))
