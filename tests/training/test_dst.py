@@ -164,3 +164,34 @@ def test_scheduler_finds_layers_inside_wrappers():
     wrapped = nn.ModuleDict({"module": inner})
     sched = DSTScheduler(wrapped, torch.optim.SGD(wrapped.parameters(), lr=0.1), total_steps=10)
     assert [name for name, _ in sched.layers] == ["module.0"]
+
+
+def test_hardening_clears_the_optimizer_moments_of_the_refitted_weight():
+    model = make_layer(Block(4, 4), permutation="learned")
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    sched = DSTScheduler(model, optimizer, total_steps=10, harden_at=0.2, update_every=100)
+    x = torch.randn(16, 32)
+    one_step(model, optimizer, sched, x)
+    assert model[0].soft and bool(optimizer.state[model[0].values]["exp_avg"].any())
+    one_step(model, optimizer, sched, x)  # step 2 hardens
+    assert not model[0].soft
+    assert not bool(optimizer.state[model[0].values]["exp_avg"].any())
+
+
+def test_rigl_gradient_is_consumed_by_each_update():
+    model = make_layer(NM(4))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    sched = DSTScheduler(model, optimizer, total_steps=20, update_every=1, t_end=1.0)
+    x = torch.randn(8, 32)
+    one_step(model, optimizer, sched, x)
+    assert model[0].capture_dense_grad and model[0].dense_grad is None
+
+
+def test_penalty_weight_zero_means_no_penalty_and_other_options_are_checked():
+    model = make_layer(Block(4, 4), permutation="learned")
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    assert DSTScheduler(model, optimizer, total_steps=10, penalty_weight=0).permutation_penalty().item() == 0
+    with pytest.raises(ValueError, match=r"harden_threshold must be in \[0, 1\)"):
+        DSTScheduler(model, optimizer, total_steps=10, harden_threshold=2)
+    with pytest.raises(ValueError, match="total_steps must be a positive integer"):
+        DSTScheduler(model, optimizer, total_steps=True)
