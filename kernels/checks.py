@@ -2,14 +2,15 @@
 
 Shape checks are cheap and always run (also at trace time, from the fake
 implementations). Checks that read index *values* (is this a permutation? are block
-indices in range?) cost a pass over the index and a host sync on a GPU, so they can
-be switched off once a model is known to be well formed.
+indices in range?) cost a pass over the index and a host sync on a GPU, so each runs
+once per index tensor and version, and they can be switched off altogether.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import weakref
 from collections.abc import Iterator
 
 import torch
@@ -39,6 +40,27 @@ def _reads_values(index: torch.Tensor) -> bool:
     return _checks_enabled and index.numel() > 0 and not is_fake(index) and index.device.type != "meta"
 
 
+# (id of a live index tensor, the check) -> the tensor version that passed it. A layer's
+# index buffers are checked once, not on every call, and again after any in-place change
+# (a DST update bumps the version); an entry goes away with its tensor.
+_passed: dict[tuple[int, tuple], int] = {}
+
+
+def _check_once(index: torch.Tensor, check: tuple, run) -> None:
+    try:
+        version = index._version
+    except RuntimeError:  # inference-mode tensors keep no version counter: check every time
+        run()
+        return
+    key = (id(index), check)
+    if _passed.get(key) == version:
+        return
+    run()
+    if key not in _passed:
+        weakref.finalize(index, _passed.pop, key, None)
+    _passed[key] = version
+
+
 def fail(op: str, message: str) -> None:
     raise ValueError(f"{op}: {message}")
 
@@ -56,32 +78,45 @@ def check_permutation(op: str, name: str, index: torch.Tensor, length: int) -> N
     check_index_tensor(op, name, index, (length,))
     if not _reads_values(index):
         return
-    lo, hi = int(index.min()), int(index.max())
-    if lo < 0 or hi >= length:
-        fail(op, f"{name} holds {lo if lo < 0 else hi}, outside [0, {length})")
-    counts = torch.bincount(index, minlength=length)
-    if bool((counts != 1).any()):
-        repeated = int(torch.nonzero(counts > 1)[0])
-        fail(op, f"{name} is not a permutation of {length} features: {repeated} appears "
-                 f"{int(counts[repeated])} times")
+
+    def run():
+        lo, hi = int(index.min()), int(index.max())
+        if lo < 0 or hi >= length:
+            fail(op, f"{name} holds {lo if lo < 0 else hi}, outside [0, {length})")
+        counts = torch.bincount(index, minlength=length)
+        if bool((counts != 1).any()):
+            repeated = int(torch.nonzero(counts > 1)[0])
+            fail(op, f"{name} is not a permutation of {length} features: {repeated} appears "
+                     f"{int(counts[repeated])} times")
+
+    _check_once(index, ("permutation", length), run)
 
 
 def check_in_range(op: str, name: str, index: torch.Tensor, bound: int) -> None:
     """Every value of ``index`` lies in ``[0, bound)``."""
     if not _reads_values(index):
         return
-    lo, hi = int(index.min()), int(index.max())
-    if lo < 0 or hi >= bound:
-        fail(op, f"{name} holds {lo if lo < 0 else hi}, outside [0, {bound})")
+
+    def run():
+        lo, hi = int(index.min()), int(index.max())
+        if lo < 0 or hi >= bound:
+            fail(op, f"{name} holds {lo if lo < 0 else hi}, outside [0, {bound})")
+
+    _check_once(index, ("range", bound), run)
 
 
-def check_distinct_rows(op: str, name: str, index: torch.Tensor, what: str) -> None:
-    """No value repeats along the last dimension of ``index`` (a kept unit is kept once)."""
+def check_distinct_rows(op: str, name: str, index: torch.Tensor, what: str, modulo: int | None = None) -> None:
+    """No value (``% modulo`` if given) repeats along the last dimension of ``index``
+    (a kept unit is kept once)."""
     if index.shape[-1] < 2 or not _reads_values(index):
         return
-    ordered = index.sort(dim=-1).values
-    if bool((ordered[..., 1:] == ordered[..., :-1]).any()):
-        fail(op, f"{name} keeps the same {what} twice in one row")
+
+    def run():
+        ordered = (index if modulo is None else index % modulo).sort(dim=-1).values
+        if bool((ordered[..., 1:] == ordered[..., :-1]).any()):
+            fail(op, f"{name} keeps the same {what} twice in one row")
+
+    _check_once(index, ("distinct", modulo), run)
 
 
 def check_tensor(op: str, name: str, t: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype) -> None:

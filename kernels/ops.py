@@ -227,7 +227,7 @@ def _check_diag_format(op, in_features, values, offsets, out_features):
     if length != longer:
         checks.fail(op, f"diagonals have length {length}, expected max(out, in) = {longer}")
     checks.check_in_range(op, "index (offsets)", offsets, longer)
-    checks.check_distinct_rows(op, "index (offsets) modulo min(out, in)", offsets % shorter, "diagonal")
+    checks.check_distinct_rows(op, "index (offsets) modulo min(out, in)", offsets, "diagonal", modulo=shorter)
 
 
 block_linear, block_linear_grad_input, block_linear_grad_values = define_structured_op(

@@ -167,3 +167,17 @@ def test_nm_and_diagonal_ops_reject_bad_formats():
         torch.ops.padst.diag_linear(torch.randn(3, 12), diag.values, diag.index, 8)
     with pytest.raises(ValueError, match="keeps the same diagonal twice"):
         torch.ops.padst.diag_linear(x, diag.values, torch.tensor([0, 8, 1, 2]), 8)
+
+
+def test_value_checks_run_again_after_an_index_changes_in_place():
+    weight, x, *_ = make_case(Block(4, 8), 32, 32, 0.5, (5,), dtype=torch.float32)
+    index = weight.index.clone()
+    torch.ops.padst.block_linear(x, weight.values, index, 32)  # checked once, then remembered
+    torch.ops.padst.block_linear(x, weight.values, index, 32)
+    index[0, 1] = index[0, 0]  # an in-place change bumps the version: the next call re-checks
+    with pytest.raises(ValueError, match="keeps the same column block twice"):
+        torch.ops.padst.block_linear(x, weight.values, index, 32)
+    with torch.inference_mode():  # no version counter: checked on every call
+        bad = torch.zeros_like(index)
+        with pytest.raises(ValueError, match="keeps the same column block twice"):
+            torch.ops.padst.block_linear(x, weight.values, bad, 32)
