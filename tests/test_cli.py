@@ -35,3 +35,25 @@ def test_a_sparsity_no_structure_can_take_is_reported_without_traceback(capsys):
     assert cli.main(["demo", "--sparsity", "0.99", "--tokens", "8", "--repeats", "1"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("padst demo: error:") and "Traceback" not in err
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["bench", "accuracy", "--steps", "0"], "must be at least 1"),
+    (["bench", "model", "--layers", "x"], "not an integer: 'x'"),
+    (["bench", "speed"], "invalid choice: 'speed'"),
+])
+def test_bench_options_are_checked_before_anything_runs(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_accuracy_benchmark_lists_every_method():
+    from padst_compiler.bench import accuracy_configs
+    from padst_compiler.recipe import label
+
+    labels = [label(config) for config in accuracy_configs(steps=10)]
+    assert labels[:4] == ["dense", "Unstructured() RigL", "Unstructured() SET", "Unstructured() RigL, ERK"]
+    assert "Block(8x8) RigL, perm learned" in labels and "Diagonal() RigL, perm none" in labels
+    assert len(labels) == 13 and all(c.lr == 1e-3 and c.steps == 10 for c in accuracy_configs(steps=10))
