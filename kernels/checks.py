@@ -65,6 +65,12 @@ def fail(op: str, message: str) -> None:
     raise ValueError(f"{op}: {message}")
 
 
+def _fail_outside(op: str, name: str, index: torch.Tensor, bound: int) -> None:
+    lo, hi = int(index.min()), int(index.max())
+    if lo < 0 or hi >= bound:
+        fail(op, f"{name} holds {lo if lo < 0 else hi}, outside [0, {bound})")
+
+
 def check_index_tensor(op: str, name: str, index: torch.Tensor, shape: tuple[int, ...]) -> None:
     """An index must be an int64 tensor of the given shape."""
     if index.dtype != torch.int64:
@@ -80,9 +86,7 @@ def check_permutation(op: str, name: str, index: torch.Tensor, length: int) -> N
         return
 
     def run():
-        lo, hi = int(index.min()), int(index.max())
-        if lo < 0 or hi >= length:
-            fail(op, f"{name} holds {lo if lo < 0 else hi}, outside [0, {length})")
+        _fail_outside(op, name, index, length)
         counts = torch.bincount(index, minlength=length)
         if bool((counts != 1).any()):
             repeated = int(torch.nonzero(counts > 1)[0])
@@ -97,12 +101,7 @@ def check_in_range(op: str, name: str, index: torch.Tensor, bound: int) -> None:
     if not _reads_values(index):
         return
 
-    def run():
-        lo, hi = int(index.min()), int(index.max())
-        if lo < 0 or hi >= bound:
-            fail(op, f"{name} holds {lo if lo < 0 else hi}, outside [0, {bound})")
-
-    _check_once(index, ("range", bound), run)
+    _check_once(index, ("range", bound), lambda: _fail_outside(op, name, index, bound))
 
 
 def check_distinct_rows(op: str, name: str, index: torch.Tensor, what: str, modulo: int | None = None) -> None:

@@ -19,7 +19,6 @@ crashes because of the backend.
 
 from __future__ import annotations
 
-import logging
 import os
 import warnings
 from collections.abc import Sequence
@@ -34,7 +33,6 @@ from padst_compiler.passes.graph import IN_INDEX, OUT_INDEX, is_permute, is_stru
     structured_args
 from padst_compiler.pipeline import MODES, PASS_NAMES, PipelineResult, run_pipeline
 
-log = logging.getLogger(__name__)
 CHECK_TOLERANCE = 1e-4  # largest output difference a pass may cause under ``check``
 
 

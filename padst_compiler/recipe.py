@@ -11,7 +11,7 @@ import torch
 from tqdm import tqdm
 
 from padst_compiler.data import ByteCorpus, stdlib_corpus
-from padst_compiler.kernels.structures import Structure
+from padst_compiler.kernels.structures import Structure, Unstructured
 from padst_compiler.models import GPT, GPTConfig
 from padst_compiler.training import DSTScheduler, sparsify
 
@@ -58,7 +58,8 @@ def label(config: RunConfig) -> str:
         return "dense"
     growth = config.growth.upper() if config.growth == "set" else "RigL"
     extra = f", {config.distribution.upper()}" if config.distribution != "uniform" else ""
-    perm = "" if config.permutation == "none" and config.structure.op is None else f", perm {config.permutation}"
+    # the unstructured baselines never permute: no "perm none" in their label
+    perm = "" if isinstance(config.structure, Unstructured) else f", perm {config.permutation}"
     return f"{config.structure} {growth}{extra}{perm}"
 
 

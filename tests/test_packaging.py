@@ -21,9 +21,9 @@ def test_root_folders_cannot_be_imported_under_a_second_name(folder):
 
 
 def test_subpackages_resolve_to_the_root_folders():
-    import padst_compiler.kernels
-    import padst_compiler.passes
-    import padst_compiler.training
+    import padst_compiler.kernels  # noqa: F401  (imported for sys.modules)
+    import padst_compiler.passes  # noqa: F401
+    import padst_compiler.training  # noqa: F401
 
     for name, folder in [("kernels", "kernels"), ("passes", "passes"), ("training", "training")]:
         module = sys.modules[f"padst_compiler.{name}"]

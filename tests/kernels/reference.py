@@ -1,6 +1,5 @@
 """Dense reference for the structured ops: masked dense matmul with explicit permutations."""
 
-import torch
 import torch.nn.functional as F
 
 
