@@ -2,6 +2,7 @@
 rank and with one process training on the same global batches."""
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -20,11 +21,17 @@ def free_port() -> int:
 
 def test_ddp_ranks_agree_with_each_other_and_with_a_single_process(tmp_path):
     worker = Path(ddp_worker.__file__)
-    result = subprocess.run(
+    launcher = subprocess.Popen(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
          f"--master_port={free_port()}", str(worker), str(tmp_path)],
-        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert result.returncode == 0, result.stderr[-3000:]
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        _, stderr = launcher.communicate(timeout=300)
+    except subprocess.TimeoutExpired:  # never leave workers behind
+        os.killpg(launcher.pid, signal.SIGKILL)
+        raise
+    assert launcher.returncode == 0, stderr[-3000:]
     rank0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
     rank1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
     model = ddp_worker.build()
