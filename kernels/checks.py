@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import contextlib
 import os
-import weakref
 from collections.abc import Iterator
 
 import torch
 from torch._subclasses.fake_tensor import is_fake
+
+from padst_compiler.kernels.index_cache import memoize
 
 _checks_enabled = os.environ.get("PADST_CHECKS", "1") != "0"
 
@@ -40,25 +41,10 @@ def _reads_values(index: torch.Tensor) -> bool:
     return _checks_enabled and index.numel() > 0 and not is_fake(index) and index.device.type != "meta"
 
 
-# (id of a live index tensor, the check) -> the tensor version that passed it. A layer's
-# index buffers are checked once, not on every call, and again after any in-place change
-# (a DST update bumps the version); an entry goes away with its tensor.
-_passed: dict[tuple[int, tuple], int] = {}
-
-
 def _check_once(index: torch.Tensor, check: tuple, run) -> None:
-    try:
-        version = index._version
-    except RuntimeError:  # inference-mode tensors keep no version counter: check every time
-        run()
-        return
-    key = (id(index), check)
-    if _passed.get(key) == version:
-        return
-    run()
-    if key not in _passed:
-        weakref.finalize(index, _passed.pop, key, None)
-    _passed[key] = version
+    """A layer's index buffers are checked once per version, not on every call, and again
+    after any in-place change (a DST update bumps the version)."""
+    memoize("check", (index,), run, check)
 
 
 def fail(op: str, message: str) -> None:

@@ -1,14 +1,22 @@
-"""Vectorised PyTorch implementations of the structured linear ops.
+"""CPU implementations of the structured linear ops.
 
-Every function works on inputs flattened to ``[tokens, features]``. Permutations are
-fused the cheap way: ``in_index`` is folded into the column indices the kernel reads,
-``out_index`` into the rows it writes, so neither costs an extra pass over the
-activations except where noted.
+Every function works on inputs flattened to ``[tokens, features]``. Each op has up to
+three implementations, and :mod:`select` runs the one that measures fastest per shape
+regime:
 
-Block sparsity gathers the kept input blocks and runs one batched matmul per
-block-row. N:M and diagonal weights have a constant number of kept values per output
-row, so both run through one row-sparse ("ELL") kernel built on
-``embedding_bag``, which is a fused gather-multiply-reduce on the CPU.
+- ``native``: the C++ kernels of ``native.cpp`` (fp32). Block weights run a block-sparse
+  times dense kernel (forward, and the transposed structure for the input gradient) and
+  an SDDMM for the value gradient; N:M and diagonal weights, which have a constant number
+  of kept values per output row, run a row-sparse ("ELL") kernel with tokens in the
+  vector lanes, its transposed (CSC) form, and an ELL SDDMM.
+- ``torch``: vectorised PyTorch: block gathers and batched matmuls; ELL through
+  ``embedding_bag``, a fused gather-multiply-reduce.
+- ``dense``: the weight expanded and one dense matmul, so a structured layer is never
+  slower than its dense counterpart by more than the cost of the expansion.
+
+Permutations are fused: ``in_index`` goes into the columns a kernel reads, ``out_index``
+into where it writes. Everything derived from indices alone is memoized per index version
+(:mod:`index_cache`), so a training step pays for it once per DST update, not per call.
 """
 
 from __future__ import annotations
@@ -18,94 +26,333 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from padst_compiler.kernels import native, select
+from padst_compiler.kernels.index_cache import memoize
 from padst_compiler.kernels.permutation import inverse_permutation
 
+Tensor = torch.Tensor
 
-def _rows_in_z_order(grad: torch.Tensor, out_index: torch.Tensor | None) -> torch.Tensor:
+
+def _inverse(index: Tensor) -> Tensor:
+    return memoize("inverse", (index,), lambda: inverse_permutation(index))
+
+
+def _rows_in_z_order(grad: Tensor, out_index: Tensor | None) -> Tensor:
     """Gradient w.r.t. z, given the gradient w.r.t. y = z[..., out_index]."""
-    return grad if out_index is None else grad.index_select(1, inverse_permutation(out_index))
+    return grad if out_index is None else grad.index_select(1, _inverse(out_index))
+
+
+def _native_fp32(*tensors: Tensor | None) -> bool:
+    """Whether the native kernels apply: fp32 CPU tensors and a built library."""
+    return (all(t is None or (t.dtype == torch.float32 and t.device.type == "cpu") for t in tensors)
+            and native.library() is not None)
+
+
+def _regime(x: Tensor, values: Tensor, index: Tensor, in_index, out_index) -> tuple:
+    return (select.token_bucket(x.shape[0]), x.shape[1], x.dtype, tuple(values.shape), tuple(index.shape),
+            in_index is not None, out_index is not None)
+
+
+# ------------------------------------------------------------------ rows view (dense)
+
+
+class Rows(NamedTuple):
+    """A weight as rows of (column, value), ``[out, per_row]`` each, rows in z order, the
+    columns already read through ``in_index``."""
+
+    cols: Tensor
+    vals: Tensor
+
+
+def _dense_weight(rows: Rows, in_features: int) -> Tensor:
+    return rows.vals.new_zeros(rows.cols.shape[0], in_features).scatter_(1, rows.cols, rows.vals)
+
+
+def dense_forward(x, rows: Rows, bias, out_index):
+    z = F.linear(x, _dense_weight(rows, x.shape[1]), bias)
+    return z if out_index is None else z.index_select(1, out_index)
+
+
+def dense_grad_input(grad, rows: Rows, in_features, out_index):
+    return _rows_in_z_order(grad, out_index) @ _dense_weight(rows, in_features)
+
+
+def dense_grad_values(grad, x, cols, out_index):
+    """Gradient of the kept values as rows: one dense GEMM, then a gather."""
+    return (_rows_in_z_order(grad, out_index).t() @ x).gather(1, cols)
 
 
 # ----------------------------------------------------------------------------- block
 
 
-def _block_columns(col_blocks: torch.Tensor, block_cols: int, in_index: torch.Tensor | None) -> torch.Tensor:
+def _block_columns(col_blocks: Tensor, block_cols: int, in_index: Tensor | None) -> Tensor:
     """Input feature read by each kept weight column, ``[R, k*c]``, with ``in_index`` fused."""
-    offsets = torch.arange(block_cols, device=col_blocks.device)
-    cols = (col_blocks[..., None] * block_cols + offsets).reshape(col_blocks.shape[0], -1)
-    return cols if in_index is None else in_index[cols]
+    def compute():
+        offsets = torch.arange(block_cols, device=col_blocks.device)
+        cols = (col_blocks[..., None] * block_cols + offsets).reshape(col_blocks.shape[0], -1)
+        return (cols if in_index is None else in_index[cols]).contiguous()
+
+    return memoize("block columns", (col_blocks, in_index), compute, block_cols)
 
 
-def _gather_block_inputs(x: torch.Tensor, values: torch.Tensor, col_blocks: torch.Tensor,
-                         in_index: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The kept input blocks of each block-row, ``[R, T, k*c]`` (a strided view), and their columns."""
+def _block_rows(values, col_blocks, in_index) -> Rows:
+    n_rows, kept, block_rows, block_cols = values.shape
+    cols = _block_columns(col_blocks, block_cols, in_index)[:, None, :].expand(-1, block_rows, -1)
+    return Rows(cols.reshape(n_rows * block_rows, -1), values.permute(0, 2, 1, 3).reshape(n_rows * block_rows, -1))
+
+
+def _block_values_from_rows(row_values: Tensor, shape: torch.Size) -> Tensor:
+    n_rows, kept, block_rows, block_cols = shape
+    return row_values.reshape(n_rows, block_rows, kept, block_cols).permute(0, 2, 1, 3).contiguous()
+
+
+def _gather_block_inputs(x, values, col_blocks, in_index) -> Tensor:
+    """The kept input blocks of each block-row, ``[R, T, k*c]`` (a strided view)."""
     n_rows, kept, _, block_cols = values.shape
     cols = _block_columns(col_blocks, block_cols, in_index)
-    gathered = x.index_select(1, cols.flatten()).view(x.shape[0], n_rows, kept * block_cols)
-    return gathered.transpose(0, 1), cols
+    return x.index_select(1, cols.flatten()).view(x.shape[0], n_rows, kept * block_cols).transpose(0, 1)
+
+
+class BlockTransposed(NamedTuple):
+    """The blocks that read each input column block, for the input gradient: entries of
+    column block q are ``order[entry_ptr[q]:entry_ptr[q+1]]`` (kept-block numbers), and
+    ``rows`` holds the incoming-gradient columns each of them reads."""
+
+    entry_ptr: Tensor
+    order: Tensor
+    rows: Tensor
+
+
+def _block_transposed(col_blocks, block_rows, block_cols, in_features, out_index) -> BlockTransposed:
+    def compute():
+        flat = col_blocks.flatten()
+        order = torch.argsort(flat, stable=True)
+        counts = torch.bincount(flat, minlength=in_features // block_cols)
+        block_row = torch.div(order, col_blocks.shape[1], rounding_mode="floor")
+        rows = block_row[:, None] * block_rows + torch.arange(block_rows)  # z rows of each entry
+        if out_index is not None:  # z row i is column inverse(out_index)[i] of the incoming gradient
+            rows = _inverse(out_index)[rows]
+        return BlockTransposed(torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)]), order, rows.contiguous())
+
+    return memoize("block transposed", (col_blocks, out_index), compute, block_rows, block_cols, in_features)
 
 
 def block_forward(x, values, col_blocks, out_features, bias, in_index, out_index):
+    candidates = {}
+    if _native_fp32(x, values, bias) and values.shape[2] in native.BLOCK_WIDTHS:
+        candidates["native"] = lambda: _block_forward_native(x, values, col_blocks, out_features, bias,
+                                                             in_index, out_index)
+    candidates["torch"] = lambda: _block_forward_torch(x, values, col_blocks, out_features, bias, in_index, out_index)
+    candidates["dense"] = lambda: dense_forward(x, _block_rows(values, col_blocks, in_index), bias, out_index)
+    return select.run("block_forward", _regime(x, values, col_blocks, in_index, out_index), candidates)
+
+
+def _block_forward_torch(x, values, col_blocks, out_features, bias, in_index, out_index):
     n_rows, kept, block_rows, block_cols = values.shape
-    xg, _ = _gather_block_inputs(x, values, col_blocks, in_index)
     weight = values.permute(0, 1, 3, 2).reshape(n_rows, kept * block_cols, block_rows)
-    z = torch.bmm(xg, weight).transpose(0, 1).reshape(x.shape[0], out_features)
+    z = torch.bmm(_gather_block_inputs(x, values, col_blocks, in_index), weight)
+    z = z.transpose(0, 1).reshape(x.shape[0], out_features)
     if bias is not None:
         z += bias
     return z if out_index is None else z.index_select(1, out_index)
 
 
+def _block_forward_native(x, values, col_blocks, out_features, bias, in_index, out_index):
+    """Each block-row sums its kept blocks; the panels are the blocks transposed, ``[c, r]``."""
+    n_rows, kept, block_rows, block_cols = values.shape
+    x = x.contiguous()
+    y = x.new_empty(x.shape[0], out_features)
+    entry_ptr = memoize("block entries", (col_blocks,), lambda: torch.arange(n_rows + 1) * kept)
+    columns = _block_columns(col_blocks, block_cols, in_index)
+    panels = values.detach().transpose(2, 3).contiguous()
+    bias = None if bias is None else bias.detach().contiguous()
+    out_columns = None if out_index is None else _inverse(out_index)
+    native.run("padst_block_mm", x.data_ptr(), x.stride(0), y.data_ptr(), y.stride(0), x.shape[0],
+               n_rows, block_rows, entry_ptr.data_ptr(), columns.data_ptr(), block_cols,
+               panels.data_ptr(), native.pointer(bias), native.pointer(out_columns))
+    return y
+
+
 def block_grad_input(grad, values, col_blocks, in_features, in_index, out_index):
+    candidates = {}
+    if _native_fp32(grad, values) and values.shape[3] in native.BLOCK_WIDTHS:
+        candidates["native"] = lambda: _block_grad_input_native(grad, values, col_blocks, in_features,
+                                                                in_index, out_index)
+    candidates["torch"] = lambda: _block_grad_input_torch(grad, values, col_blocks, in_features, in_index, out_index)
+    candidates["dense"] = lambda: dense_grad_input(grad, _block_rows(values, col_blocks, in_index), in_features,
+                                                   out_index)
+    return select.run("block_grad_input", _regime(grad, values, col_blocks, in_index, out_index), candidates)
+
+
+def _block_grad_input_torch(grad, values, col_blocks, in_features, in_index, out_index):
     n_rows, kept, block_rows, block_cols = values.shape
     tokens = grad.shape[0]
     dz = _rows_in_z_order(grad, out_index).reshape(tokens, n_rows, block_rows).transpose(0, 1)
     weight = values.permute(0, 2, 1, 3).reshape(n_rows, block_rows, kept * block_cols)
     partial = torch.bmm(dz, weight).transpose(0, 1).reshape(tokens, -1)
     cols = _block_columns(col_blocks, block_cols, in_index)
-    dx = grad.new_zeros(tokens, in_features)
-    return dx.index_add_(1, cols.flatten(), partial)
+    return grad.new_zeros(tokens, in_features).index_add_(1, cols.flatten(), partial)
+
+
+def _block_grad_input_native(grad, values, col_blocks, in_features, in_index, out_index):
+    """The transposed structure: each input column block sums the blocks that read it
+    (no atomics, no scatter-add); ``in_index`` becomes the columns the result goes to."""
+    n_rows, kept, block_rows, block_cols = values.shape
+    transposed = _block_transposed(col_blocks, block_rows, block_cols, in_features, out_index)
+    panels = values.detach().reshape(n_rows * kept, block_rows, block_cols)[transposed.order]
+    grad = grad.contiguous()
+    dx = grad.new_empty(grad.shape[0], in_features)
+    native.run("padst_block_mm", grad.data_ptr(), grad.stride(0), dx.data_ptr(), dx.stride(0), grad.shape[0],
+               in_features // block_cols, block_cols, transposed.entry_ptr.data_ptr(), transposed.rows.data_ptr(),
+               block_rows, panels.data_ptr(), None, native.pointer(in_index))
+    return dx
 
 
 def block_grad_values(grad, x, values, col_blocks, in_index, out_index):
+    candidates = {}
+    if _native_fp32(grad, x, values) and values.shape[2] in native.BLOCK_WIDTHS:
+        candidates["native"] = lambda: _block_grad_values_native(grad, x, values, col_blocks, in_index, out_index)
+    candidates["torch"] = lambda: _block_grad_values_torch(grad, x, values, col_blocks, in_index, out_index)
+    candidates["dense"] = lambda: _block_values_from_rows(
+        dense_grad_values(grad, x, _block_rows(values, col_blocks, in_index).cols, out_index), values.shape)
+    return select.run("block_grad_values", _regime(x, values, col_blocks, in_index, out_index), candidates)
+
+
+def _block_grad_values_torch(grad, x, values, col_blocks, in_index, out_index):
     n_rows, kept, block_rows, block_cols = values.shape
     dz = _rows_in_z_order(grad, out_index).reshape(grad.shape[0], n_rows, block_rows).transpose(0, 1)
-    xg, _ = _gather_block_inputs(x, values, col_blocks, in_index)
-    dv = torch.bmm(dz.transpose(1, 2), xg)  # [R, r, k*c]
+    dv = torch.bmm(dz.transpose(1, 2), _gather_block_inputs(x, values, col_blocks, in_index))  # [R, r, k*c]
     return dv.view(n_rows, block_rows, kept, block_cols).permute(0, 2, 1, 3).contiguous()
+
+
+def _block_grad_values_native(grad, x, values, col_blocks, in_index, out_index):
+    n_rows, kept, block_rows, block_cols = values.shape
+    dz = _rows_in_z_order(grad, out_index).contiguous()
+    x = x.contiguous()
+    columns = _block_columns(col_blocks, block_cols, in_index)
+    dv = torch.empty_like(values, memory_format=torch.contiguous_format)
+    native.run("padst_block_sddmm", dz.data_ptr(), dz.stride(0), x.data_ptr(), x.stride(0), x.shape[0],
+               n_rows, kept, block_rows, block_cols, columns.data_ptr(), dv.data_ptr())
+    return dv
 
 
 # ------------------------------------------------------------------- row-sparse (ELL)
 
 
-def _effective_rows(cols, vals, in_index, out_index):
-    """Columns and values of the rows of ``y`` (not z), with both permutations fused."""
-    if in_index is not None:
-        cols = in_index[cols]
-    if out_index is not None:
-        cols, vals = cols.index_select(0, out_index), vals.index_select(0, out_index)
-    return cols, vals
+class EllIndex(NamedTuple):
+    """Index-only parts of a row-sparse weight: ``cols`` ``[out, per_row]`` (z-row order,
+    ``in_index`` fused) and the transposed (CSC) form the input gradient reads: the entries of
+    input feature j are ``order[col_ptr[j]:col_ptr[j+1]]`` and read gradient columns ``rows``."""
+
+    cols: Tensor
+    row_ptr: Tensor
+    col_ptr: Tensor
+    order: Tensor
+    rows: Tensor
 
 
-def ell_forward(x, cols, vals, bias, in_index, out_index):
-    cols, vals = _effective_rows(cols, vals, in_index, out_index)
-    y = F.embedding_bag(cols, x.t().contiguous(), per_sample_weights=vals, mode="sum").t().contiguous()
-    if bias is not None:
-        y += bias if out_index is None else bias.index_select(0, out_index)
+def _ell_index(columns: Tensor, index: Tensor, in_features: int, in_index, out_index) -> EllIndex:
+    """``columns`` are the structure's own columns (computed from ``index``): fuse and transpose them."""
+    def compute():
+        cols = (columns if in_index is None else in_index[columns]).contiguous()
+        out_rows, per_row = cols.shape
+        flat = cols.flatten()
+        order = torch.argsort(flat, stable=True)
+        counts = torch.bincount(flat, minlength=in_features)
+        rows = torch.div(order, per_row, rounding_mode="floor")
+        if out_index is not None:
+            rows = _inverse(out_index)[rows]
+        return EllIndex(cols, torch.arange(out_rows + 1) * per_row,
+                        torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)]), order, rows.contiguous())
+
+    return memoize("ell index", (index, in_index, out_index), compute, tuple(columns.shape), in_features)
+
+
+def ell_forward(x, ell: EllIndex, vals, bias, out_index, key: tuple):
+    candidates = {}
+    if _native_fp32(x, vals, bias):
+        candidates["native"] = lambda: _ell_forward_native(x, ell, vals, bias, out_index)
+    candidates["torch"] = lambda: _ell_forward_torch(x, ell, vals, bias, out_index)
+    candidates["dense"] = lambda: dense_forward(x, Rows(ell.cols, vals), bias, out_index)
+    return select.run("ell_forward", key, candidates)
+
+
+def _ell_forward_native(x, ell: EllIndex, vals, bias, out_index):
+    x = x.contiguous()
+    y = x.new_empty(x.shape[0], ell.cols.shape[0])
+    vals = vals.detach().contiguous()
+    bias = None if bias is None else bias.detach().contiguous()
+    out_columns = None if out_index is None else _inverse(out_index)
+    native.run("padst_ell_mm", x.data_ptr(), x.stride(0), y.data_ptr(), y.stride(0), x.shape[0], x.shape[1],
+               ell.cols.shape[0], ell.row_ptr.data_ptr(), ell.cols.data_ptr(), vals.data_ptr(),
+               native.pointer(bias), native.pointer(out_columns))
     return y
+
+
+def _ell_forward_torch(x, ell: EllIndex, vals, bias, out_index):
+    z = F.embedding_bag(ell.cols, x.t().contiguous(), per_sample_weights=vals, mode="sum").t()
+    if bias is not None:
+        z = z + bias
+    return (z if out_index is None else z.index_select(1, out_index)).contiguous()
+
+
+def ell_grad_input(grad, ell: EllIndex, vals, in_features, key: tuple, out_index):
+    """``S^T grad`` through the transposed form: one variable-length row per input feature."""
+    candidates = {}
+    if _native_fp32(grad, vals):
+        candidates["native"] = lambda: _ell_grad_input_native(grad, ell, vals, in_features)
+    candidates["torch"] = lambda: _ell_grad_input_torch(grad, ell, vals, in_features)
+    candidates["dense"] = lambda: dense_grad_input(grad, Rows(ell.cols, vals), in_features, out_index)
+    return select.run("ell_grad_input", key, candidates)
+
+
+def _ell_grad_input_native(grad, ell: EllIndex, vals, in_features):
+    grad = grad.contiguous()
+    dx = grad.new_empty(grad.shape[0], in_features)
+    transposed_vals = vals.detach().flatten()[ell.order]
+    native.run("padst_ell_mm", grad.data_ptr(), grad.stride(0), dx.data_ptr(), dx.stride(0), grad.shape[0],
+               grad.shape[1], in_features, ell.col_ptr.data_ptr(), ell.rows.data_ptr(), transposed_vals.data_ptr(),
+               None, None)
+    return dx
+
+
+def _ell_grad_input_torch(grad, ell: EllIndex, vals, in_features):
+    dx = F.embedding_bag(ell.rows, grad.t().contiguous(), ell.col_ptr[:-1],
+                         per_sample_weights=vals.flatten()[ell.order], mode="sum")
+    return dx.t().contiguous()
+
+
+def ell_grad_values(grad, x, ell: EllIndex, out_index, key: tuple):
+    """Gradient of the kept values, ``[out, per_row]`` in z's row order: only the kept
+    entries (SDDMM) natively, else one dense GEMM and a gather."""
+    candidates = {}
+    if _native_fp32(grad, x):
+        candidates["native"] = lambda: _ell_grad_values_native(grad, x, ell, out_index)
+    candidates["dense"] = lambda: dense_grad_values(grad, x, ell.cols, out_index)
+    return select.run("ell_grad_values", key, candidates)
+
+
+def _ell_grad_values_native(grad, x, ell: EllIndex, out_index):
+    dz = _rows_in_z_order(grad, out_index).contiguous()
+    x = x.contiguous()
+    dv = x.new_empty(ell.cols.shape)
+    native.run("padst_ell_sddmm", dz.data_ptr(), dz.stride(0), x.data_ptr(), x.stride(0), x.shape[0],
+               x.shape[1], ell.cols.shape[0], ell.row_ptr.data_ptr(), ell.cols.data_ptr(), dv.data_ptr())
+    return dv
 
 
 class TransposedRows(NamedTuple):
     """``S^T`` in compressed-sparse-column form: the kept entries of input feature ``j``
     are ``rows[starts[j]:starts[j] + counts[j]]`` with ``values`` alongside."""
 
-    starts: torch.Tensor
-    counts: torch.Tensor
-    rows: torch.Tensor
-    values: torch.Tensor
+    starts: Tensor
+    counts: Tensor
+    rows: Tensor
+    values: Tensor
 
 
 def transpose_rows(cols, vals, in_features) -> TransposedRows:
-    """The transposed form the backward needs, built by one stable sort of the columns."""
+    """The transposed form of a rows view, built by one stable sort of the columns."""
     flat = cols.flatten()
     order = torch.argsort(flat, stable=True)
     counts = torch.bincount(flat, minlength=in_features)
@@ -113,43 +360,23 @@ def transpose_rows(cols, vals, in_features) -> TransposedRows:
     return TransposedRows(torch.cumsum(counts, 0) - counts, counts, rows, vals.flatten()[order])
 
 
-def ell_grad_input(grad, cols, vals, in_features, in_index, out_index):
-    """``S^T grad`` through the transposed form: one variable-length embedding bag per input."""
-    transposed = transpose_rows(*_effective_rows(cols, vals, in_index, out_index), in_features)
-    dx = F.embedding_bag(transposed.rows, grad.t().contiguous(), transposed.starts,
-                         per_sample_weights=transposed.values, mode="sum")
-    return dx.t().contiguous()
-
-
-def ell_grad_values(grad, x, cols, in_index, out_index):
-    """Gradient of the kept values, ``[out, nnz_per_row]`` in z's row order.
-
-    On the CPU one dense GEMM followed by a gather beats a gather-dot over the kept
-    positions at every token count we measured, so the dense product is used here.
-    """
-    if in_index is not None:
-        cols = in_index[cols]
-    dense = _rows_in_z_order(grad, out_index).t() @ x
-    return dense.gather(1, cols)
-
-
 # ------------------------------------------------------------- N:M and diagonal as ELL
 
 
 def block_to_rows(values, col_blocks):
     """Block weight as rows of (column, value): ``[out, k*cols]`` each."""
-    n_rows, kept, block_rows, block_cols = values.shape
-    cols = _block_columns(col_blocks, block_cols, None)[:, None, :].expand(-1, block_rows, -1)
-    vals = values.permute(0, 2, 1, 3)
-    return cols.reshape(n_rows * block_rows, -1), vals.reshape(n_rows * block_rows, -1)
+    return tuple(_block_rows(values, col_blocks, None))
+
+
+def nm_columns(positions, in_features):
+    out_features, groups, _ = positions.shape
+    group_starts = torch.arange(groups, device=positions.device) * (in_features // groups)
+    return (group_starts[None, :, None] + positions).reshape(out_features, -1)
 
 
 def nm_to_rows(values, positions, in_features):
     """N:M weight as rows of (column, value): ``[out, in*n/m]`` each."""
-    out_features, groups, _ = positions.shape
-    group_starts = torch.arange(groups, device=positions.device) * (in_features // groups)
-    cols = (group_starts[None, :, None] + positions).reshape(out_features, -1)
-    return cols, values
+    return nm_columns(positions, in_features), values
 
 
 def diagonal_columns(offsets, out_features, in_features):
@@ -162,11 +389,14 @@ def diagonal_columns(offsets, out_features, in_features):
     return cols.reshape(out_features, -1)
 
 
+def _diagonal_row_values(values, out_features):
+    n_diag, length = values.shape
+    return values.view(n_diag, length // out_features, out_features).permute(2, 0, 1).reshape(out_features, -1)
+
+
 def diagonal_to_rows(values, offsets, out_features, in_features):
     """Diagonal weight as rows of (column, value)."""
-    n_diag, length = values.shape
-    vals = values.view(n_diag, length // out_features, out_features).permute(2, 0, 1)
-    return diagonal_columns(offsets, out_features, in_features), vals.reshape(out_features, -1)
+    return diagonal_columns(offsets, out_features, in_features), _diagonal_row_values(values, out_features)
 
 
 def diagonal_values_from_rows(row_values, n_diag, out_features):
@@ -175,31 +405,49 @@ def diagonal_values_from_rows(row_values, n_diag, out_features):
     return row_values.view(out_features, n_diag, repeats).permute(1, 2, 0).reshape(n_diag, -1)
 
 
+def _nm_index(positions, in_features, in_index, out_index) -> EllIndex:
+    columns = memoize("nm columns", (positions,), lambda: nm_columns(positions, in_features), in_features)
+    return _ell_index(columns, positions, in_features, in_index, out_index)
+
+
+def _diag_index(offsets, out_features, in_features, in_index, out_index) -> EllIndex:
+    columns = memoize("diagonal columns", (offsets,), lambda: diagonal_columns(offsets, out_features, in_features),
+                      out_features, in_features)
+    return _ell_index(columns, offsets, in_features, in_index, out_index)
+
+
 def nm_forward(x, values, positions, out_features, bias, in_index, out_index):
-    return ell_forward(x, *nm_to_rows(values, positions, x.shape[1]), bias, in_index, out_index)
+    ell = _nm_index(positions, x.shape[1], in_index, out_index)
+    return ell_forward(x, ell, values, bias, out_index, ("nm", *_regime(x, values, positions, in_index, out_index)))
 
 
 def nm_grad_input(grad, values, positions, in_features, in_index, out_index):
-    cols, vals = nm_to_rows(values, positions, in_features)
-    return ell_grad_input(grad, cols, vals, in_features, in_index, out_index)
+    ell = _nm_index(positions, in_features, in_index, out_index)
+    key = ("nm", in_features, *_regime(grad, values, positions, in_index, out_index))
+    return ell_grad_input(grad, ell, values, in_features, key, out_index)
 
 
 def nm_grad_values(grad, x, values, positions, in_index, out_index):
-    cols, _ = nm_to_rows(values, positions, x.shape[1])
-    return ell_grad_values(grad, x, cols, in_index, out_index)
+    ell = _nm_index(positions, x.shape[1], in_index, out_index)
+    return ell_grad_values(grad, x, ell, out_index, ("nm", *_regime(x, values, positions, in_index, out_index)))
 
 
 def diag_forward(x, values, offsets, out_features, bias, in_index, out_index):
-    cols, vals = diagonal_to_rows(values, offsets, out_features, x.shape[1])
-    return ell_forward(x, cols, vals, bias, in_index, out_index)
+    ell = _diag_index(offsets, out_features, x.shape[1], in_index, out_index)
+    key = ("diagonal", out_features, *_regime(x, values, offsets, in_index, out_index))
+    return ell_forward(x, ell, _diagonal_row_values(values, out_features), bias, out_index, key)
 
 
 def diag_grad_input(grad, values, offsets, in_features, in_index, out_index):
-    cols, vals = diagonal_to_rows(values, offsets, grad.shape[1], in_features)
-    return ell_grad_input(grad, cols, vals, in_features, in_index, out_index)
+    out_features = grad.shape[1]
+    ell = _diag_index(offsets, out_features, in_features, in_index, out_index)
+    key = ("diagonal", in_features, *_regime(grad, values, offsets, in_index, out_index))
+    return ell_grad_input(grad, ell, _diagonal_row_values(values, out_features), in_features, key, out_index)
 
 
 def diag_grad_values(grad, x, values, offsets, in_index, out_index):
-    cols, _ = diagonal_to_rows(values, offsets, grad.shape[1], x.shape[1])
-    row_grads = ell_grad_values(grad, x, cols, in_index, out_index)
-    return diagonal_values_from_rows(row_grads, values.shape[0], grad.shape[1])
+    out_features = grad.shape[1]
+    ell = _diag_index(offsets, out_features, x.shape[1], in_index, out_index)
+    key = ("diagonal", out_features, *_regime(x, values, offsets, in_index, out_index))
+    row_grads = ell_grad_values(grad, x, ell, out_index, key)
+    return diagonal_values_from_rows(row_grads, values.shape[0], out_features)

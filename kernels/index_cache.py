@@ -1,0 +1,48 @@
+"""Memoize work that depends only on index tensors.
+
+A layer's indices change only at DST updates (in place, which bumps the tensor's version
+counter), while its values change every step. Everything derived from indices alone (the
+columns a kernel reads with ``in_index`` fused, the transposed structure of the backward,
+inverse permutations, value checks) is therefore computed once per index version instead
+of on every call, which matters most at small token counts.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import TypeVar
+
+import torch
+from torch._subclasses.fake_tensor import is_fake
+
+T = TypeVar("T")
+MAX_ENTRIES = 1024
+
+# key -> (weak references to the key's tensors, result); least recently used first
+_entries: OrderedDict[tuple, tuple[tuple, object]] = OrderedDict()
+
+
+def _tensor_key(t: torch.Tensor | None):
+    if t is None:
+        return None
+    return id(t), t._version  # raises RuntimeError for inference tensors (no version counter)
+
+
+def memoize(name: str, tensors: tuple[torch.Tensor | None, ...], compute: Callable[[], T], *extra) -> T:
+    """``compute()``, reused while every tensor in ``tensors`` is the same object at the same
+    version and ``extra`` (hashable) is equal. Fake and inference tensors are never cached."""
+    if any(t is not None and (is_fake(t) or t.is_inference()) for t in tensors):
+        return compute()
+    key = (name, extra, tuple(_tensor_key(t) for t in tensors))
+    hit = _entries.get(key)
+    # an id can be reused by a new tensor once the old one is gone: the weak references tell
+    if hit is not None and all(r is None if t is None else r() is t for r, t in zip(hit[0], tensors)):
+        _entries.move_to_end(key)
+        return hit[1]
+    result = compute()
+    _entries[key] = (tuple(None if t is None else weakref.ref(t) for t in tensors), result)
+    if len(_entries) > MAX_ENTRIES:
+        _entries.popitem(last=False)
+    return result

@@ -1,0 +1,311 @@
+// Native CPU kernels for the structured linear ops (fp32), built on first use by
+// kernels/native.py with the system compiler and loaded with ctypes.
+//
+// Two kernel families cover the three structures, forward and backward:
+//
+//   block_mm     y[t, ocol(o, :)] = bias + sum_e x[t, icol(e, :)] @ panel(e)
+//                Block-sparse times dense: output block o (width W) sums a variable
+//                list of entries e, each a (D x W) weight panel reading D input columns.
+//                Forward (entries = kept blocks of a block-row, panels = W^T) and grad of
+//                input (entries = the blocks of a block-column, panels = W) are both this.
+//                Column maps fuse in_index / out_index: the input side is read one scalar
+//                at a time (broadcast), so an indexed load costs nothing extra.
+//   block_sddmm  dv[e] = dz[:, rows(e)]^T @ x[:, icol(e, :)], summed over all tokens.
+//   ell_mm       Row-sparse (constant or variable row length) times dense, with tokens
+//                as vector lanes; used by N:M and diagonal weights.
+//   ell_sddmm    dv[e] = sum_t dz[t, row(e)] * x[t, col(e)].
+//
+// All loops are written with GCC vector extensions so that the same source gives AVX-512
+// code on AVX-512 machines and AVX2 code elsewhere (-march=native). Threads come from
+// OpenMP, which resolves to the libgomp torch has already loaded.
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+typedef float v16 __attribute__((vector_size(64)));
+typedef float v8 __attribute__((vector_size(32)));
+
+// Unaligned vector access (memcpy compiles to one vmovups; the pointers are only float-aligned).
+template <typename V>
+static inline V load(const float* p) { V v; std::memcpy(&v, p, sizeof(V)); return v; }
+template <typename V>
+static inline void store(float* p, V v) { std::memcpy(p, &v, sizeof(V)); }
+template <typename V>
+static inline V splat(float s) { return V{} + s; }
+
+// ------------------------------------------------------------------------- block_mm
+
+struct BlockMM {
+    const float* x; int64_t x_stride;
+    float* y; int64_t y_stride;
+    int64_t width;             // W: output block width, a multiple of the vector width
+    const int64_t* entry_ptr;  // [blocks + 1]: entries of output block o are entry_ptr[o]..entry_ptr[o+1]
+    const int64_t* icol;       // [E, depth]: input column read by each panel row
+    int64_t depth;             // D
+    const float* panels;       // [E, D, W]
+    const float* bias;         // [blocks * W] or null
+    const int64_t* ocol;       // [blocks * W] output column of each z column, or null (identity)
+};
+
+// MR tokens by NV vectors of one output block: MR*NV accumulators stay in registers.
+template <typename V, int NV, int MR>
+static void block_mm_tile(const BlockMM& a, int64_t t0, int64_t o) {
+    constexpr int L = sizeof(V) / sizeof(float);
+    V acc[MR][NV];
+    for (int v = 0; v < NV; ++v) {
+        V b = a.bias ? load<V>(a.bias + o * a.width + v * L) : V{};
+        for (int m = 0; m < MR; ++m) acc[m][v] = b;
+    }
+    const float* xrow = a.x + t0 * a.x_stride;
+    for (int64_t e = a.entry_ptr[o]; e < a.entry_ptr[o + 1]; ++e) {
+        const int64_t* cols = a.icol + e * a.depth;
+        const float* panel = a.panels + e * a.depth * a.width;
+        for (int64_t d = 0; d < a.depth; ++d) {
+            V w[NV];
+            for (int v = 0; v < NV; ++v) w[v] = load<V>(panel + d * a.width + v * L);
+            const float* xc = xrow + cols[d];
+            for (int m = 0; m < MR; ++m) {
+                V s = splat<V>(xc[m * a.x_stride]);
+                for (int v = 0; v < NV; ++v) acc[m][v] += s * w[v];
+            }
+        }
+    }
+    for (int m = 0; m < MR; ++m) {
+        float* yrow = a.y + (t0 + m) * a.y_stride;
+        if (!a.ocol) {
+            for (int v = 0; v < NV; ++v) store<V>(yrow + o * a.width + v * L, acc[m][v]);
+        } else {
+            const int64_t* oc = a.ocol + o * a.width;
+            for (int v = 0; v < NV; ++v)
+                for (int l = 0; l < L; ++l) yrow[oc[v * L + l]] = acc[m][v][l];
+        }
+    }
+}
+
+template <typename V, int NV, int MR>
+static void block_mm_run(const BlockMM& a, int64_t tokens, int64_t blocks) {
+    // Token tiles of 192 keep the x rows a tile reads in L2 while all output blocks pass.
+    const int64_t tile = 192;
+    const int64_t tiles = (tokens + tile - 1) / tile;
+#pragma omp parallel for collapse(2) schedule(dynamic, 1)
+    for (int64_t ti = 0; ti < tiles; ++ti) {
+        for (int64_t o = 0; o < blocks; ++o) {
+            const int64_t end = std::min(tokens, (ti + 1) * tile);
+            int64_t t = ti * tile;
+            for (; t + MR <= end; t += MR) block_mm_tile<V, NV, MR>(a, t, o);
+            for (; t < end; ++t) block_mm_tile<V, NV, 1>(a, t, o);
+        }
+    }
+}
+
+extern "C" int padst_block_mm(const float* x, int64_t x_stride, float* y, int64_t y_stride, int64_t tokens,
+                              int64_t blocks, int64_t width, const int64_t* entry_ptr, const int64_t* icol,
+                              int64_t depth, const float* panels, const float* bias, const int64_t* ocol) {
+    BlockMM a{x, x_stride, y, y_stride, width, entry_ptr, icol, depth, panels, bias, ocol};
+    switch (width) {
+        case 8: block_mm_run<v8, 1, 12>(a, tokens, blocks); return 0;
+        case 16: block_mm_run<v16, 1, 14>(a, tokens, blocks); return 0;
+        case 32: block_mm_run<v16, 2, 12>(a, tokens, blocks); return 0;
+        case 48: block_mm_run<v16, 3, 8>(a, tokens, blocks); return 0;
+        case 64: block_mm_run<v16, 4, 6>(a, tokens, blocks); return 0;
+        default: return 1;  // unsupported width: the caller uses the PyTorch path
+    }
+}
+
+// ---------------------------------------------------------------------- block_sddmm
+
+struct BlockSDDMM {
+    const float* dz; int64_t dz_stride;  // gradient of z (rows in z order)
+    const float* x; int64_t x_stride;
+    int64_t tokens, kept, rows, cols;
+    const int64_t* icol;  // [R * kept, cols]: input column of each weight column
+    float* dv;            // [R, kept, rows, cols]
+};
+
+// CB weight columns by NV vectors of block rows, accumulated over a token range.
+template <typename V, int NV, int CB>
+static void block_sddmm_tile(const BlockSDDMM& a, int64_t e, int64_t c0, int64_t t0, int64_t t1, float* out) {
+    constexpr int L = sizeof(V) / sizeof(float);
+    const int64_t block_row = e / a.kept;
+    const int64_t* cols = a.icol + e * a.cols + c0;
+    V acc[CB][NV];
+    for (int c = 0; c < CB; ++c)
+        for (int v = 0; v < NV; ++v) acc[c][v] = V{};
+    for (int64_t t = t0; t < t1; ++t) {
+        const float* dzr = a.dz + t * a.dz_stride + block_row * a.rows;
+        const float* xr = a.x + t * a.x_stride;
+        V g[NV];
+        for (int v = 0; v < NV; ++v) g[v] = load<V>(dzr + v * L);
+        for (int c = 0; c < CB; ++c) {
+            V s = splat<V>(xr[cols[c]]);
+            for (int v = 0; v < NV; ++v) acc[c][v] += s * g[v];
+        }
+    }
+    // out is [rows, cols] of entry e: transpose the [CB][rows] accumulators on the way out
+    for (int c = 0; c < CB; ++c)
+        for (int v = 0; v < NV; ++v)
+            for (int l = 0; l < L; ++l) out[(v * L + l) * a.cols + c0 + c] += acc[c][v][l];
+}
+
+template <typename V, int NV, int CB>
+static void block_sddmm_run(const BlockSDDMM& a, int64_t entries) {
+    const int64_t tile = 512;  // the dz and x rows of a token tile stay in L2 across column chunks
+#pragma omp parallel for schedule(dynamic, 1)
+    for (int64_t e = 0; e < entries; ++e) {
+        float* out = a.dv + e * a.rows * a.cols;
+        std::memset(out, 0, sizeof(float) * a.rows * a.cols);
+        for (int64_t t0 = 0; t0 < a.tokens; t0 += tile) {
+            const int64_t t1 = std::min(a.tokens, t0 + tile);
+            int64_t c = 0;
+            for (; c + CB <= a.cols; c += CB) block_sddmm_tile<V, NV, CB>(a, e, c, t0, t1, out);
+            for (; c < a.cols; ++c) block_sddmm_tile<V, NV, 1>(a, e, c, t0, t1, out);
+        }
+    }
+}
+
+extern "C" int padst_block_sddmm(const float* dz, int64_t dz_stride, const float* x, int64_t x_stride,
+                                 int64_t tokens, int64_t block_rows, int64_t kept, int64_t rows, int64_t cols,
+                                 const int64_t* icol, float* dv) {
+    BlockSDDMM a{dz, dz_stride, x, x_stride, tokens, kept, rows, cols, icol, dv};
+    const int64_t entries = block_rows * kept;
+    switch (rows) {
+        case 8: block_sddmm_run<v8, 1, 12>(a, entries); return 0;
+        case 16: block_sddmm_run<v16, 1, 12>(a, entries); return 0;
+        case 32: block_sddmm_run<v16, 2, 10>(a, entries); return 0;
+        case 48: block_sddmm_run<v16, 3, 6>(a, entries); return 0;
+        case 64: block_sddmm_run<v16, 4, 5>(a, entries); return 0;
+        default: return 1;
+    }
+}
+
+// --------------------------------------------------------------- ell_mm / ell_sddmm
+//
+// Row-sparse weights have no dense sub-blocks to reuse a loaded input for, so these
+// kernels put tokens in the vector lanes: a thread transposes a tile of tokens into a
+// feature-major buffer of its own, then each output row is a short sum of scaled buffer
+// rows. Threads never wait for each other inside a call (no barriers): with few token
+// tiles they split the output rows instead and each transposes the small tile itself.
+
+#include <omp.h>
+
+// out[(f - f0) * lanes + l] = in[(t0 + l) * stride + f] for f in [f0, f1), zero past the last token.
+static void transpose_tile(const float* in, int64_t stride, int64_t t0, int64_t count, int64_t f0, int64_t f1,
+                           int64_t lanes, float* out) {
+    for (int64_t l = 0; l < lanes; ++l) {
+        const float* row = in + (t0 + l) * stride;
+        for (int64_t f = f0; f < f1; ++f) out[(f - f0) * lanes + l] = l < count ? row[f] : 0.0f;
+    }
+}
+
+template <int NT>
+static void ell_mm_row(const float* xt, float* out, const int64_t* cols, const float* vals, int64_t begin,
+                       int64_t end, float bias) {
+    constexpr int64_t lanes = NT * 16;
+    v16 acc[4][NT] = {};
+    int64_t e = begin;
+    for (; e + 4 <= end; e += 4)  // four independent chains hide the FMA latency
+        for (int u = 0; u < 4; ++u) {
+            const float* src = xt + cols[e + u] * lanes;
+            const v16 s = splat<v16>(vals[e + u]);
+            for (int n = 0; n < NT; ++n) acc[u][n] += s * load<v16>(src + n * 16);
+        }
+    for (; e < end; ++e) {
+        const float* src = xt + cols[e] * lanes;
+        const v16 s = splat<v16>(vals[e]);
+        for (int n = 0; n < NT; ++n) acc[0][n] += s * load<v16>(src + n * 16);
+    }
+    for (int n = 0; n < NT; ++n) store<v16>(out + n * 16, (acc[0][n] + acc[1][n]) + (acc[2][n] + acc[3][n]) + bias);
+}
+
+// Work items: (token tile, chunk of output rows); one chunk per tile when tiles are plenty.
+struct RowSplit {
+    int64_t tiles, chunks, rows_per_chunk;
+    RowSplit(int64_t tokens, int64_t lanes, int64_t rows) {
+        const int64_t threads = omp_get_max_threads();
+        tiles = (tokens + lanes - 1) / lanes;
+        chunks = tiles >= 4 * threads ? 1 : std::min<int64_t>(rows, (4 * threads + tiles - 1) / tiles);
+        rows_per_chunk = (rows + chunks - 1) / chunks;
+    }
+};
+
+template <int NT>
+static void ell_mm_run(const float* x, int64_t xs, float* y, int64_t ys, int64_t tokens, int64_t features,
+                       int64_t rows, const int64_t* row_ptr, const int64_t* cols, const float* vals,
+                       const float* bias, const int64_t* ocol) {
+    constexpr int64_t lanes = NT * 16;
+    const RowSplit split(tokens, lanes, rows);
+#pragma omp parallel
+    {
+        std::vector<float> xt(features * lanes), yt(split.rows_per_chunk * lanes);
+        int64_t held = -1;  // the token tile now in xt
+#pragma omp for schedule(static)
+        for (int64_t item = 0; item < split.tiles * split.chunks; ++item) {
+            const int64_t tile = item / split.chunks, t0 = tile * lanes;
+            const int64_t count = std::min(lanes, tokens - t0);
+            const int64_t r0 = (item % split.chunks) * split.rows_per_chunk;
+            const int64_t r1 = std::min(rows, r0 + split.rows_per_chunk);
+            if (tile != held) transpose_tile(x, xs, t0, count, 0, features, lanes, xt.data());
+            held = tile;
+            for (int64_t o = r0; o < r1; ++o)
+                ell_mm_row<NT>(xt.data(), yt.data() + (o - r0) * lanes, cols, vals, row_ptr[o], row_ptr[o + 1],
+                               bias ? bias[o] : 0.0f);
+            for (int64_t l = 0; l < count; ++l) {
+                float* out = y + (t0 + l) * ys;
+                for (int64_t o = r0; o < r1; ++o) out[ocol ? ocol[o] : o] = yt[(o - r0) * lanes + l];
+            }
+        }
+    }
+}
+
+extern "C" int padst_ell_mm(const float* x, int64_t xs, float* y, int64_t ys, int64_t tokens, int64_t features,
+                            int64_t rows, const int64_t* row_ptr, const int64_t* cols, const float* vals,
+                            const float* bias, const int64_t* ocol) {
+    if (tokens <= 16)
+        ell_mm_run<1>(x, xs, y, ys, tokens, features, rows, row_ptr, cols, vals, bias, ocol);
+    else
+        ell_mm_run<2>(x, xs, y, ys, tokens, features, rows, row_ptr, cols, vals, bias, ocol);
+    return 0;
+}
+
+// Each thread owns a range of output rows (so dv needs no atomics) and walks all token tiles.
+template <int NT>
+static void ell_sddmm_run(const float* dz, int64_t dzs, const float* x, int64_t xs, int64_t tokens,
+                          int64_t features, int64_t rows, const int64_t* row_ptr, const int64_t* cols, float* dv) {
+    constexpr int64_t lanes = NT * 16;
+    std::memset(dv, 0, sizeof(float) * row_ptr[rows]);
+#pragma omp parallel
+    {
+        const int64_t threads = omp_get_num_threads(), me = omp_get_thread_num();
+        const int64_t per = (rows + threads - 1) / threads;
+        const int64_t r0 = std::min(rows, me * per), r1 = std::min(rows, r0 + per);
+        std::vector<float> xt(features * lanes), dzt((r1 - r0) * lanes);
+        for (int64_t t0 = 0; r0 < r1 && t0 < tokens; t0 += lanes) {
+            const int64_t count = std::min(lanes, tokens - t0);
+            transpose_tile(x, xs, t0, count, 0, features, lanes, xt.data());
+            transpose_tile(dz, dzs, t0, count, r0, r1, lanes, dzt.data());
+            for (int64_t o = r0; o < r1; ++o) {
+                v16 g[NT];
+                for (int n = 0; n < NT; ++n) g[n] = load<v16>(dzt.data() + (o - r0) * lanes + n * 16);
+                for (int64_t e = row_ptr[o]; e < row_ptr[o + 1]; ++e) {
+                    const float* src = xt.data() + cols[e] * lanes;
+                    v16 acc = g[0] * load<v16>(src);
+                    for (int n = 1; n < NT; ++n) acc += g[n] * load<v16>(src + n * 16);
+                    float s = 0.0f;
+                    for (int l = 0; l < 16; ++l) s += acc[l];
+                    dv[e] += s;
+                }
+            }
+        }
+    }
+}
+
+extern "C" int padst_ell_sddmm(const float* dz, int64_t dzs, const float* x, int64_t xs, int64_t tokens,
+                               int64_t features, int64_t rows, const int64_t* row_ptr, const int64_t* cols,
+                               float* dv) {
+    if (tokens <= 16)
+        ell_sddmm_run<1>(dz, dzs, x, xs, tokens, features, rows, row_ptr, cols, dv);
+    else
+        ell_sddmm_run<4>(dz, dzs, x, xs, tokens, features, rows, row_ptr, cols, dv);
+    return 0;
+}

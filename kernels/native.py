@@ -1,0 +1,120 @@
+"""Build, cache and load the native CPU kernels (``native.cpp``).
+
+The kernels are compiled on first use with the system C++ compiler (``$CXX``, else
+``c++``) for this machine's instruction set, and cached under
+``$PADST_CACHE_DIR`` (default ``~/.cache/padst_compiler``) in a folder named after a hash
+of the source, the compiler, the flags and the CPU, so a changed source or a different
+machine never loads a stale build. Concurrent builds (test workers) are safe: each
+writes a private file and renames it into place.
+
+Without a compiler, or with ``PADST_NATIVE=0``, :func:`library` returns ``None`` and the
+ops keep their PyTorch implementations; the reason is given once as a warning.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("native.cpp")
+FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
+
+# Output block widths the block kernels are specialised for (the switches in native.cpp).
+BLOCK_WIDTHS = (8, 16, 32, 48, 64)
+
+_P = ctypes.c_void_p
+_I = ctypes.c_int64
+_SIGNATURES = {
+    "padst_block_mm": (_P, _I, _P, _I, _I, _I, _I, _P, _P, _I, _P, _P, _P),
+    "padst_block_sddmm": (_P, _I, _P, _I, _I, _I, _I, _I, _I, _P, _P),
+    "padst_ell_mm": (_P, _I, _P, _I, _I, _I, _I, _P, _P, _P, _P, _P),
+    "padst_ell_sddmm": (_P, _I, _P, _I, _I, _I, _I, _P, _P, _P),
+}
+
+
+class NativeUnavailable(RuntimeError):
+    """The native kernels cannot be built or loaded here (the message says why)."""
+
+
+def _compiler() -> str:
+    compiler = os.environ.get("CXX") or "c++"
+    if shutil.which(compiler) is None:
+        raise NativeUnavailable(f"no C++ compiler found (looked for {compiler!r}; set $CXX)")
+    return compiler
+
+
+def _cpu_signature() -> str:
+    try:
+        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+    except (OSError, StopIteration):
+        flags = platform.processor()
+    return f"{platform.machine()} {flags}"
+
+
+def _build_dir(compiler: str) -> Path:
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
+    key = hashlib.sha256("\n".join([SOURCE.read_text(), compiler, version, " ".join(FLAGS),
+                                    _cpu_signature()]).encode()).hexdigest()[:16]
+    root = Path(os.environ.get("PADST_CACHE_DIR") or Path.home() / ".cache" / "padst_compiler")
+    return root / f"native-{key}"
+
+
+def _build(compiler: str, target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, scratch = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(fd)
+    try:
+        result = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", scratch], capture_output=True, text=True)
+        if result.returncode != 0:
+            raise NativeUnavailable(f"compiling {SOURCE.name} failed:\n{result.stderr.strip()[-2000:]}")
+        os.replace(scratch, target)  # atomic: a concurrent build of the same source is identical
+    finally:
+        if os.path.exists(scratch):
+            os.unlink(scratch)
+
+
+def _load() -> ctypes.CDLL:
+    if os.environ.get("PADST_NATIVE", "1") == "0":
+        raise NativeUnavailable("switched off with PADST_NATIVE=0")
+    compiler = _compiler()
+    target = _build_dir(compiler) / "padst_native.so"
+    if not target.exists():
+        _build(compiler, target)
+    lib = ctypes.CDLL(str(target))  # after torch: its libgomp is the one the kernels bind to
+    for name, argtypes in _SIGNATURES.items():
+        getattr(lib, name).argtypes = argtypes
+        getattr(lib, name).restype = ctypes.c_int
+    return lib
+
+
+@functools.cache
+def library() -> ctypes.CDLL | None:
+    """The loaded kernels, or ``None`` (with one warning saying why) where they cannot be built."""
+    try:
+        return _load()
+    except (NativeUnavailable, OSError) as error:
+        if os.environ.get("PADST_NATIVE", "1") != "0":
+            warnings.warn(f"padst: native CPU kernels unavailable, using the PyTorch implementations: {error}",
+                          RuntimeWarning, stacklevel=2)
+        return None
+
+
+def pointer(t: torch.Tensor | None) -> int | None:
+    """Address of a tensor's data for a ctypes call (``None`` stands for an absent tensor)."""
+    return None if t is None else t.data_ptr()
+
+
+def run(name: str, *args) -> None:
+    """Run one kernel; the caller has checked that the library is loaded and the shape supported."""
+    if getattr(library(), name)(*args) != 0:
+        raise RuntimeError(f"padst native kernel {name} declined its arguments")

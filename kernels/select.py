@@ -1,0 +1,94 @@
+"""Pick the fastest implementation of an op per shape regime, by measuring it.
+
+Every CPU op has several correct implementations (native C++, vectorised PyTorch, a
+dense matmul on the expanded weight). Which one wins depends on the structure, the
+shapes and the token count, so the first call in a regime times each candidate on the
+real inputs and remembers the winner; later calls run it directly. Token counts are
+bucketed to powers of two, so a new batch size in the same bucket measures nothing.
+
+``PADST_AUTOTUNE=0`` (or :func:`set_autotune`) skips measuring and takes the first
+candidate in preference order (native, then PyTorch), which makes runs bit-reproducible
+across processes. :func:`choices` lists what was picked, for the debug output.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from collections.abc import Callable, Iterator
+
+import torch
+
+Candidate = Callable[[], torch.Tensor]
+
+_autotune = os.environ.get("PADST_AUTOTUNE", "1") != "0"
+_forced: str | None = None
+_chosen: dict[tuple, str] = {}
+_timings: dict[tuple, dict[str, float]] = {}
+
+
+@contextlib.contextmanager
+def set_autotune(enabled: bool) -> Iterator[None]:
+    """Measure candidates (True) or take the preferred one (False) inside a ``with`` block."""
+    global _autotune
+    previous, _autotune = _autotune, bool(enabled)
+    try:
+        yield
+    finally:
+        _autotune = previous
+
+
+@contextlib.contextmanager
+def only(name: str) -> Iterator[None]:
+    """Run implementation ``name`` ("native", "torch" or "dense") inside a ``with`` block, for
+    tests and benchmarks; an op without that implementation for its inputs runs its first."""
+    global _forced
+    previous, _forced = _forced, name
+    try:
+        yield
+    finally:
+        _forced = previous
+
+
+def token_bucket(tokens: int) -> int:
+    """The power of two at or above ``tokens``: the regime key for the token count."""
+    return 1 << max(0, tokens - 1).bit_length()
+
+
+def _seconds(candidate: Candidate, repeats: int = 3) -> float:
+    candidate()  # warm-up: first-touch allocations, lazily built native library
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        candidate()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def run(op: str, key: tuple, candidates: dict[str, Candidate]) -> torch.Tensor:
+    """Run the chosen candidate for ``(op, key)``; candidates are in preference order."""
+    if _forced in candidates:
+        return candidates[_forced]()
+    names = list(candidates)
+    if len(names) == 1 or not _autotune or _forced is not None:
+        return candidates[names[0]]()
+    full_key = (op, torch.get_num_threads(), *key)
+    name = _chosen.get(full_key)
+    if name is None or name not in candidates:
+        _timings[full_key] = {n: _seconds(c) for n, c in candidates.items()}
+        name = _chosen[full_key] = min(_timings[full_key], key=_timings[full_key].get)
+    return candidates[name]()
+
+
+def choices() -> list[dict]:
+    """What was picked so far: one record per op and regime, with the measured times (ms)."""
+    return [{"op": key[0], "threads": key[1], "regime": list(map(str, key[2:])), "chosen": name,
+             "ms": {n: round(s * 1e3, 4) for n, s in _timings.get(key, {}).items()}}
+            for key, name in _chosen.items()]
+
+
+def clear() -> None:
+    """Forget every choice (for benchmarks that must measure from scratch)."""
+    _chosen.clear()
+    _timings.clear()

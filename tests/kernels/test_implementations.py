@@ -1,0 +1,112 @@
+"""Each CPU implementation (native C++, PyTorch, dense) in fp32 against the float64 dense
+reference, forward and backward, with and without bias and fused permutations; the native
+kernels at token counts that hit every tail path. Also: choosing between them, and building
+the native library."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from padst_compiler.kernels import NM, Block, Diagonal, native, select
+from .reference import dense_reference
+
+needs_native = pytest.mark.skipif(native.library() is None, reason="no C++ compiler: native kernels not built")
+
+# (structure, out, in): every block width the kernels specialise, on both sides
+CASES = [(Block(8, 8), 64, 48), (Block(16, 32), 96, 128), (Block(32, 16), 64, 96), (Block(48, 48), 96, 96),
+         (Block(64, 64), 128, 128), (NM(4), 64, 32), (NM(8), 32, 64), (Diagonal(), 64, 32), (Diagonal(), 32, 64)]
+OPTIONS = ["plain", "bias+in+out", "in_index", "out_index"]
+
+
+def _case(structure, out_features, in_features, tokens, option, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    weight = structure.project(torch.randn(out_features, in_features, generator=gen), 0.5)
+    x = torch.randn(tokens, in_features, generator=gen)
+    bias = torch.randn(out_features, generator=gen) if option == "bias+in+out" else None
+    in_index = torch.randperm(in_features, generator=gen) if option in ("bias+in+out", "in_index") else None
+    out_index = torch.randperm(out_features, generator=gen) if option in ("bias+in+out", "out_index") else None
+    return weight, x, bias, in_index, out_index
+
+
+IMPLEMENTATIONS = [pytest.param("native", tokens, marks=needs_native) for tokens in (1, 13, 200)] + \
+    [("torch", 13), ("dense", 13)]
+
+
+@pytest.mark.parametrize("structure,out_features,in_features", CASES, ids=lambda c: str(c))
+@pytest.mark.parametrize("implementation,tokens", IMPLEMENTATIONS)
+@pytest.mark.parametrize("option", OPTIONS)
+def test_implementation_matches_dense_reference(structure, out_features, in_features, implementation, tokens,
+                                                option):
+    weight, x, bias, in_index, out_index = _case(structure, out_features, in_features, tokens, option)
+    values = weight.values.clone().requires_grad_()
+    x = x.requires_grad_()
+    bias = None if bias is None else bias.requires_grad_()
+    grad = torch.randn(tokens, out_features)
+    with select.only(implementation):
+        y = structure.op(x, values, weight.index, out_features, bias, in_index, out_index)
+        y.backward(grad)
+    as64 = [t.detach().double().requires_grad_() for t in (x, values)]
+    bias64 = None if bias is None else bias.detach().double().requires_grad_()
+    reference = dense_reference(structure, as64[0], as64[1], weight.index, out_features, bias64, in_index, out_index)
+    reference.backward(grad.double())
+    torch.testing.assert_close(y.double(), reference, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(x.grad.double(), as64[0].grad, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(values.grad.double(), as64[1].grad, rtol=1e-5, atol=1e-4)
+    if bias is not None:
+        torch.testing.assert_close(bias.grad.double(), bias64.grad, rtol=1e-5, atol=1e-4)
+
+
+def test_autotune_measures_once_per_regime_and_records_the_choice():
+    weight, x, *_ = _case(NM(4), 64, 32, 40, "plain")
+    select.clear()
+    with select.set_autotune(True):
+        reference = weight.linear(x)
+        torch.testing.assert_close(weight.linear(x[:33]), reference[:33])  # 33 and 40 share bucket 64
+    records = [r for r in select.choices() if r["op"] == "ell_forward"]
+    assert len(records) == 1
+    assert records[0]["chosen"] in records[0]["ms"] and set(records[0]["ms"]) >= {"torch", "dense"}
+    assert select.token_bucket(33) == select.token_bucket(64) == 64 and select.token_bucket(1) == 1
+
+
+def test_without_autotune_the_preferred_implementation_runs():
+    select.clear()
+    weight, x, *_ = _case(Block(8, 8), 64, 48, 5, "plain")
+    with select.set_autotune(False):
+        weight.linear(x)
+    assert select.choices() == []
+
+
+@needs_native
+def test_a_fresh_cache_directory_builds_the_library(tmp_path):
+    code = ("from padst_compiler.kernels import native; import sys; "
+            "sys.exit(0 if native.library() is not None else 1)")
+    env = {**os.environ, "PADST_CACHE_DIR": str(tmp_path)}
+    subprocess.run([sys.executable, "-c", code], env=env, check=True, timeout=120)
+    built = list(tmp_path.glob("native-*/padst_native.so"))
+    assert len(built) == 1
+
+
+def test_missing_compiler_falls_back_with_one_warning(tmp_path):
+    code = ("import warnings, torch\n"
+            "from padst_compiler.kernels import NM, native\n"
+            "with warnings.catch_warnings(record=True) as caught:\n"
+            "    warnings.simplefilter('always')\n"
+            "    w = NM(4).project(torch.randn(8, 8), 0.5)\n"
+            "    y = w.linear(torch.randn(3, 8)); w.linear(torch.randn(3, 8))\n"
+            "assert native.library() is None\n"
+            "messages = [str(c.message) for c in caught if 'native CPU kernels' in str(c.message)]\n"
+            "assert len(messages) == 1 and 'no C++ compiler' in messages[0], messages\n")
+    env = {**os.environ, "PADST_CACHE_DIR": str(tmp_path), "CXX": "no-such-compiler-padst"}
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+
+
+def test_switched_off_says_nothing(tmp_path):
+    code = ("import warnings; warnings.simplefilter('error')\n"
+            "from padst_compiler.kernels import native\n"
+            "assert native.library() is None\n")
+    env = {**os.environ, "PADST_NATIVE": "0"}
+    subprocess.run([sys.executable, "-c", code], env=env, check=True, timeout=120)
