@@ -13,6 +13,7 @@ row, so both run through one row-sparse ("ELL") kernel built on
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -108,7 +109,10 @@ def transpose_rows(cols, vals, in_features) -> TransposedRows:
     """The transposed form the backward needs, built by one stable sort of the columns."""
     flat = cols.flatten()
     order = torch.argsort(flat, stable=True)
-    counts = torch.bincount(flat, minlength=in_features)
+    # a scatter-add rather than bincount: its shape does not depend on the data, so the
+    # Triton launchers that reuse this stay traceable under torch.compile
+    counts = torch.zeros(in_features, dtype=flat.dtype, device=flat.device)
+    counts.scatter_add_(0, flat, torch.ones_like(flat))
     rows = torch.div(order, cols.shape[1], rounding_mode="floor")
     return TransposedRows(torch.cumsum(counts, 0) - counts, counts, rows, vals.flatten()[order])
 
@@ -175,31 +179,42 @@ def diagonal_values_from_rows(row_values, n_diag, out_features):
     return row_values.view(out_features, n_diag, repeats).permute(1, 2, 0).reshape(n_diag, -1)
 
 
-def nm_forward(x, values, positions, out_features, bias, in_index, out_index):
-    return ell_forward(x, *nm_to_rows(values, positions, x.shape[1]), bias, in_index, out_index)
+class RowSparseKernels(NamedTuple):
+    """The three row-sparse (ELL) kernels; N:M and diagonal weights run on any such set."""
+
+    forward: Callable
+    grad_input: Callable
+    grad_values: Callable
 
 
-def nm_grad_input(grad, values, positions, in_features, in_index, out_index):
+ROW_SPARSE = RowSparseKernels(ell_forward, ell_grad_input, ell_grad_values)
+
+
+def nm_forward(x, values, positions, out_features, bias, in_index, out_index, ell=ROW_SPARSE):
+    return ell.forward(x, *nm_to_rows(values, positions, x.shape[1]), bias, in_index, out_index)
+
+
+def nm_grad_input(grad, values, positions, in_features, in_index, out_index, ell=ROW_SPARSE):
     cols, vals = nm_to_rows(values, positions, in_features)
-    return ell_grad_input(grad, cols, vals, in_features, in_index, out_index)
+    return ell.grad_input(grad, cols, vals, in_features, in_index, out_index)
 
 
-def nm_grad_values(grad, x, values, positions, in_index, out_index):
+def nm_grad_values(grad, x, values, positions, in_index, out_index, ell=ROW_SPARSE):
     cols, _ = nm_to_rows(values, positions, x.shape[1])
-    return ell_grad_values(grad, x, cols, in_index, out_index)
+    return ell.grad_values(grad, x, cols, in_index, out_index)
 
 
-def diag_forward(x, values, offsets, out_features, bias, in_index, out_index):
+def diag_forward(x, values, offsets, out_features, bias, in_index, out_index, ell=ROW_SPARSE):
     cols, vals = diagonal_to_rows(values, offsets, out_features, x.shape[1])
-    return ell_forward(x, cols, vals, bias, in_index, out_index)
+    return ell.forward(x, cols, vals, bias, in_index, out_index)
 
 
-def diag_grad_input(grad, values, offsets, in_features, in_index, out_index):
+def diag_grad_input(grad, values, offsets, in_features, in_index, out_index, ell=ROW_SPARSE):
     cols, vals = diagonal_to_rows(values, offsets, grad.shape[1], in_features)
-    return ell_grad_input(grad, cols, vals, in_features, in_index, out_index)
+    return ell.grad_input(grad, cols, vals, in_features, in_index, out_index)
 
 
-def diag_grad_values(grad, x, values, offsets, in_index, out_index):
+def diag_grad_values(grad, x, values, offsets, in_index, out_index, ell=ROW_SPARSE):
     cols, _ = diagonal_to_rows(values, offsets, grad.shape[1], x.shape[1])
-    row_grads = ell_grad_values(grad, x, cols, in_index, out_index)
+    row_grads = ell.grad_values(grad, x, cols, in_index, out_index)
     return diagonal_values_from_rows(row_grads, values.shape[0], grad.shape[1])
