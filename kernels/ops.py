@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from padst_compiler.kernels import checks, cpu
+from padst_compiler.kernels import checks, cpu, inductor_visibility
 from padst_compiler.kernels.permutation import inverse_permutation
 
 try:
@@ -125,30 +125,36 @@ def define_structured_op(kernels: StructuredKernels):
     """Register ``padst::<name>`` with its fake, backward ops and autograd formula."""
     qualname = f"padst::{kernels.name}"
 
-    @torch.library.custom_op(qualname, mutates_args=(), schema=_FORWARD_SCHEMA)
-    def forward(x, values, index, out_features, bias=None, in_index=None, out_index=None):
+    def compute_forward(x, values, index, out_features, bias=None, in_index=None, out_index=None):
         _check_call(qualname, kernels, x, values, index, out_features, bias, in_index, out_index)
         y = kernels.for_device(x.device).forward(_flat(x), values, index, out_features, bias, in_index, out_index)
         return y.view(*x.shape[:-1], out_features)
+
+    forward = torch.library.custom_op(qualname, compute_forward, mutates_args=(), schema=_FORWARD_SCHEMA)
 
     @forward.register_fake
     def _(x, values, index, out_features, bias=None, in_index=None, out_index=None):
         _check_call(qualname, kernels, x, values, index, out_features, bias, in_index, out_index)
         return x.new_empty(*x.shape[:-1], out_features)
 
-    @torch.library.custom_op(f"{qualname}_grad_input", mutates_args=(), schema=_GRAD_INPUT_SCHEMA)
-    def grad_input(grad, values, index, in_features, in_index, out_index):
+    def compute_grad_input(grad, values, index, in_features, in_index, out_index):
         dx = kernels.for_device(grad.device).grad_input(_flat(grad), values, index, in_features, in_index, out_index)
         return dx.view(*grad.shape[:-1], in_features)
+
+    grad_input = torch.library.custom_op(f"{qualname}_grad_input", compute_grad_input, mutates_args=(),
+                                         schema=_GRAD_INPUT_SCHEMA)
 
     @grad_input.register_fake
     def _(grad, values, index, in_features, in_index, out_index):
         return grad.new_empty(*grad.shape[:-1], in_features)
 
-    @torch.library.custom_op(f"{qualname}_grad_values", mutates_args=(), schema=_GRAD_VALUES_SCHEMA)
-    def grad_values(grad, x, values, index, in_index, out_index):
+    def compute_grad_values(grad, x, values, index, in_index, out_index):
         # contiguous: the fake implementation promises the layout of empty_like(values)
-        return kernels.for_device(grad.device).grad_values(_flat(grad), _flat(x), values, index, in_index, out_index).contiguous()
+        return kernels.for_device(grad.device).grad_values(_flat(grad), _flat(x), values, index, in_index,
+                                                           out_index).contiguous()
+
+    grad_values = torch.library.custom_op(f"{qualname}_grad_values", compute_grad_values, mutates_args=(),
+                                          schema=_GRAD_VALUES_SCHEMA)
 
     @grad_values.register_fake
     def _(grad, x, values, index, in_index, out_index):
@@ -199,6 +205,11 @@ def define_structured_op(kernels: StructuredKernels):
         return dgrad, dx, None, None, None, None
 
     grad_values.register_autograd(grad_values_backward, setup_context=grad_values_setup)
+
+    if kernels.triton is not None:
+        for op, body in ((forward, compute_forward), (grad_input, compute_grad_input),
+                         (grad_values, compute_grad_values)):
+            inductor_visibility.decompose_on_cuda(op, body, triton_kernels.traceable_launches)
     return forward, grad_input, grad_values
 
 

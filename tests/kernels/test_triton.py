@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from padst_compiler.kernels import NM, Block, Diagonal
+from padst_compiler.kernels import NM, Block, Diagonal, inductor_visibility
 
 from .test_ops import make_case, run_with_grads
 
@@ -23,6 +23,25 @@ def test_kernels_match_the_dense_reference_under_the_interpreter():
                          cwd=REPOSITORY, env=env, capture_output=True, text=True, timeout=600)
     summary = run.stdout.strip().splitlines()[-1] if run.stdout.strip() else run.stderr[-2000:]
     assert run.returncode == 0 and "skipped" not in summary, run.stdout[-6000:] + run.stderr[-2000:]
+
+
+def test_functionalization_keeps_the_ops_opaque_off_cuda():
+    """The CUDA-only decomposition rule is registered on this torch and passes CPU ops through."""
+    from functorch.compile import aot_function, make_boxed_func
+
+    assert inductor_visibility.decompose_on_cuda_supported(), "rule not registered on this torch"
+    weight, x, bias, in_index, out_index = make_case(Block(4, 8), 32, 16, 0.5, (5,), dtype=torch.float32)
+    graphs = []
+
+    def keep_graph(gm, _):
+        graphs.append(gm)
+        return make_boxed_func(gm.forward)
+
+    op = lambda x, v, index, *rest: Block(4, 8).op(x, v, index, 32, *rest)  # noqa: E731
+    aot_function(op, keep_graph, keep_graph)(x.requires_grad_(), weight.values.requires_grad_(), weight.index,
+                                             bias, in_index, out_index)
+    targets = {str(node.target) for node in graphs[0].graph.nodes}
+    assert "padst.block_linear.default" in targets, targets
 
 
 # ------------------------------------------------------------------------- GPU
