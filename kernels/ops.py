@@ -10,6 +10,9 @@ the weight described by ``(values, index)`` in the structure's compressed form. 
 uniform schema lets compiler passes treat all structures alike. Each op comes with two
 backward ops (``*_grad_input`` and ``*_grad_values``), so Dynamo, AOTAutograd and
 Inductor see opaque, correctly typed nodes in forward and backward graphs alike.
+
+CUDA tensors run the Triton kernels of :mod:`triton_kernels`, which Inductor on CUDA also
+traces into (:mod:`inductor_visibility`); every other device runs :mod:`cpu`.
 """
 
 from __future__ import annotations
