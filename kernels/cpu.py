@@ -355,7 +355,10 @@ def transpose_rows(cols, vals, in_features) -> TransposedRows:
     """The transposed form of a rows view, built by one stable sort of the columns."""
     flat = cols.flatten()
     order = torch.argsort(flat, stable=True)
-    counts = torch.bincount(flat, minlength=in_features)
+    # a scatter-add rather than bincount: its shape does not depend on the data, so the
+    # Triton launchers that reuse this stay traceable under torch.compile
+    counts = torch.zeros(in_features, dtype=flat.dtype, device=flat.device)
+    counts.scatter_add_(0, flat, torch.ones_like(flat))
     rows = torch.div(order, cols.shape[1], rounding_mode="floor")
     return TransposedRows(torch.cumsum(counts, 0) - counts, counts, rows, vals.flatten()[order])
 

@@ -10,6 +10,9 @@ the weight described by ``(values, index)`` in the structure's compressed form. 
 uniform schema lets compiler passes treat all structures alike. Each op comes with two
 backward ops (``*_grad_input`` and ``*_grad_values``), so Dynamo, AOTAutograd and
 Inductor see opaque, correctly typed nodes in forward and backward graphs alike.
+
+CUDA tensors run the Triton kernels of :mod:`triton_kernels`, which Inductor on CUDA also
+traces into (:mod:`inductor_visibility`); every other device runs :mod:`cpu`.
 """
 
 from __future__ import annotations
@@ -19,8 +22,13 @@ from dataclasses import dataclass
 
 import torch
 
-from padst_compiler.kernels import checks, cpu
+from padst_compiler.kernels import checks, cpu, inductor_visibility
 from padst_compiler.kernels.permutation import inverse_permutation
+
+try:
+    from padst_compiler.kernels import triton_kernels
+except ImportError:  # no Triton on this platform: CUDA tensors take the PyTorch implementation
+    triton_kernels = None
 
 Tensor = torch.Tensor
 
@@ -62,14 +70,28 @@ permute.register_autograd(_permute_backward, setup_context=_permute_setup)
 
 
 @dataclass(frozen=True)
+class Implementation:
+    """One structure's three functions on one backend, all on ``[tokens, features]`` inputs."""
+
+    forward: Callable
+    grad_input: Callable
+    grad_values: Callable
+
+
+@dataclass(frozen=True)
 class StructuredKernels:
     """What one structure plugs into the generic op definition."""
 
     name: str
     check_format: Callable[[str, int, Tensor, Tensor, int], None]
-    forward: Callable
-    grad_input: Callable
-    grad_values: Callable
+    pytorch: Implementation
+    triton: Implementation | None
+
+    def for_device(self, device: torch.device) -> Implementation:
+        """The one place that picks a backend: Triton for CUDA tensors, PyTorch elsewhere."""
+        if device.type == "cuda" and self.triton is not None:
+            return self.triton
+        return self.pytorch
 
 
 def _check_call(op, kernels, x, values, index, out_features, bias, in_index, out_index):
@@ -106,30 +128,36 @@ def define_structured_op(kernels: StructuredKernels):
     """Register ``padst::<name>`` with its fake, backward ops and autograd formula."""
     qualname = f"padst::{kernels.name}"
 
-    @torch.library.custom_op(qualname, mutates_args=(), schema=_FORWARD_SCHEMA)
-    def forward(x, values, index, out_features, bias=None, in_index=None, out_index=None):
+    def compute_forward(x, values, index, out_features, bias=None, in_index=None, out_index=None):
         _check_call(qualname, kernels, x, values, index, out_features, bias, in_index, out_index)
-        y = kernels.forward(_flat(x), values, index, out_features, bias, in_index, out_index)
+        y = kernels.for_device(x.device).forward(_flat(x), values, index, out_features, bias, in_index, out_index)
         return y.view(*x.shape[:-1], out_features)
+
+    forward = torch.library.custom_op(qualname, compute_forward, mutates_args=(), schema=_FORWARD_SCHEMA)
 
     @forward.register_fake
     def _(x, values, index, out_features, bias=None, in_index=None, out_index=None):
         _check_call(qualname, kernels, x, values, index, out_features, bias, in_index, out_index)
         return x.new_empty(*x.shape[:-1], out_features)
 
-    @torch.library.custom_op(f"{qualname}_grad_input", mutates_args=(), schema=_GRAD_INPUT_SCHEMA)
-    def grad_input(grad, values, index, in_features, in_index, out_index):
-        dx = kernels.grad_input(_flat(grad), values, index, in_features, in_index, out_index)
+    def compute_grad_input(grad, values, index, in_features, in_index, out_index):
+        dx = kernels.for_device(grad.device).grad_input(_flat(grad), values, index, in_features, in_index, out_index)
         return dx.view(*grad.shape[:-1], in_features)
+
+    grad_input = torch.library.custom_op(f"{qualname}_grad_input", compute_grad_input, mutates_args=(),
+                                         schema=_GRAD_INPUT_SCHEMA)
 
     @grad_input.register_fake
     def _(grad, values, index, in_features, in_index, out_index):
         return grad.new_empty(*grad.shape[:-1], in_features)
 
-    @torch.library.custom_op(f"{qualname}_grad_values", mutates_args=(), schema=_GRAD_VALUES_SCHEMA)
-    def grad_values(grad, x, values, index, in_index, out_index):
+    def compute_grad_values(grad, x, values, index, in_index, out_index):
         # contiguous: the fake implementation promises the layout of empty_like(values)
-        return kernels.grad_values(_flat(grad), _flat(x), values, index, in_index, out_index).contiguous()
+        return kernels.for_device(grad.device).grad_values(_flat(grad), _flat(x), values, index, in_index,
+                                                           out_index).contiguous()
+
+    grad_values = torch.library.custom_op(f"{qualname}_grad_values", compute_grad_values, mutates_args=(),
+                                          schema=_GRAD_VALUES_SCHEMA)
 
     @grad_values.register_fake
     def _(grad, x, values, index, in_index, out_index):
@@ -180,6 +208,11 @@ def define_structured_op(kernels: StructuredKernels):
         return dgrad, dx, None, None, None, None
 
     grad_values.register_autograd(grad_values_backward, setup_context=grad_values_setup)
+
+    if kernels.triton is not None:
+        for op, body in ((forward, compute_forward), (grad_input, compute_grad_input),
+                         (grad_values, compute_grad_values)):
+            inductor_visibility.decompose_on_cuda(op, body, triton_kernels.traceable_launches)
     return forward, grad_input, grad_values
 
 
@@ -230,12 +263,20 @@ def _check_diag_format(op, in_features, values, offsets, out_features):
     checks.check_distinct_rows(op, "index (offsets) modulo min(out, in)", offsets, "diagonal", modulo=shorter)
 
 
+def _implementation(module, prefix: str) -> Implementation:
+    """``<prefix>_forward``, ``_grad_input`` and ``_grad_values`` of a backend module (``cpu`` and
+    ``triton_kernels`` name their functions alike)."""
+    return Implementation(*(getattr(module, f"{prefix}_{part}") for part in ("forward", "grad_input", "grad_values")))
+
+
+def _structure(name: str, check_format, prefix: str) -> StructuredKernels:
+    triton = None if triton_kernels is None else _implementation(triton_kernels, prefix)
+    return StructuredKernels(name, check_format, _implementation(cpu, prefix), triton)
+
+
 block_linear, block_linear_grad_input, block_linear_grad_values = define_structured_op(
-    StructuredKernels("block_linear", _check_block_format,
-                      cpu.block_forward, cpu.block_grad_input, cpu.block_grad_values))
+    _structure("block_linear", _check_block_format, "block"))
 nm_linear, nm_linear_grad_input, nm_linear_grad_values = define_structured_op(
-    StructuredKernels("nm_linear", _check_nm_format,
-                      cpu.nm_forward, cpu.nm_grad_input, cpu.nm_grad_values))
+    _structure("nm_linear", _check_nm_format, "nm"))
 diag_linear, diag_linear_grad_input, diag_linear_grad_values = define_structured_op(
-    StructuredKernels("diag_linear", _check_diag_format,
-                      cpu.diag_forward, cpu.diag_grad_input, cpu.diag_grad_values))
+    _structure("diag_linear", _check_diag_format, "diag"))

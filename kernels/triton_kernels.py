@@ -1,0 +1,415 @@
+"""Triton kernels for the structured linear ops (design section 4) and their launchers.
+
+The launchers take the same flattened ``[tokens, features]`` arguments as the functions
+in :mod:`cpu`, so the op definition can swap one set for the other. Both permutations
+are fused into the kernels: ``in_index`` is an indexed load of ``x`` (and an indexed
+store of ``dx``), ``out_index`` an indexed store of ``y`` through its inverse (and an
+indexed load of the incoming gradient). Every kernel accumulates in fp32 and writes each
+output element exactly once: the input gradient reads the transposed structure, built
+on the host by one sort, so no kernel needs atomics.
+
+The kernels are plain ``@triton.jit`` functions: with ``TRITON_INTERPRET=1`` set before
+this module is imported they run on CPU tensors.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+
+import torch
+import triton
+import triton.language as tl
+
+from padst_compiler.kernels import cpu
+from padst_compiler.kernels.permutation import inverse_permutation
+
+# The interpreter runs the kernels in Python: one configuration keeps it fast and skips
+# benchmarking, which needs a GPU.
+_INTERPRETED = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
+
+# Token rows one program of a values-gradient kernel reduces over; longer inputs are
+# split across programs whose fp32 partial sums are added on the host.
+TOKENS_PER_SPLIT = 64 if _INTERPRETED else 4096
+
+
+def _autotune(configs, key):
+    return triton.autotune(configs[:1] if _INTERPRETED else configs, key=key)
+
+
+def _token_configs(*block_tokens):
+    return [triton.Config({"BLOCK_T": t}, num_warps=w) for t in block_tokens for w in (4, 8)]
+
+
+# ------------------------------------------------------------------ launching
+
+_tracing = threading.local()
+
+
+@contextlib.contextmanager
+def traceable_launches():
+    """Launch through ``torch.library.wrap_triton`` so a graph being traced records the
+    kernels; eager launches skip that wrapper, which costs a dispatch per call."""
+    previous = getattr(_tracing, "on", False)
+    _tracing.on = True
+    try:
+        yield
+    finally:
+        _tracing.on = previous
+
+
+def _launch(kernel, grid):
+    if getattr(_tracing, "on", False):
+        kernel = torch.library.wrap_triton(kernel)
+    return kernel[grid]
+
+
+def _index_maps(in_index, out_index, fallback):
+    """Kernel arguments for the two permutations: the input feature each z-input column
+    reads and the output column each z row lands in (``inverse(out_index)``). An absent
+    permutation is passed as ``fallback``, a tensor the kernel never reads."""
+    in_map = fallback if in_index is None else in_index
+    out_pos = fallback if out_index is None else inverse_permutation(out_index)
+    return in_map, out_pos, in_index is not None, out_index is not None
+
+
+def _dot_precision(dtype):
+    """fp32 inputs multiply in full precision, like torch's default matmul."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+@triton.jit
+def _matmul_acc(acc, a, b, USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """``acc + a @ b`` in fp32. ``tl.dot`` needs every dimension >= 16 (the launchers pad
+    to that when it wastes at most half a tile); smaller blocks use a broadcast product."""
+    if USE_DOT:
+        out = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+    else:
+        out = acc + tl.sum(a.to(tl.float32)[:, :, None] * b.to(tl.float32)[None, :, :], axis=1)
+    return out
+
+
+# ----------------------------------------------------------------------- block
+
+
+def _block_tile(block_rows, block_cols):
+    """Padded tile sizes (powers of two) and whether tl.dot runs on them."""
+    use_dot = max(block_rows, block_cols) >= 16
+    floor = 16 if use_dot else 1
+    pad = lambda n: max(floor, triton.next_power_of_2(n))  # noqa: E731
+    return dict(ROWS=block_rows, COLS=block_cols, ROWS_PAD=pad(block_rows), COLS_PAD=pad(block_cols),
+                USE_DOT=use_dot)
+
+
+@_autotune(_token_configs(16, 32, 64, 128), key=["n_tokens", "kept", "ROWS", "COLS"])
+@triton.jit
+def _block_forward_kernel(x_ptr, values_ptr, col_blocks_ptr, bias_ptr, in_map_ptr, out_pos_ptr, y_ptr,
+                          n_tokens, in_features, out_features, kept,
+                          ROWS: tl.constexpr, COLS: tl.constexpr, ROWS_PAD: tl.constexpr,
+                          COLS_PAD: tl.constexpr, USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                          HAS_BIAS: tl.constexpr, HAS_IN_MAP: tl.constexpr, HAS_OUT_POS: tl.constexpr,
+                          BLOCK_T: tl.constexpr):
+    """One program: a tile of tokens times one block-row of the output."""
+    block_row = tl.program_id(1)
+    tokens = (tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
+    r = tl.arange(0, ROWS_PAD)
+    c = tl.arange(0, COLS_PAD)
+    t_mask, r_mask, c_mask = tokens < n_tokens, r < ROWS, c < COLS
+    acc = tl.zeros((BLOCK_T, ROWS_PAD), dtype=tl.float32)
+    for slot in range(kept):
+        kept_block = block_row * kept + slot
+        cols = tl.load(col_blocks_ptr + kept_block) * COLS + c
+        if HAS_IN_MAP:
+            cols = tl.load(in_map_ptr + cols, mask=c_mask, other=0)
+        x = tl.load(x_ptr + tokens[:, None] * in_features + cols[None, :],
+                    mask=t_mask[:, None] & c_mask[None, :], other=0.0)
+        w_t = tl.load(values_ptr + (kept_block * ROWS + r[None, :]) * COLS + c[:, None],
+                      mask=c_mask[:, None] & r_mask[None, :], other=0.0)
+        acc = _matmul_acc(acc, x, w_t, USE_DOT, DOT_PRECISION)
+    z_rows = block_row * ROWS + r
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + z_rows, mask=r_mask, other=0.0).to(tl.float32)[None, :]
+    out_cols = z_rows
+    if HAS_OUT_POS:
+        out_cols = tl.load(out_pos_ptr + z_rows, mask=r_mask, other=0)
+    tl.store(y_ptr + tokens[:, None] * out_features + out_cols[None, :], acc.to(y_ptr.dtype.element_ty),
+             mask=t_mask[:, None] & r_mask[None, :])
+
+
+@_autotune(_token_configs(16, 32, 64, 128), key=["n_tokens", "ROWS", "COLS"])
+@triton.jit
+def _block_grad_input_kernel(grad_ptr, values_ptr, starts_ptr, counts_ptr, block_rows_ptr, kept_blocks_ptr,
+                             in_map_ptr, out_pos_ptr, dx_ptr, n_tokens, in_features, out_features,
+                             ROWS: tl.constexpr, COLS: tl.constexpr, ROWS_PAD: tl.constexpr,
+                             COLS_PAD: tl.constexpr, USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                             HAS_IN_MAP: tl.constexpr, HAS_OUT_POS: tl.constexpr, BLOCK_T: tl.constexpr):
+    """One program: a tile of tokens times one input column block, summing over the kept
+    blocks that read it (the transposed structure, so each dx element is written once)."""
+    col_block = tl.program_id(1)
+    tokens = (tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
+    r = tl.arange(0, ROWS_PAD)
+    c = tl.arange(0, COLS_PAD)
+    t_mask, r_mask, c_mask = tokens < n_tokens, r < ROWS, c < COLS
+    start = tl.load(starts_ptr + col_block)
+    acc = tl.zeros((BLOCK_T, COLS_PAD), dtype=tl.float32)
+    for entry in range(start, start + tl.load(counts_ptr + col_block)):
+        kept_block = tl.load(kept_blocks_ptr + entry)
+        grad_cols = tl.load(block_rows_ptr + entry) * ROWS + r
+        if HAS_OUT_POS:
+            grad_cols = tl.load(out_pos_ptr + grad_cols, mask=r_mask, other=0)
+        g = tl.load(grad_ptr + tokens[:, None] * out_features + grad_cols[None, :],
+                    mask=t_mask[:, None] & r_mask[None, :], other=0.0)
+        w = tl.load(values_ptr + (kept_block * ROWS + r[:, None]) * COLS + c[None, :],
+                    mask=r_mask[:, None] & c_mask[None, :], other=0.0)
+        acc = _matmul_acc(acc, g, w, USE_DOT, DOT_PRECISION)
+    cols = col_block * COLS + c
+    if HAS_IN_MAP:
+        cols = tl.load(in_map_ptr + cols, mask=c_mask, other=0)
+    tl.store(dx_ptr + tokens[:, None] * in_features + cols[None, :], acc.to(dx_ptr.dtype.element_ty),
+             mask=t_mask[:, None] & c_mask[None, :])
+
+
+@_autotune(_token_configs(16, 32, 64), key=["n_tokens", "ROWS", "COLS"])
+@triton.jit
+def _block_grad_values_kernel(grad_ptr, x_ptr, col_blocks_ptr, in_map_ptr, out_pos_ptr, partial_ptr,
+                              n_tokens, in_features, out_features, kept, n_kept_blocks, tokens_per_split,
+                              ROWS: tl.constexpr, COLS: tl.constexpr, ROWS_PAD: tl.constexpr,
+                              COLS_PAD: tl.constexpr, USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                              HAS_IN_MAP: tl.constexpr, HAS_OUT_POS: tl.constexpr, BLOCK_T: tl.constexpr):
+    """One program: one kept block over one split of the tokens (SDDMM: only kept blocks)."""
+    kept_block = tl.program_id(0)
+    split = tl.program_id(1)
+    r = tl.arange(0, ROWS_PAD)
+    c = tl.arange(0, COLS_PAD)
+    r_mask, c_mask = r < ROWS, c < COLS
+    grad_cols = (kept_block // kept) * ROWS + r
+    if HAS_OUT_POS:
+        grad_cols = tl.load(out_pos_ptr + grad_cols, mask=r_mask, other=0)
+    x_cols = tl.load(col_blocks_ptr + kept_block) * COLS + c
+    if HAS_IN_MAP:
+        x_cols = tl.load(in_map_ptr + x_cols, mask=c_mask, other=0)
+    first = split * tokens_per_split
+    end = tl.minimum(first + tokens_per_split, n_tokens)
+    acc = tl.zeros((ROWS_PAD, COLS_PAD), dtype=tl.float32)
+    for t0 in range(first, end, BLOCK_T):
+        tokens = (t0 + tl.arange(0, BLOCK_T)).to(tl.int64)
+        t_mask = tokens < end
+        g_t = tl.load(grad_ptr + tokens[None, :] * out_features + grad_cols[:, None],
+                      mask=r_mask[:, None] & t_mask[None, :], other=0.0)
+        x = tl.load(x_ptr + tokens[:, None] * in_features + x_cols[None, :],
+                    mask=t_mask[:, None] & c_mask[None, :], other=0.0)
+        acc = _matmul_acc(acc, g_t, x, USE_DOT, DOT_PRECISION)
+    out = partial_ptr + ((split * n_kept_blocks + kept_block) * ROWS + r[:, None]) * COLS + c[None, :]
+    tl.store(out, acc, mask=r_mask[:, None] & c_mask[None, :])
+
+
+def block_forward(x, values, col_blocks, out_features, bias, in_index, out_index):
+    x, values = x.contiguous(), values.contiguous()
+    n_rows, kept, block_rows, block_cols = values.shape
+    n_tokens, in_features = x.shape
+    y = x.new_empty(n_tokens, out_features)
+    in_map, out_pos, has_in, has_out = _index_maps(in_index, out_index, col_blocks)
+    grid = lambda meta: (triton.cdiv(n_tokens, meta["BLOCK_T"]), n_rows)  # noqa: E731
+    _launch(_block_forward_kernel, grid)(
+        x, values, col_blocks, values if bias is None else bias, in_map, out_pos, y,
+        n_tokens, in_features, out_features, kept, **_block_tile(block_rows, block_cols),
+        DOT_PRECISION=_dot_precision(x.dtype), HAS_BIAS=bias is not None, HAS_IN_MAP=has_in, HAS_OUT_POS=has_out)
+    return y
+
+
+def block_grad_input(grad, values, col_blocks, in_features, in_index, out_index):
+    grad, values = grad.contiguous(), values.contiguous()
+    n_rows, kept, block_rows, block_cols = values.shape
+    n_tokens, out_features = grad.shape
+    kept_ids = torch.arange(n_rows * kept, device=col_blocks.device).view(n_rows, kept)
+    readers = cpu.transpose_rows(col_blocks, kept_ids, in_features // block_cols)
+    dx = grad.new_empty(n_tokens, in_features)
+    in_map, out_pos, has_in, has_out = _index_maps(in_index, out_index, col_blocks)
+    grid = lambda meta: (triton.cdiv(n_tokens, meta["BLOCK_T"]), in_features // block_cols)  # noqa: E731
+    _launch(_block_grad_input_kernel, grid)(
+        grad, values, readers.starts, readers.counts, readers.rows, readers.values, in_map, out_pos, dx,
+        n_tokens, in_features, out_features, **_block_tile(block_rows, block_cols),
+        DOT_PRECISION=_dot_precision(grad.dtype), HAS_IN_MAP=has_in, HAS_OUT_POS=has_out)
+    return dx
+
+
+def block_grad_values(grad, x, values, col_blocks, in_index, out_index):
+    grad, x = grad.contiguous(), x.contiguous()
+    n_rows, kept, block_rows, block_cols = values.shape
+    n_tokens, in_features = x.shape
+    n_splits = max(1, triton.cdiv(n_tokens, TOKENS_PER_SPLIT))
+    partial = torch.empty(n_splits, *values.shape, device=x.device, dtype=torch.float32)
+    in_map, out_pos, has_in, has_out = _index_maps(in_index, out_index, col_blocks)
+    _launch(_block_grad_values_kernel, (n_rows * kept, n_splits))(
+        grad, x, col_blocks, in_map, out_pos, partial,
+        n_tokens, in_features, grad.shape[1], kept, n_rows * kept, TOKENS_PER_SPLIT,
+        **_block_tile(block_rows, block_cols),
+        DOT_PRECISION=_dot_precision(x.dtype), HAS_IN_MAP=has_in, HAS_OUT_POS=has_out)
+    return partial.sum(0).to(values.dtype)
+
+
+# ----------------------------------------------------------- row-sparse (ELL)
+
+
+@_autotune([triton.Config({"BLOCK_T": t, "BLOCK_O": o}, num_warps=4) for t in (16, 64) for o in (32, 64)],
+           key=["n_tokens", "out_features", "nnz"])
+@triton.jit
+def _ell_forward_kernel(x_ptr, cols_ptr, vals_ptr, bias_ptr, in_map_ptr, out_pos_ptr, y_ptr,
+                        n_tokens, in_features, out_features, nnz,
+                        HAS_BIAS: tl.constexpr, HAS_IN_MAP: tl.constexpr, HAS_OUT_POS: tl.constexpr,
+                        BLOCK_T: tl.constexpr, BLOCK_O: tl.constexpr):
+    """One program: a tile of tokens times a tile of output rows, a gather-dot per row."""
+    tokens = (tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
+    rows = tl.program_id(1) * BLOCK_O + tl.arange(0, BLOCK_O)
+    t_mask, r_mask = tokens < n_tokens, rows < out_features
+    acc = tl.zeros((BLOCK_T, BLOCK_O), dtype=tl.float32)
+    for slot in range(nnz):
+        cols = tl.load(cols_ptr + rows * nnz + slot, mask=r_mask, other=0)
+        if HAS_IN_MAP:
+            cols = tl.load(in_map_ptr + cols, mask=r_mask, other=0)
+        v = tl.load(vals_ptr + rows * nnz + slot, mask=r_mask, other=0.0).to(tl.float32)
+        x = tl.load(x_ptr + tokens[:, None] * in_features + cols[None, :],
+                    mask=t_mask[:, None] & r_mask[None, :], other=0.0)
+        acc += x.to(tl.float32) * v[None, :]
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + rows, mask=r_mask, other=0.0).to(tl.float32)[None, :]
+    out_cols = rows
+    if HAS_OUT_POS:
+        out_cols = tl.load(out_pos_ptr + rows, mask=r_mask, other=0)
+    tl.store(y_ptr + tokens[:, None] * out_features + out_cols[None, :], acc.to(y_ptr.dtype.element_ty),
+             mask=t_mask[:, None] & r_mask[None, :])
+
+
+@_autotune([triton.Config({"BLOCK_T": t, "BLOCK_I": i}, num_warps=4) for t in (16, 64) for i in (32, 64)],
+           key=["n_tokens", "in_features", "out_features"])
+@triton.jit
+def _ell_grad_input_kernel(grad_ptr, starts_ptr, counts_ptr, rows_ptr, vals_ptr, in_map_ptr, out_pos_ptr,
+                           dx_ptr, n_tokens, in_features, out_features,
+                           HAS_IN_MAP: tl.constexpr, HAS_OUT_POS: tl.constexpr,
+                           BLOCK_T: tl.constexpr, BLOCK_I: tl.constexpr):
+    """One program: a tile of tokens times a tile of input columns, each summing over the
+    rows that read it (compressed-sparse-column form; counts differ between columns)."""
+    tokens = (tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
+    t_mask, c_mask = tokens < n_tokens, cols < in_features
+    starts = tl.load(starts_ptr + cols, mask=c_mask, other=0)
+    counts = tl.load(counts_ptr + cols, mask=c_mask, other=0)
+    acc = tl.zeros((BLOCK_T, BLOCK_I), dtype=tl.float32)
+    for step in range(tl.max(counts, axis=0)):
+        e_mask = step < counts
+        grad_cols = tl.load(rows_ptr + starts + step, mask=e_mask, other=0)
+        if HAS_OUT_POS:
+            grad_cols = tl.load(out_pos_ptr + grad_cols, mask=e_mask, other=0)
+        w = tl.load(vals_ptr + starts + step, mask=e_mask, other=0.0).to(tl.float32)
+        g = tl.load(grad_ptr + tokens[:, None] * out_features + grad_cols[None, :],
+                    mask=t_mask[:, None] & e_mask[None, :], other=0.0)
+        acc += g.to(tl.float32) * w[None, :]
+    dst = cols
+    if HAS_IN_MAP:
+        dst = tl.load(in_map_ptr + cols, mask=c_mask, other=0)
+    tl.store(dx_ptr + tokens[:, None] * in_features + dst[None, :], acc.to(dx_ptr.dtype.element_ty),
+             mask=t_mask[:, None] & c_mask[None, :])
+
+
+@_autotune([triton.Config({"BLOCK_T": t, "BLOCK_E": e}, num_warps=4) for t in (16, 32) for e in (64, 128)],
+           key=["n_tokens", "n_entries"])
+@triton.jit
+def _ell_grad_values_kernel(grad_ptr, x_ptr, cols_ptr, in_map_ptr, out_pos_ptr, partial_ptr,
+                            n_tokens, in_features, out_features, nnz, n_entries, tokens_per_split,
+                            HAS_IN_MAP: tl.constexpr, HAS_OUT_POS: tl.constexpr,
+                            BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr):
+    """One program: a tile of kept entries over one split of the tokens (SDDMM)."""
+    entries = tl.program_id(0) * BLOCK_E + tl.arange(0, BLOCK_E)
+    split = tl.program_id(1)
+    e_mask = entries < n_entries
+    grad_cols = entries // nnz
+    if HAS_OUT_POS:
+        grad_cols = tl.load(out_pos_ptr + grad_cols, mask=e_mask, other=0)
+    x_cols = tl.load(cols_ptr + entries, mask=e_mask, other=0)
+    if HAS_IN_MAP:
+        x_cols = tl.load(in_map_ptr + x_cols, mask=e_mask, other=0)
+    first = split * tokens_per_split
+    end = tl.minimum(first + tokens_per_split, n_tokens)
+    acc = tl.zeros((BLOCK_E,), dtype=tl.float32)
+    for t0 in range(first, end, BLOCK_T):
+        tokens = (t0 + tl.arange(0, BLOCK_T)).to(tl.int64)
+        mask = (tokens < end)[:, None] & e_mask[None, :]
+        g = tl.load(grad_ptr + tokens[:, None] * out_features + grad_cols[None, :], mask=mask, other=0.0)
+        x = tl.load(x_ptr + tokens[:, None] * in_features + x_cols[None, :], mask=mask, other=0.0)
+        acc += tl.sum(g.to(tl.float32) * x.to(tl.float32), axis=0)
+    tl.store(partial_ptr + split * n_entries + entries, acc, mask=e_mask)
+
+
+def ell_forward(x, cols, vals, bias, in_index, out_index):
+    x, cols, vals = x.contiguous(), cols.contiguous(), vals.contiguous()
+    n_tokens, in_features = x.shape
+    out_features, nnz = cols.shape
+    y = x.new_empty(n_tokens, out_features)
+    in_map, out_pos, has_in, has_out = _index_maps(in_index, out_index, cols)
+    grid = lambda meta: (triton.cdiv(n_tokens, meta["BLOCK_T"]), triton.cdiv(out_features, meta["BLOCK_O"]))  # noqa: E731
+    _launch(_ell_forward_kernel, grid)(
+        x, cols, vals, vals if bias is None else bias, in_map, out_pos, y,
+        n_tokens, in_features, out_features, nnz,
+        HAS_BIAS=bias is not None, HAS_IN_MAP=has_in, HAS_OUT_POS=has_out)
+    return y
+
+
+def ell_grad_input(grad, cols, vals, in_features, in_index, out_index):
+    grad = grad.contiguous()
+    n_tokens, out_features = grad.shape
+    readers = cpu.transpose_rows(cols, vals, in_features)
+    dx = grad.new_empty(n_tokens, in_features)
+    in_map, out_pos, has_in, has_out = _index_maps(in_index, out_index, cols)
+    grid = lambda meta: (triton.cdiv(n_tokens, meta["BLOCK_T"]), triton.cdiv(in_features, meta["BLOCK_I"]))  # noqa: E731
+    _launch(_ell_grad_input_kernel, grid)(
+        grad, readers.starts, readers.counts, readers.rows, readers.values, in_map, out_pos, dx,
+        n_tokens, in_features, out_features, HAS_IN_MAP=has_in, HAS_OUT_POS=has_out)
+    return dx
+
+
+def ell_grad_values(grad, x, cols, in_index, out_index):
+    grad, x, cols = grad.contiguous(), x.contiguous(), cols.contiguous()
+    n_tokens, in_features = x.shape
+    n_splits = max(1, triton.cdiv(n_tokens, TOKENS_PER_SPLIT))
+    partial = torch.empty(n_splits, *cols.shape, device=x.device, dtype=torch.float32)
+    in_map, out_pos, has_in, has_out = _index_maps(in_index, out_index, cols)
+    grid = lambda meta: (triton.cdiv(cols.numel(), meta["BLOCK_E"]), n_splits)  # noqa: E731
+    _launch(_ell_grad_values_kernel, grid)(
+        grad, x, cols, in_map, out_pos, partial,
+        n_tokens, in_features, grad.shape[1], cols.shape[1], cols.numel(), TOKENS_PER_SPLIT,
+        HAS_IN_MAP=has_in, HAS_OUT_POS=has_out)
+    return partial.sum(0).to(x.dtype)
+
+
+# ------------------------------------------------------ N:M and diagonal as ELL
+
+# The structures' own row layouts come from cpu.py; only the kernels differ.
+
+
+def nm_forward(x, values, positions, out_features, bias, in_index, out_index):
+    return ell_forward(x, *cpu.nm_to_rows(values, positions, x.shape[1]), bias, in_index, out_index)
+
+
+def nm_grad_input(grad, values, positions, in_features, in_index, out_index):
+    return ell_grad_input(grad, *cpu.nm_to_rows(values, positions, in_features), in_features, in_index, out_index)
+
+
+def nm_grad_values(grad, x, values, positions, in_index, out_index):
+    return ell_grad_values(grad, x, cpu.nm_columns(positions, x.shape[1]), in_index, out_index)
+
+
+def diag_forward(x, values, offsets, out_features, bias, in_index, out_index):
+    return ell_forward(x, *cpu.diagonal_to_rows(values, offsets, out_features, x.shape[1]), bias, in_index,
+                       out_index)
+
+
+def diag_grad_input(grad, values, offsets, in_features, in_index, out_index):
+    cols, vals = cpu.diagonal_to_rows(values, offsets, grad.shape[1], in_features)
+    return ell_grad_input(grad, cols, vals, in_features, in_index, out_index)
+
+
+def diag_grad_values(grad, x, values, offsets, in_index, out_index):
+    cols = cpu.diagonal_columns(offsets, grad.shape[1], x.shape[1])
+    row_grads = ell_grad_values(grad, x, cols, in_index, out_index)
+    return cpu.diagonal_values_from_rows(row_grads, values.shape[0], grad.shape[1])

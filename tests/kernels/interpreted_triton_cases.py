@@ -1,0 +1,104 @@
+"""The Triton kernels on CPU tensors under ``TRITON_INTERPRET=1``, against the dense reference.
+
+Triton decides at import whether ``@triton.jit`` compiles or interprets, for its own
+library functions too, so these cases need a process started with the variable set:
+``test_triton.py`` runs this file in one (``TRITON_INTERPRET=1 pytest <this file>`` works too).
+"""
+
+import os
+
+import pytest
+import torch
+
+from padst_compiler.kernels import NM, Block, Diagonal
+
+from .reference import dense_reference
+
+if os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("needs TRITON_INTERPRET=1 before triton is imported", allow_module_level=True)
+
+from padst_compiler.kernels import triton_kernels  # noqa: E402  (after the interpreter check)
+
+BIAS, IN, OUT = "bias", "in", "out"
+# (structure, launcher prefix, (out, in), tokens, fused extras). The kernels read both
+# permutations and the bias through separate flags, so each flag is on in some case and
+# off in another; 70 tokens is more than one split of the values-gradient reduction.
+CASES = [
+    (Block(16, 16), "block", (64, 128), 33, {BIAS, IN, OUT}),
+    (Block(16, 16), "block", (128, 64), 70, set()),
+    (Block(8, 8), "block", (64, 128), 5, {BIAS, IN, OUT}),
+    (Block(8, 8), "block", (128, 64), 33, {IN}),
+    (Block(32, 16), "block", (128, 64), 33, {BIAS, IN, OUT}),
+    (Block(32, 16), "block", (64, 128), 5, {OUT}),
+    (NM(4), "nm", (64, 128), 33, {BIAS, IN, OUT}),
+    (NM(4), "nm", (128, 64), 5, set()),
+    (NM(8), "nm", (128, 64), 70, {BIAS, IN, OUT}),
+    (NM(8), "nm", (64, 128), 5, {BIAS, IN}),
+    (Diagonal(), "diag", (64, 128), 33, {BIAS, IN, OUT}),
+    (Diagonal(), "diag", (128, 64), 70, {OUT}),
+    (Diagonal(), "diag", (64, 128), 5, set()),
+]
+
+
+def case_id(case):
+    structure, _, (out_features, in_features), tokens, extras = case
+    return f"{structure}-{out_features}x{in_features}-t{tokens}-" + ("+".join(sorted(extras)) or "plain")
+
+
+def make_inputs(structure, out_features, in_features, tokens, extras, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    weight = structure.project(torch.randn(out_features, in_features, generator=gen), 0.5)
+    x = torch.randn(tokens, in_features, generator=gen)
+    grad = torch.randn(tokens, out_features, generator=gen)
+    bias = torch.randn(out_features, generator=gen) if BIAS in extras else None
+    in_index = torch.randperm(in_features, generator=gen) if IN in extras else None
+    out_index = torch.randperm(out_features, generator=gen) if OUT in extras else None
+    return weight, x, grad, bias, in_index, out_index
+
+
+def reference_results(structure, weight, x, grad, bias, in_index, out_index):
+    """y, dx and dvalues of the masked dense matmul, through autograd."""
+    x, values = x.double().requires_grad_(), weight.values.double().requires_grad_()
+    bias = None if bias is None else bias.double()
+    y = dense_reference(structure, x, values, weight.index, grad.shape[1], bias, in_index, out_index)
+    y.backward(grad.double())
+    return y.detach(), x.grad, values.grad
+
+
+def kernel_results(prefix, weight, x, grad, bias, in_index, out_index, dtype):
+    forward, grad_input, grad_values = (getattr(triton_kernels, f"{prefix}_{part}")
+                                        for part in ("forward", "grad_input", "grad_values"))
+    x, grad, values = x.to(dtype), grad.to(dtype), weight.values.to(dtype)
+    bias = None if bias is None else bias.to(dtype)
+    out_features, in_features = grad.shape[1], x.shape[1]
+    return (forward(x, values, weight.index, out_features, bias, in_index, out_index),
+            grad_input(grad, values, weight.index, in_features, in_index, out_index),
+            grad_values(grad, x, values, weight.index, in_index, out_index))
+
+
+def check_against_reference(case, dtype, **tolerance):
+    structure, prefix, (out_features, in_features), tokens, extras = case
+    inputs = make_inputs(structure, out_features, in_features, tokens, extras)
+    got = kernel_results(prefix, *inputs, dtype)
+    want = reference_results(structure, *inputs)
+    for name, g, w in zip(("y", "dx", "dvalues"), got, want):
+        assert g.dtype == dtype and g.shape == w.shape, name
+        torch.testing.assert_close(g.double(), w, **tolerance, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_float32_matches_dense_reference(case):
+    check_against_reference(case, torch.float32, atol=1e-4, rtol=1e-4)
+
+
+# tl.dot on bfloat16 is not supported by the interpreter (it multiplies the bit patterns,
+# triton-lang/triton#11584), so bfloat16 runs only where the kernels use no tl.dot:
+# blocks smaller than 16 and the row-sparse kernels.
+HALF_CASES = [(case, torch.float16) for case in CASES[::2]] + \
+             [(case, torch.bfloat16) for case in CASES if case[1] != "block" or case[0].rows < 16]
+
+
+@pytest.mark.parametrize("case,dtype", HALF_CASES, ids=lambda v: case_id(v) if isinstance(v, tuple) else str(v))
+def test_half_precision_matches_dense_reference(case, dtype):
+    # the tolerance covers rounding the 16-bit inputs and outputs
+    check_against_reference(case, dtype, atol=0.1, rtol=0.02)
