@@ -393,8 +393,15 @@ def diagonal_columns(offsets, out_features, in_features):
 
 
 def _diagonal_row_values(values, out_features):
+    """Diagonal values in row layout, ``[out, K*t]``: a strided copy, reused while the values
+    are unchanged (a frozen model pays for it once)."""
     n_diag, length = values.shape
-    return values.view(n_diag, length // out_features, out_features).permute(2, 0, 1).reshape(out_features, -1)
+
+    def compute():
+        rows = values.view(n_diag, length // out_features, out_features).permute(2, 0, 1)
+        return rows.reshape(out_features, -1).contiguous()
+
+    return memoize("diagonal row values", (values,), compute, out_features)
 
 
 def diagonal_to_rows(values, offsets, out_features, in_features):

@@ -5,6 +5,10 @@ counter), while its values change every step. Everything derived from indices al
 columns a kernel reads with ``in_index`` fused, the transposed structure of the backward,
 inverse permutations, value checks) is therefore computed once per index version instead
 of on every call, which matters most at small token counts.
+
+Versions only move when a tensor is changed through itself (an optimizer step, ``copy_``,
+``load_state_dict``); a change made through ``tensor.data`` bypasses the counter and is not
+seen, as it is not seen by autograd either.
 """
 
 from __future__ import annotations

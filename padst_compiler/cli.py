@@ -61,6 +61,16 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--tokens", type=_positive_int, default=4096, help="tokens per batch (sequences of 512)")
     model.add_argument("--repeats", type=_positive_int, default=5)
     model.add_argument("--out", help="also write the results as JSON here")
+    kernels = benches.add_parser("kernels", help="every structured op against the dense op",
+                                 description="Forward, forward with a fused in_index, and forward+backward of "
+                                             "each structure against F.linear, for 768->3072 and 3072->768 at "
+                                             "1, 16 and 4096 tokens and sparsity 0.9 and 0.95; medians of "
+                                             "interleaved repeats in one process.")
+    kernels.add_argument("--tokens", type=_positive_int, nargs="+", default=[1, 16, 4096])
+    kernels.add_argument("--sparsity", type=_sparsity, nargs="+", default=[0.9, 0.95])
+    kernels.add_argument("--repeats", type=_positive_int, default=7)
+    kernels.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    kernels.add_argument("--out", help="also write the results as JSON here")
     return parser
 
 
@@ -73,8 +83,10 @@ def main(argv: list[str] | None = None) -> int:
 
         if args.bench == "accuracy":
             bench.accuracy(steps=args.steps, sparsity=args.sparsity, seed=args.seed, lr=args.lr, out=args.out)
-        else:
+        elif args.bench == "model":
             bench.model_speed(layers=args.layers, tokens=args.tokens, repeats=args.repeats, out=args.out)
+        else:
+            return _bench_kernels(args)
     if args.command == "demo":
         from padst_compiler import demo
 
@@ -83,6 +95,19 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as error:  # a structure that cannot take the requested sparsity
             print(f"padst demo: error: {error}", file=sys.stderr)
             return 2
+    return 0
+
+
+def _bench_kernels(args) -> int:
+    import torch
+
+    from padst_compiler import bench_kernels
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("padst bench kernels: error: --device cuda but no CUDA GPU is available", file=sys.stderr)
+        return 2
+    bench_kernels.run(tokens=tuple(args.tokens), sparsities=tuple(args.sparsity), device=args.device,
+                      repeats=args.repeats, out=args.out)
     return 0
 
 

@@ -57,3 +57,14 @@ def test_accuracy_benchmark_lists_every_method():
     assert labels[:4] == ["dense", "Unstructured() RigL", "Unstructured() SET", "Unstructured() RigL, ERK"]
     assert "Block(8x8) RigL, perm learned" in labels and "Diagonal() RigL, perm none" in labels
     assert len(labels) == 13 and all(c.lr == 1e-3 and c.steps == 10 for c in accuracy_configs(steps=10))
+
+
+def test_kernel_benchmark_prints_ratios_and_writes_json(tmp_path, capsys):
+    import json
+
+    out = tmp_path / "kernels.json"
+    assert cli.main(["bench", "kernels", "--tokens", "1", "--sparsity", "0.9", "--repeats", "1", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "fwd vs dense" in printed and "Block(32x32)" in printed and "Diagonal()" in printed
+    rows = json.loads(out.read_text())
+    assert len(rows) == 8 and all(r["forward_speedup"] > 0 and r["train_speedup"] > 0 for r in rows)

@@ -1,0 +1,128 @@
+"""``padst bench kernels``: every structured op against the dense op, one process.
+
+For each structure, layer shape, token count and sparsity it times, interleaved and as
+medians of repeats: the structured forward, the same forward with a fused ``in_index``,
+and forward+backward (gradients of input, kept values and bias), each against
+``F.linear`` with a dense weight of the same shape. The implementation each op ran (as
+picked by measurement, see ``kernels/select.py``) is printed alongside, and the results can
+be written as JSON.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tabulate import tabulate
+
+from padst_compiler.kernels import NM, Block, Diagonal, Structure, select, set_checks
+from padst_compiler.timing import interleaved_medians
+
+STRUCTURES: tuple[Structure, ...] = (Block(32, 32), Block(64, 64), NM(32), Diagonal())
+SHAPES = ((768, 3072), (3072, 768))  # (in, out)
+TOKENS = (1, 16, 4096)
+SPARSITIES = (0.9, 0.95)
+
+
+@dataclass(frozen=True)
+class KernelResult:
+    structure: str
+    in_features: int
+    out_features: int
+    tokens: int
+    sparsity: float
+    kept_fraction: float
+    forward_ms: float
+    dense_forward_ms: float
+    in_index_forward_ms: float
+    train_ms: float
+    dense_train_ms: float
+    implementations: str
+
+    @property
+    def forward_speedup(self) -> float:
+        return self.dense_forward_ms / self.forward_ms
+
+    @property
+    def train_speedup(self) -> float:
+        return self.dense_train_ms / self.train_ms
+
+    @property
+    def in_index_cost(self) -> float:
+        return self.in_index_forward_ms / self.forward_ms - 1
+
+
+def measure(structure: Structure, in_features: int, out_features: int, tokens: int, sparsity: float,
+            device: str = "cpu", repeats: int = 7, seed: int = 0) -> KernelResult:
+    gen = torch.Generator().manual_seed(seed)
+    dense = torch.randn(out_features, in_features, generator=gen) / in_features ** 0.5
+    weight = structure.project(dense, sparsity, layer=f"bench {out_features}x{in_features}")
+    index = weight.index.to(device)
+    dense = dense.to(device).requires_grad_()
+    x = torch.randn(tokens, in_features, generator=gen).to(device).requires_grad_()
+    bias = torch.randn(out_features, generator=gen).to(device).requires_grad_()
+    grad = torch.randn(tokens, out_features, generator=gen).to(device)
+    in_index = torch.randperm(in_features, generator=gen).to(device)
+    values = weight.values.to(device).requires_grad_()
+
+    def sparse(in_index=None):
+        return structure.op(x, values, index, out_features, bias, in_index)
+
+    def sync(fn):
+        def run():
+            fn()
+            if device == "cuda":
+                torch.cuda.synchronize()
+        return run
+
+    with set_checks(False):  # index value checks are a debugging aid, not part of the kernels' cost
+        with torch.no_grad():
+            forward = interleaved_medians({
+                "sparse": sync(sparse), "in_index": sync(lambda: sparse(in_index)),
+                "dense": sync(lambda: F.linear(x, dense, bias))}, repeats=repeats)
+        train = interleaved_medians({
+            "sparse": sync(lambda: sparse().backward(grad)),
+            "dense": sync(lambda: F.linear(x, dense, bias).backward(grad))}, repeats=repeats)
+    # run() clears the choices before each case, so every record here is this case's
+    chosen = sorted({f"{r['op'].split('_', 1)[1]}={r['chosen']}" for r in select.choices()})
+    return KernelResult(str(structure), in_features, out_features, tokens, sparsity, weight.kept_fraction,
+                        forward["sparse"] * 1e3, forward["dense"] * 1e3, forward["in_index"] * 1e3,
+                        train["sparse"] * 1e3, train["dense"] * 1e3, " ".join(chosen) or "-")
+
+
+def run(structures=STRUCTURES, shapes=SHAPES, tokens=TOKENS, sparsities=SPARSITIES, device: str = "cpu",
+        repeats: int = 7, out: str | None = None, progress: bool = True) -> list[KernelResult]:
+    dense_name = "F.linear fp32" if device == "cpu" else "F.linear (cuBLAS)"
+    print(f"padst bench kernels: structured ops vs {dense_name} on {device} "
+          f"({torch.get_num_threads()} threads); medians of {repeats} interleaved runs\n", flush=True)
+    results = []
+    for in_features, out_features in shapes:
+        for structure in structures:
+            for sparsity in sparsities:
+                for count in tokens:
+                    select.clear()  # report the implementation picked for this very case
+                    result = measure(structure, in_features, out_features, count, sparsity, device, repeats)
+                    results.append(result)
+                    if progress:
+                        print(f"  {result.structure} {in_features}->{out_features} s={sparsity} "
+                              f"tokens={count}: forward {result.forward_speedup:.2f}x", flush=True)
+    print()
+    print(table(results))
+    if out:
+        Path(out).write_text(json.dumps([{**asdict(r), "forward_speedup": r.forward_speedup,
+                                          "train_speedup": r.train_speedup, "in_index_cost": r.in_index_cost}
+                                         for r in results], indent=2))
+        print(f"\nresults written to {out}")
+    return results
+
+
+def table(results: list[KernelResult]) -> str:
+    rows = [(r.structure, f"{r.in_features}->{r.out_features}", r.tokens, r.sparsity, f"{r.kept_fraction:.3f}",
+             f"{r.forward_ms:.3f}", f"{r.forward_speedup:.2f}x", f"{r.in_index_cost * 100:+.0f}%",
+             f"{r.train_ms:.3f}", f"{r.train_speedup:.2f}x", r.implementations) for r in results]
+    return tabulate(rows, headers=["structure", "shape", "tokens", "sparsity", "kept", "fwd ms", "fwd vs dense",
+                                   "in_index", "fwd+bwd ms", "fwd+bwd vs dense", "implementation"],
+                    disable_numparse=True)
