@@ -31,8 +31,10 @@ template <typename V>
 static inline V load(const float* p) { V v; std::memcpy(&v, p, sizeof(V)); return v; }
 template <typename V>
 static inline void store(float* p, V v) { std::memcpy(p, &v, sizeof(V)); }
+// A broadcast: s - 0 is s for every s (s + 0 is not, for s = -0), so this folds to one
+// vbroadcastss where V{} + s would keep a real add.
 template <typename V>
-static inline V splat(float s) { return V{} + s; }
+static inline V splat(float s) { return s - V{}; }
 
 // ------------------------------------------------------------------------- block_mm
 

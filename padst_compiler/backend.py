@@ -125,9 +125,10 @@ def optimize_graph(gm: fx.GraphModule, example_inputs: Sequence, config: Backend
     result = run_pipeline(work, example_inputs, ctx, disabled=config.disable, record=record,
                           numeric_inputs=list(example_inputs) if real else None)
     if config.debug_dir is not None:
-        from padst_compiler.debug import write_run
+        from padst_compiler.debug import write_kernel_choices_at_exit, write_run
 
         write_run(config.debug_dir, result, original_code=gm.code)
+        write_kernel_choices_at_exit(config.debug_dir)
     if config.check:
         for record_ in result.records:
             if record_.max_abs_diff is not None and record_.max_abs_diff > CHECK_TOLERANCE:

@@ -130,6 +130,9 @@ def _diff(args) -> int:
         print(f"padst diff: error: {error}", file=sys.stderr)
         return 2
     print(debug.render_text(runs, color, args.tolerance))
+    choices = debug.kernel_choices_table(args.paths[0])
+    if choices:
+        print(f"\n== kernel implementations picked at run time ==\n{choices}")
     if args.html:
         Path(args.html).write_text(debug.render_html(runs, args.tolerance))
         print(f"\nHTML report written to {args.html}")

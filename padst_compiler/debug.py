@@ -4,7 +4,9 @@ Recording: ``write_run`` stores one run per compiled graph under ``DIR/run-NNN/`
 ``summary.json`` (per pass: changed, seconds, node counts before and after, largest
 output difference from the original graph) and the readable code before and after
 every pass; the same snapshots go to PyTorch's structured trace (``TORCH_TRACE``, read
-by tlparse). Reading: ``load_runs``, ``summary_table``, ``pass_diff``, ``first_bad_pass``,
+by tlparse). ``write_kernel_choices`` adds ``kernel_choices.json``: which implementation
+each CPU op picked per shape regime, with the measured times (written when the process
+exits for a backend debug directory, since the choices are made at run time). Reading: ``load_runs``, ``summary_table``, ``pass_diff``, ``first_bad_pass``,
 ``render_text`` and ``render_html`` (one self-contained file) serve ``padst diff`` and tests.
 """
 
@@ -52,6 +54,42 @@ def write_run(directory: str | Path, result, original_code: str) -> Path:
                          payload_fn=lambda record=record: record.code_after)
     (run / "summary.json").write_text(json.dumps({"passes": passes}, indent=2))
     return run
+
+
+KERNEL_CHOICES = "kernel_choices.json"
+_choice_dirs: set[Path] = set()
+
+
+def write_kernel_choices(directory: str | Path) -> Path:
+    """Store the implementation picked for every op and shape regime so far (see ``kernels/select.py``)."""
+    from padst_compiler.kernels import select
+
+    path = Path(directory) / KERNEL_CHOICES
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(select.choices(), indent=2))
+    return path
+
+
+def write_kernel_choices_at_exit(directory: str | Path) -> None:
+    """Write the kernel choices into ``directory`` when the process ends (once per directory)."""
+    import atexit
+
+    root = Path(directory).resolve()
+    if root not in _choice_dirs:
+        _choice_dirs.add(root)
+        atexit.register(write_kernel_choices, root)
+
+
+def kernel_choices_table(directory: str | Path) -> str | None:
+    """The recorded kernel choices as a table, or ``None`` if none were recorded."""
+    path = Path(directory) / KERNEL_CHOICES
+    if not path.is_file():
+        return None
+    choices = json.loads(path.read_text())
+    rows = [(c["op"], " ".join(c["regime"]), c["chosen"], "  ".join(f"{n} {ms:.3f}" for n, ms in c["ms"].items()))
+            for c in choices]
+    return tabulate(rows, headers=["op", "regime (tokens bucket, features, dtype, shapes, in/out index)", "chosen",
+                                   "measured ms"], disable_numparse=True)
 
 
 # ------------------------------------------------------------------------- reading

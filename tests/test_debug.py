@@ -128,3 +128,19 @@ def test_the_html_report_renders_in_headless_chromium(recorded, tmp_path):
                             capture_output=True, text=True, timeout=120)
     for name in PASSES:
         assert f'data-pass="{name}"' in result.stdout
+
+
+@pytest.mark.slow
+def test_kernel_choices_are_written_and_shown_by_padst_diff(recorded, tmp_path, capsys):
+    from padst_compiler.kernels import select
+
+    directory = tmp_path / "debug"
+    shutil.copytree(recorded, directory)
+    weight = Block(8, 8).project(torch.randn(32, 48), 0.5)
+    with select.set_autotune(True):
+        weight.linear(torch.randn(5, 48))
+    debug.write_kernel_choices(directory)
+    assert cli.main(["diff", str(directory), "--color", "never"]) == 0
+    printed = capsys.readouterr().out
+    assert "kernel implementations picked at run time" in printed
+    assert "block_forward" in printed and "chosen" in printed
