@@ -51,8 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="sparsity structure: blockN (N x N blocks), blockRxC, nmM (N:M with groups of M "
                            "inputs) or diagonal (default block8)")
     demo.add_argument("--sparsity", type=_sparsity, default=0.9, help="fraction of weights removed (default 0.9)")
-    demo.add_argument("--steps", type=_positive_int, default=400,
-                      help="training steps of each of the three runs (default 400)")
+    demo.add_argument("--steps", type=_positive_int, default=300,
+                      help="training steps of each of the three runs (default 300)")
     demo.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where to train and run (default cpu)")
     demo.add_argument("--out", default="padst_demo_out", metavar="DIR",
                       help="directory for results.json, the plot and the graph-diff report (default padst_demo_out)")
