@@ -33,6 +33,19 @@ def test_tiny_demo_prints_the_table_and_writes_the_report(tmp_path, capsys):
     assert [p.name for p in debug.load_runs(tmp_path / "padst_debug")[0].passes][0] == "canonicalize"
 
 
+def test_a_compiled_result_off_by_more_than_the_tolerance_does_not_match():
+    eager = torch.ones(3)
+    assert demo.compare_to_eager([(eager + 1e-6, eager)]).matches
+    mismatch = demo.compare_to_eager([(eager + 1e-6, eager), (eager + 0.01, eager)])
+    assert not mismatch.matches and mismatch.max_abs_diff == pytest.approx(0.01)
+    assert mismatch.describe().startswith("NO (max |diff| 1.0e-02)")
+
+
+def test_the_demo_exits_non_zero_when_a_check_fails(monkeypatch, tmp_path):
+    monkeypatch.setattr(demo, "run", lambda **options: {"passed": False})
+    assert cli.main(["demo", "--out", str(tmp_path)]) == 1
+
+
 @pytest.mark.parametrize("text,structure", [("block8", Block(8, 8)), ("Block16", Block(16, 16)),
                                             ("block8x16", Block(8, 16)), ("nm32", NM(32)),
                                             ("diagonal", Diagonal())])
@@ -59,15 +72,17 @@ def test_bad_options_give_a_one_line_error(argv, message, capsys):
     (["demo", "--structure", "block32"], "layer 'blocks.0.attn.qkv' of shape 384x128 (out x in) cannot take "
                                          "Block(32x32): sparsity 0.9 keeps no block of the 4 in a block-row"),
     (["demo", "--structure", "nm3"], "m = 3 does not divide in_features 128"),
+    (["demo", "--out", __file__], "exists and is not a directory"),
     pytest.param(["demo", "--device", "cuda"], "no CUDA device is available",
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is available")),
 ])
 def test_what_the_model_or_machine_cannot_take_is_refused_before_training(argv, message, tmp_path, capsys):
-    assert cli.main([*argv, "--out", str(tmp_path / "out")]) == 2
+    out = tmp_path / "out"
+    assert cli.main(argv if "--out" in argv else [*argv, "--out", str(out)]) == 2
     captured = capsys.readouterr()
     assert captured.err.startswith("padst demo: error: ") and len(captured.err.strip().splitlines()) == 1
     assert message in captured.err
-    assert captured.out == "" and not (tmp_path / "out").exists()
+    assert captured.out == "" and not out.exists()
 
 
 @pytest.mark.parametrize("argv,message", [
