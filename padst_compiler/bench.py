@@ -8,13 +8,18 @@ every structure with no, a random and a learned permutation.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
+import torch
 from tabulate import tabulate
+from torch import nn
 
 from padst_compiler.data import ByteCorpus, stdlib_corpus
+from padst_compiler.kernels import set_checks
 from padst_compiler.kernels.structures import NM, Block, Diagonal, Unstructured
 from padst_compiler.recipe import RunConfig, label, train
+from padst_compiler.timing import interleaved_medians
 
 ACCURACY_STRUCTURES = (Block(8, 8), NM(32), Diagonal())
 
@@ -54,13 +59,37 @@ def _cold_compile_caches():
     """Inductor's and AOTAutograd's on-disk caches off (they would hide the compile time)."""
     import contextlib
 
-    import torch
-
     stack = contextlib.ExitStack()
     stack.enter_context(torch._inductor.config.patch(fx_graph_cache=False))
     if hasattr(torch._functorch.config, "enable_autograd_cache"):  # private; present in torch 2.11 - 2.13
         stack.enter_context(torch._functorch.config.patch(enable_autograd_cache=False))
     return stack
+
+
+def speed_medians(inference: Mapping[str, Callable[[], object]],
+                  training: Mapping[str, tuple[nn.Module, Callable[[], torch.Tensor]]],
+                  repeats: int) -> tuple[dict[str, float], dict[str, float]]:
+    """Median seconds of one inference call and of one training step (zero the gradients,
+    forward to a scalar, backward) per candidate, each set interleaved (``timing``), with the
+    index value checks off: they are a debugging aid, not part of the kernels' cost."""
+    sync = torch.cuda.synchronize if torch.cuda.is_initialized() else (lambda: None)
+
+    def infer(fn):
+        with torch.no_grad():
+            fn()
+        sync()
+
+    def step(model, scalar):
+        model.zero_grad(set_to_none=True)
+        scalar().backward()
+        sync()
+
+    with set_checks(False):
+        infer_times = interleaved_medians({name: (lambda f=fn: infer(f)) for name, fn in inference.items()},
+                                          repeats=repeats)
+        train_times = interleaved_medians({name: (lambda m=model, f=fn: step(m, f))
+                                           for name, (model, fn) in training.items()}, repeats=repeats)
+    return infer_times, train_times
 
 
 def model_speed(layers: int = 2, tokens: int = 4096, sequence: int = 512, sparsity: float = 0.9,
@@ -72,12 +101,8 @@ def model_speed(layers: int = 2, tokens: int = 4096, sequence: int = 512, sparsi
     compile time with compile caches off (model construction excluded)."""
     import time
 
-    import torch
-
     from padst_compiler.api import optimize
-    from padst_compiler.kernels import set_checks
     from padst_compiler.models import GPT, GPTConfig
-    from padst_compiler.timing import interleaved_medians
     from padst_compiler.training import sparsify
 
     config = GPTConfig(block_size=sequence, n_layer=layers, n_head=12, d_model=768)
@@ -110,18 +135,10 @@ def model_speed(layers: int = 2, tokens: int = 4096, sequence: int = 512, sparsi
         compiled(idx).float().mean().backward()
         training[name] = (model, compiled)
 
-    def infer(name):
-        with torch.no_grad():
-            return inference[name](idx)
-
-    def step(name):
-        model, compiled = training[name]
-        model.zero_grad(set_to_none=True)
-        compiled(idx).float().mean().backward()
-
-    with set_checks(False):  # index value checks are a debugging aid, not part of the kernels' cost
-        infer_times = interleaved_medians({name: (lambda n=name: infer(n)) for name in variants}, repeats=repeats)
-        train_times = interleaved_medians({name: (lambda n=name: step(n)) for name in variants}, repeats=repeats)
+    infer_times, train_times = speed_medians(
+        {name: (lambda n=name: inference[n](idx)) for name in variants},
+        {name: (model, lambda c=compiled: c(idx).float().mean()) for name, (model, compiled) in training.items()},
+        repeats)
     dense = "dense (Inductor)"
     rows = [{"model": name, "inference_ms": infer_times[name] * 1e3, "train_step_ms": train_times[name] * 1e3,
              "inference_speedup": infer_times[dense] / infer_times[name],

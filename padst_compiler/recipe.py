@@ -34,6 +34,7 @@ class RunConfig:
     model: GPTConfig = field(default_factory=GPTConfig)
     corpus_bytes: int = 1_000_000
     update_every: int = 50
+    device: str = "cpu"
 
 
 @dataclass
@@ -63,12 +64,18 @@ def label(config: RunConfig) -> str:
     return f"{config.structure} {growth}{extra}{perm}"
 
 
+def batch(corpus: ByteCorpus, split: str, config: RunConfig, generator: torch.Generator):
+    """Inputs and targets of the run's batch shape on the run's device (drawn on the CPU, so a
+    seed gives the same batches on every device)."""
+    x, y = corpus.batch(split, config.batch_size, config.model.block_size, generator)
+    return x.to(config.device), y.to(config.device)
+
+
 @torch.no_grad()
 def evaluate(model: GPT, corpus: ByteCorpus, config: RunConfig) -> float:
     model.eval()
     gen = torch.Generator().manual_seed(12345)
-    losses = [model.loss(*corpus.batch("validation", config.batch_size, config.model.block_size, gen)).item()
-              for _ in range(config.eval_batches)]
+    losses = [model.loss(*batch(corpus, "validation", config, gen)).item() for _ in range(config.eval_batches)]
     model.train()
     return sum(losses) / len(losses)
 
@@ -79,7 +86,7 @@ def build_model(config: RunConfig) -> GPT:
     if config.structure is not None:
         sparsify(model, config.structure, config.sparsity, permutation=config.permutation,
                  distribution=config.distribution, seed=config.seed)
-    return model
+    return model.to(config.device)
 
 
 def train(config: RunConfig, corpus: ByteCorpus | None = None, progress: bool = True,
@@ -98,7 +105,7 @@ def train(config: RunConfig, corpus: ByteCorpus | None = None, progress: bool = 
     bar = tqdm(range(1, config.steps + 1), desc=description or label(config), disable=not progress,
                leave=False, dynamic_ncols=True)
     for step in bar:
-        x, y = corpus.batch("train", config.batch_size, config.model.block_size, gen)
+        x, y = batch(corpus, "train", config, gen)
         loss = model.loss(x, y)
         total = loss + sched.permutation_penalty() if sched else loss
         optimizer.zero_grad(set_to_none=True)

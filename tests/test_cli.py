@@ -1,40 +1,88 @@
-"""The padst command line and the demo at this stage."""
+"""The padst command line: the end-to-end demo, its options, the benchmark options."""
+
+import json
 
 import pytest
+import torch
 
-from padst_compiler import cli, demo
+from padst_compiler import cli, debug, demo
+from padst_compiler.kernels import NM, Block, Diagonal
+from padst_compiler.models import GPTConfig
+
+TINY_GPT = GPTConfig(block_size=32, n_layer=1, n_head=2, d_model=64)
 
 
-def test_demo_checks_every_structure_and_prints_the_table(capsys):
-    assert cli.main(["demo", "--tokens", "64", "--repeats", "1"]) == 0
+@pytest.mark.slow
+def test_tiny_demo_prints_the_table_and_writes_the_report(tmp_path, capsys):
+    summary = demo.run(structure=Block(8, 8), sparsity=0.9, steps=4, device="cpu", out=tmp_path,
+                       model=TINY_GPT, batch_size=4)
     out = capsys.readouterr().out
-    for name in ("Block(32x32)", "Block(64x64)", "NM(m=32)", "Diagonal()", "Unstructured()"):
-        assert name in out
-    assert "speed-up vs dense" in out
+    assert summary["passed"], out
+    for row in ("validation loss (perplexity): dense", "Block(8x8) 0.9, no permutation",
+                "PA-DST Block(8x8) 0.9, learned permutation", "learned permutations hardened 4 of 4 layers",
+                "compiled training (padst) matches eager, 3 steps yes", "optimize() inference matches eager",
+                "inference ms: PA-DST (padst) / dense (Inductor)", "permutations, inference graph",
+                str(tmp_path / "graph_diff.html")):
+        assert row in " ".join(out.split()), row
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert [len(run["curve"]) for run in results["runs"]] == [5, 5, 5]  # step 0 and every step of 4
+    assert results["gathers"]["inference"]["before"] == 4  # one hardened permutation per layer
+    assert results["gathers"]["inference"]["after"] <= results["gathers"]["inference"]["before"]
+    assert (tmp_path / "validation_loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "padst graph diff" in (tmp_path / "graph_diff.html").read_text()
+    assert [p.name for p in debug.load_runs(tmp_path / "padst_debug")[0].passes][0] == "canonicalize"
 
 
-def test_demo_layer_check_matches_the_dense_reference():
-    result = demo.check_layer(demo.NM(32), 0.9, tokens=32, repeats=1)
-    assert result.max_abs_error < 1e-4
-    assert result.kept_fraction == pytest.approx(3 / 32)
+def test_a_compiled_result_off_by_more_than_the_tolerance_does_not_match():
+    eager = torch.ones(3)
+    assert demo.compare_to_eager([(eager + 1e-6, eager)]).matches
+    mismatch = demo.compare_to_eager([(eager + 1e-6, eager), (eager + 0.01, eager)])
+    assert not mismatch.matches and mismatch.max_abs_diff == pytest.approx(0.01)
+    assert mismatch.describe().startswith("NO (max |diff| 1.0e-02)")
+
+
+def test_the_demo_exits_non_zero_when_a_check_fails(monkeypatch, tmp_path):
+    monkeypatch.setattr(demo, "run", lambda **options: {"passed": False})
+    assert cli.main(["demo", "--out", str(tmp_path)]) == 1
+
+
+@pytest.mark.parametrize("text,structure", [("block8", Block(8, 8)), ("Block16", Block(16, 16)),
+                                            ("block8x16", Block(8, 16)), ("nm32", NM(32)),
+                                            ("diagonal", Diagonal())])
+def test_structure_names(text, structure):
+    assert demo.parse_structure(text) == structure
 
 
 @pytest.mark.parametrize("argv,message", [
     (["demo", "--sparsity", "1.5"], "must be in [0, 1), got 1.5"),
-    (["demo", "--tokens", "zero"], "not an integer: 'zero'"),
-    (["demo", "--repeats", "0"], "must be at least 1"),
+    (["demo", "--steps", "0"], "must be at least 1"),
+    (["demo", "--steps", "many"], "not an integer: 'many'"),
+    (["demo", "--structure", "block"], "unknown structure 'block': use blockN"),
+    (["demo", "--device", "tpu"], "invalid choice: 'tpu'"),
 ])
 def test_bad_options_give_a_one_line_error(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
         cli.main(argv)
     assert exit_info.value.code == 2
-    assert message in capsys.readouterr().err
-
-
-def test_a_sparsity_no_structure_can_take_is_reported_without_traceback(capsys):
-    assert cli.main(["demo", "--sparsity", "0.99", "--tokens", "8", "--repeats", "1"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("padst demo: error:") and "Traceback" not in err
+    assert message in err.splitlines()[-1] and "Traceback" not in err
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["demo", "--structure", "block32"], "layer 'blocks.0.attn.qkv' of shape 384x128 (out x in) cannot take "
+                                         "Block(32x32): sparsity 0.9 keeps no block of the 4 in a block-row"),
+    (["demo", "--structure", "nm3"], "m = 3 does not divide in_features 128"),
+    (["demo", "--out", __file__], "exists and is not a directory"),
+    pytest.param(["demo", "--device", "cuda"], "no CUDA device is available",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is available")),
+])
+def test_what_the_model_or_machine_cannot_take_is_refused_before_training(argv, message, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert cli.main(argv if "--out" in argv else [*argv, "--out", str(out)]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.startswith("padst demo: error: ") and len(captured.err.strip().splitlines()) == 1
+    assert message in captured.err
+    assert captured.out == "" and not out.exists()
 
 
 @pytest.mark.parametrize("argv,message", [
