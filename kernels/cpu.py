@@ -164,12 +164,13 @@ def _block_forward_native(x, values, col_blocks, out_features, bias, in_index, o
     y = x.new_empty(x.shape[0], out_features)
     entry_ptr = memoize("block entries", (col_blocks,), lambda: torch.arange(n_rows + 1) * kept)
     columns = _block_columns(col_blocks, block_cols, in_index)
-    panels = values.detach().transpose(2, 3).contiguous()
+    # the blocks transposed; reused while the values are unchanged (a frozen model packs once)
+    panels = memoize("block panels", (values,), lambda: values.detach().transpose(2, 3).contiguous())
     bias = None if bias is None else bias.detach().contiguous()
     out_columns = None if out_index is None else _inverse(out_index)
     native.run("padst_block_mm", x.data_ptr(), x.stride(0), y.data_ptr(), y.stride(0), x.shape[0],
                n_rows, block_rows, entry_ptr.data_ptr(), columns.data_ptr(), block_cols,
-               panels.data_ptr(), native.pointer(bias), native.pointer(out_columns))
+               panels.data_ptr(), None, native.pointer(bias), native.pointer(out_columns))
     return y
 
 
@@ -199,12 +200,12 @@ def _block_grad_input_native(grad, values, col_blocks, in_features, in_index, ou
     (no atomics, no scatter-add); ``in_index`` becomes the columns the result goes to."""
     n_rows, kept, block_rows, block_cols = values.shape
     transposed = _block_transposed(col_blocks, block_rows, block_cols, in_features, out_index)
-    panels = values.detach().reshape(n_rows * kept, block_rows, block_cols)[transposed.order]
+    panels = values.detach().contiguous()  # [R*k, r, c]: entry e reads block order[e] in place
     grad = grad.contiguous()
     dx = grad.new_empty(grad.shape[0], in_features)
     native.run("padst_block_mm", grad.data_ptr(), grad.stride(0), dx.data_ptr(), dx.stride(0), grad.shape[0],
                in_features // block_cols, block_cols, transposed.entry_ptr.data_ptr(), transposed.rows.data_ptr(),
-               block_rows, panels.data_ptr(), None, native.pointer(in_index))
+               block_rows, panels.data_ptr(), transposed.order.data_ptr(), None, native.pointer(in_index))
     return dx
 
 
@@ -242,13 +243,16 @@ def _block_grad_values_native(grad, x, values, col_blocks, in_index, out_index):
 class EllIndex(NamedTuple):
     """Index-only parts of a row-sparse weight: ``cols`` ``[out, per_row]`` (z-row order,
     ``in_index`` fused) and the transposed (CSC) form the input gradient reads: the entries of
-    input feature j are ``order[col_ptr[j]:col_ptr[j+1]]`` and read gradient columns ``rows``."""
+    input feature j are ``order[col_ptr[j]:col_ptr[j+1]]`` and read gradient columns ``rows``.
+    The native kernels read int32 copies of ``cols`` and ``rows``."""
 
     cols: Tensor
     row_ptr: Tensor
     col_ptr: Tensor
     order: Tensor
     rows: Tensor
+    cols32: Tensor
+    rows32: Tensor
 
 
 def _ell_index(columns: Tensor, index: Tensor, in_features: int, in_index, out_index) -> EllIndex:
@@ -262,8 +266,10 @@ def _ell_index(columns: Tensor, index: Tensor, in_features: int, in_index, out_i
         rows = torch.div(order, per_row, rounding_mode="floor")
         if out_index is not None:
             rows = _inverse(out_index)[rows]
+        rows = rows.contiguous()
         return EllIndex(cols, torch.arange(out_rows + 1) * per_row,
-                        torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)]), order, rows.contiguous())
+                        torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)]), order, rows,
+                        cols.to(torch.int32), rows.to(torch.int32))
 
     return memoize("ell index", (index, in_index, out_index), compute, tuple(columns.shape), in_features)
 
@@ -284,7 +290,7 @@ def _ell_forward_native(x, ell: EllIndex, vals, bias, out_index):
     bias = None if bias is None else bias.detach().contiguous()
     out_columns = None if out_index is None else _inverse(out_index)
     native.run("padst_ell_mm", x.data_ptr(), x.stride(0), y.data_ptr(), y.stride(0), x.shape[0], x.shape[1],
-               ell.cols.shape[0], ell.row_ptr.data_ptr(), ell.cols.data_ptr(), vals.data_ptr(),
+               ell.cols.shape[0], ell.row_ptr.data_ptr(), ell.cols32.data_ptr(), vals.data_ptr(),
                native.pointer(bias), native.pointer(out_columns))
     return y
 
@@ -311,7 +317,7 @@ def _ell_grad_input_native(grad, ell: EllIndex, vals, in_features):
     dx = grad.new_empty(grad.shape[0], in_features)
     transposed_vals = vals.detach().flatten()[ell.order]
     native.run("padst_ell_mm", grad.data_ptr(), grad.stride(0), dx.data_ptr(), dx.stride(0), grad.shape[0],
-               grad.shape[1], in_features, ell.col_ptr.data_ptr(), ell.rows.data_ptr(), transposed_vals.data_ptr(),
+               grad.shape[1], in_features, ell.col_ptr.data_ptr(), ell.rows32.data_ptr(), transposed_vals.data_ptr(),
                None, None)
     return dx
 
@@ -337,7 +343,7 @@ def _ell_grad_values_native(grad, x, ell: EllIndex, out_index):
     x = x.contiguous()
     dv = x.new_empty(ell.cols.shape)
     native.run("padst_ell_sddmm", dz.data_ptr(), dz.stride(0), x.data_ptr(), x.stride(0), x.shape[0],
-               x.shape[1], ell.cols.shape[0], ell.row_ptr.data_ptr(), ell.cols.data_ptr(), dv.data_ptr())
+               x.shape[1], ell.cols.shape[0], ell.row_ptr.data_ptr(), ell.cols32.data_ptr(), dv.data_ptr())
     return dv
 
 

@@ -5,7 +5,8 @@
 //
 //   block_mm     y[t, ocol(o, :)] = bias + sum_e x[t, icol(e, :)] @ panel(e)
 //                Block-sparse times dense: output block o (width W) sums a variable
-//                list of entries e, each a (D x W) weight panel reading D input columns.
+//                list of entries e, each a (D x W) weight panel reading D input columns
+//                (entries may share panels through panel_of, so nothing is gathered).
 //                Forward (entries = kept blocks of a block-row, panels = W^T) and grad of
 //                input (entries = the blocks of a block-column, panels = W) are both this.
 //                Column maps fuse in_index / out_index: the input side is read one scalar
@@ -18,6 +19,8 @@
 // All loops are written with GCC vector extensions so that the same source gives AVX-512
 // code on AVX-512 machines and AVX2 code elsewhere (-march=native). Threads come from
 // OpenMP, which resolves to the libgomp torch has already loaded.
+#include <omp.h>
+
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
@@ -45,7 +48,8 @@ struct BlockMM {
     const int64_t* entry_ptr;  // [blocks + 1]: entries of output block o are entry_ptr[o]..entry_ptr[o+1]
     const int64_t* icol;       // [E, depth]: input column read by each panel row
     int64_t depth;             // D
-    const float* panels;       // [E, D, W]
+    const float* panels;       // [P, D, W]
+    const int64_t* panel_of;   // [E]: panel of each entry, or null (entry e uses panel e)
     const float* bias;         // [blocks * W] or null
     const int64_t* ocol;       // [blocks * W] output column of each z column, or null (identity)
 };
@@ -62,7 +66,7 @@ static void block_mm_tile(const BlockMM& a, int64_t t0, int64_t o) {
     const float* xrow = a.x + t0 * a.x_stride;
     for (int64_t e = a.entry_ptr[o]; e < a.entry_ptr[o + 1]; ++e) {
         const int64_t* cols = a.icol + e * a.depth;
-        const float* panel = a.panels + e * a.depth * a.width;
+        const float* panel = a.panels + (a.panel_of ? a.panel_of[e] : e) * a.depth * a.width;
         for (int64_t d = 0; d < a.depth; ++d) {
             V w[NV];
             for (int v = 0; v < NV; ++v) w[v] = load<V>(panel + d * a.width + v * L);
@@ -85,26 +89,33 @@ static void block_mm_tile(const BlockMM& a, int64_t t0, int64_t o) {
     }
 }
 
+// Each work item is MR tokens across every output block, so each thread writes whole rows
+// of y front to back (the x rows of the item stay in L1, the panels stream from L2). With
+// few tokens the output blocks are split across threads too.
 template <typename V, int NV, int MR>
 static void block_mm_run(const BlockMM& a, int64_t tokens, int64_t blocks) {
-    // Token tiles of 192 keep the x rows a tile reads in L2 while all output blocks pass.
-    const int64_t tile = 192;
-    const int64_t tiles = (tokens + tile - 1) / tile;
+    const int64_t groups = (tokens + MR - 1) / MR;
+    const int64_t splits = groups >= 4 * omp_get_max_threads() ? 1 : blocks;
+    const int64_t per_split = (blocks + splits - 1) / splits;
 #pragma omp parallel for collapse(2) schedule(dynamic, 1)
-    for (int64_t ti = 0; ti < tiles; ++ti) {
-        for (int64_t o = 0; o < blocks; ++o) {
-            const int64_t end = std::min(tokens, (ti + 1) * tile);
-            int64_t t = ti * tile;
-            for (; t + MR <= end; t += MR) block_mm_tile<V, NV, MR>(a, t, o);
-            for (; t < end; ++t) block_mm_tile<V, NV, 1>(a, t, o);
+    for (int64_t g = 0; g < groups; ++g) {
+        for (int64_t part = 0; part < splits; ++part) {
+            const int64_t t0 = g * MR, o1 = std::min(blocks, (part + 1) * per_split);
+            for (int64_t o = part * per_split; o < o1; ++o) {
+                if (t0 + MR <= tokens)
+                    block_mm_tile<V, NV, MR>(a, t0, o);
+                else
+                    for (int64_t t = t0; t < tokens; ++t) block_mm_tile<V, NV, 1>(a, t, o);
+            }
         }
     }
 }
 
 extern "C" int padst_block_mm(const float* x, int64_t x_stride, float* y, int64_t y_stride, int64_t tokens,
                               int64_t blocks, int64_t width, const int64_t* entry_ptr, const int64_t* icol,
-                              int64_t depth, const float* panels, const float* bias, const int64_t* ocol) {
-    BlockMM a{x, x_stride, y, y_stride, width, entry_ptr, icol, depth, panels, bias, ocol};
+                              int64_t depth, const float* panels, const int64_t* panel_of, const float* bias,
+                              const int64_t* ocol) {
+    BlockMM a{x, x_stride, y, y_stride, width, entry_ptr, icol, depth, panels, panel_of, bias, ocol};
     switch (width) {
         case 8: block_mm_run<v8, 1, 12>(a, tokens, blocks); return 0;
         case 16: block_mm_run<v16, 1, 14>(a, tokens, blocks); return 0;
@@ -186,10 +197,9 @@ extern "C" int padst_block_sddmm(const float* dz, int64_t dz_stride, const float
 // Row-sparse weights have no dense sub-blocks to reuse a loaded input for, so these
 // kernels put tokens in the vector lanes: a thread transposes a tile of tokens into a
 // feature-major buffer of its own, then each output row is a short sum of scaled buffer
-// rows. Threads never wait for each other inside a call (no barriers): with few token
+// rows (column indices are int32 here: they are most of the bytes read at few tokens).
+// Threads never wait for each other inside a call (no barriers): with few token
 // tiles they split the output rows instead and each transposes the small tile itself.
-
-#include <omp.h>
 
 // out[(f - f0) * lanes + l] = in[(t0 + l) * stride + f] for f in [f0, f1), zero past the last token.
 static void transpose_tile(const float* in, int64_t stride, int64_t t0, int64_t count, int64_t f0, int64_t f1,
@@ -201,7 +211,7 @@ static void transpose_tile(const float* in, int64_t stride, int64_t t0, int64_t 
 }
 
 template <int NT>
-static void ell_mm_row(const float* xt, float* out, const int64_t* cols, const float* vals, int64_t begin,
+static void ell_mm_row(const float* xt, float* out, const int32_t* cols, const float* vals, int64_t begin,
                        int64_t end, float bias) {
     constexpr int64_t lanes = NT * 16;
     v16 acc[4][NT] = {};
@@ -233,7 +243,7 @@ struct RowSplit {
 
 template <int NT>
 static void ell_mm_run(const float* x, int64_t xs, float* y, int64_t ys, int64_t tokens, int64_t features,
-                       int64_t rows, const int64_t* row_ptr, const int64_t* cols, const float* vals,
+                       int64_t rows, const int64_t* row_ptr, const int32_t* cols, const float* vals,
                        const float* bias, const int64_t* ocol) {
     constexpr int64_t lanes = NT * 16;
     const RowSplit split(tokens, lanes, rows);
@@ -260,10 +270,30 @@ static void ell_mm_run(const float* x, int64_t xs, float* y, int64_t ys, int64_t
     }
 }
 
+// A handful of tokens would leave most vector lanes empty: gather-dot each row instead.
+static void ell_mm_few_tokens(const float* x, int64_t xs, float* y, int64_t ys, int64_t tokens, int64_t rows,
+                              const int64_t* row_ptr, const int32_t* cols, const float* vals, const float* bias,
+                              const int64_t* ocol) {
+#pragma omp parallel for schedule(static)
+    for (int64_t o = 0; o < rows; ++o) {
+        for (int64_t t = 0; t < tokens; ++t) {
+            const float* xr = x + t * xs;
+            float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+            int64_t e = row_ptr[o];
+            for (; e + 4 <= row_ptr[o + 1]; e += 4)
+                for (int u = 0; u < 4; ++u) acc[u] += vals[e + u] * xr[cols[e + u]];
+            for (; e < row_ptr[o + 1]; ++e) acc[0] += vals[e] * xr[cols[e]];
+            y[t * ys + (ocol ? ocol[o] : o)] = (acc[0] + acc[1]) + (acc[2] + acc[3]) + (bias ? bias[o] : 0.0f);
+        }
+    }
+}
+
 extern "C" int padst_ell_mm(const float* x, int64_t xs, float* y, int64_t ys, int64_t tokens, int64_t features,
-                            int64_t rows, const int64_t* row_ptr, const int64_t* cols, const float* vals,
+                            int64_t rows, const int64_t* row_ptr, const int32_t* cols, const float* vals,
                             const float* bias, const int64_t* ocol) {
-    if (tokens <= 16)
+    if (tokens <= 4)
+        ell_mm_few_tokens(x, xs, y, ys, tokens, rows, row_ptr, cols, vals, bias, ocol);
+    else if (tokens <= 16)
         ell_mm_run<1>(x, xs, y, ys, tokens, features, rows, row_ptr, cols, vals, bias, ocol);
     else
         ell_mm_run<2>(x, xs, y, ys, tokens, features, rows, row_ptr, cols, vals, bias, ocol);
@@ -273,7 +303,7 @@ extern "C" int padst_ell_mm(const float* x, int64_t xs, float* y, int64_t ys, in
 // Each thread owns a range of output rows (so dv needs no atomics) and walks all token tiles.
 template <int NT>
 static void ell_sddmm_run(const float* dz, int64_t dzs, const float* x, int64_t xs, int64_t tokens,
-                          int64_t features, int64_t rows, const int64_t* row_ptr, const int64_t* cols, float* dv) {
+                          int64_t features, int64_t rows, const int64_t* row_ptr, const int32_t* cols, float* dv) {
     constexpr int64_t lanes = NT * 16;
     std::memset(dv, 0, sizeof(float) * row_ptr[rows]);
 #pragma omp parallel
@@ -303,7 +333,7 @@ static void ell_sddmm_run(const float* dz, int64_t dzs, const float* x, int64_t 
 }
 
 extern "C" int padst_ell_sddmm(const float* dz, int64_t dzs, const float* x, int64_t xs, int64_t tokens,
-                               int64_t features, int64_t rows, const int64_t* row_ptr, const int64_t* cols,
+                               int64_t features, int64_t rows, const int64_t* row_ptr, const int32_t* cols,
                                float* dv) {
     if (tokens <= 16)
         ell_sddmm_run<1>(dz, dzs, x, xs, tokens, features, rows, row_ptr, cols, dv);
