@@ -211,7 +211,7 @@ def _block_grad_input_native(grad, values, col_blocks, in_features, in_index, ou
 
 def block_grad_values(grad, x, values, col_blocks, in_index, out_index):
     candidates = {}
-    if _native_fp32(grad, x, values) and values.shape[2] in native.BLOCK_WIDTHS:
+    if _native_fp32(grad, x, values) and {values.shape[2], values.shape[3]} <= set(native.BLOCK_WIDTHS):
         candidates["native"] = lambda: _block_grad_values_native(grad, x, values, col_blocks, in_index, out_index)
     candidates["torch"] = lambda: _block_grad_values_torch(grad, x, values, col_blocks, in_index, out_index)
     candidates["dense"] = lambda: _block_values_from_rows(
@@ -227,13 +227,16 @@ def _block_grad_values_torch(grad, x, values, col_blocks, in_index, out_index):
 
 
 def _block_grad_values_native(grad, x, values, col_blocks, in_index, out_index):
+    """SDDMM over the kept blocks. With an ``out_index`` alone the kernel reads the gradient's
+    rows through ``inverse(out_index)``; with both permutations it is put in z order first."""
     n_rows, kept, block_rows, block_cols = values.shape
-    dz = _rows_in_z_order(grad, out_index).contiguous()
+    row_map = _inverse(out_index) if out_index is not None and in_index is None else None
+    dz = (grad if row_map is not None else _rows_in_z_order(grad, out_index)).contiguous()
     x = x.contiguous()
     columns = _block_columns(col_blocks, block_cols, in_index)
     dv = torch.empty_like(values, memory_format=torch.contiguous_format)
     native.run("padst_block_sddmm", dz.data_ptr(), dz.stride(0), x.data_ptr(), x.stride(0), x.shape[0],
-               n_rows, kept, block_rows, block_cols, columns.data_ptr(), dv.data_ptr())
+               n_rows, kept, block_rows, block_cols, columns.data_ptr(), native.pointer(row_map), dv.data_ptr())
     return dv
 
 

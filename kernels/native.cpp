@@ -11,7 +11,8 @@
 //                input (entries = the blocks of a block-column, panels = W) are both this.
 //                Column maps fuse in_index / out_index: the input side is read one scalar
 //                at a time (broadcast), so an indexed load costs nothing extra.
-//   block_sddmm  dv[e] = dz[:, rows(e)]^T @ x[:, icol(e, :)], summed over all tokens.
+//   block_sddmm  dv[e] = dz[:, rows(e)]^T @ x[:, icol(e, :)], summed over all tokens; with an
+//                out_index the gradient's rows are read through a map (no extra pass).
 //   ell_mm       Row-sparse (constant or variable row length) times dense, with tokens
 //                as vector lanes; used by N:M and diagonal weights.
 //   ell_sddmm    dv[e] = sum_t dz[t, row(e)] * x[t, col(e)].
@@ -133,6 +134,7 @@ struct BlockSDDMM {
     const float* x; int64_t x_stride;
     int64_t tokens, kept, rows, cols;
     const int64_t* icol;  // [R * kept, cols]: input column of each weight column
+    const int64_t* zcol;  // [R * rows]: column of dz holding each z row, or null (identity)
     float* dv;            // [R, kept, rows, cols]
 };
 
@@ -161,33 +163,95 @@ static void block_sddmm_tile(const BlockSDDMM& a, int64_t e, int64_t c0, int64_t
             for (int l = 0; l < L; ++l) out[(v * L + l) * a.cols + c0 + c] += acc[c][v][l];
 }
 
-template <typename V, int NV, int CB>
-static void block_sddmm_run(const BlockSDDMM& a, int64_t entries) {
-    const int64_t tile = 512;  // the dz and x rows of a token tile stay in L2 across column chunks
-#pragma omp parallel for schedule(dynamic, 1)
-    for (int64_t e = 0; e < entries; ++e) {
-        float* out = a.dv + e * a.rows * a.cols;
-        std::memset(out, 0, sizeof(float) * a.rows * a.cols);
+// RB weight rows by NV vectors of weight columns: the variant for a gradient whose rows are
+// scattered (zcol, an out_index): dz is read one scalar at a time, x columns as vectors
+// (they must be consecutive: no in_index).
+template <typename V, int NV, int RB>
+static void block_sddmm_rows_tile(const BlockSDDMM& a, int64_t e, int64_t r0, int64_t t0, int64_t t1, float* out) {
+    constexpr int L = sizeof(V) / sizeof(float);
+    const int64_t* zcols = a.zcol + (e / a.kept) * a.rows + r0;
+    const int64_t first_col = a.icol[e * a.cols];
+    V acc[RB][NV];
+    for (int r = 0; r < RB; ++r)
+        for (int v = 0; v < NV; ++v) acc[r][v] = V{};
+    for (int64_t t = t0; t < t1; ++t) {
+        const float* xr = a.x + t * a.x_stride + first_col;
+        const float* dzr = a.dz + t * a.dz_stride;
+        V xv[NV];
+        for (int v = 0; v < NV; ++v) xv[v] = load<V>(xr + v * L);
+        for (int r = 0; r < RB; ++r) {
+            V s = splat<V>(dzr[zcols[r]]);
+            for (int v = 0; v < NV; ++v) acc[r][v] += s * xv[v];
+        }
+    }
+    for (int r = 0; r < RB; ++r)
+        for (int v = 0; v < NV; ++v) {
+            float* dst = out + (r0 + r) * a.cols + v * L;
+            store<V>(dst, load<V>(dst) + acc[r][v]);
+        }
+}
+
+// Tokens per SDDMM tile: 64 rows of a 3072-wide input are 768 KiB, within L2.
+constexpr int64_t SDDMM_TOKEN_TILE = 64;
+
+using SddmmTile = void (*)(const BlockSDDMM&, int64_t, int64_t, int64_t, int64_t, float*);
+
+// Each thread owns a range of kept blocks (so dv needs no atomics) and walks the tokens in
+// short tiles, visiting all its blocks per tile: the tile's rows of x and dz stay in L2
+// however the permutations scatter the columns read. ``extent`` (columns or rows of a
+// block) is walked in chunks of ``step`` by ``full`` and the remainder by ``tail``.
+static void block_sddmm_run(const BlockSDDMM& a, int64_t entries, int64_t extent, int64_t step, SddmmTile full,
+                            SddmmTile tail) {
+    const int64_t tile = SDDMM_TOKEN_TILE;
+#pragma omp parallel
+    {
+        const int64_t threads = omp_get_num_threads(), me = omp_get_thread_num();
+        const int64_t per = (entries + threads - 1) / threads;
+        const int64_t e0 = std::min(entries, me * per), e1 = std::min(entries, e0 + per);
+        std::memset(a.dv + e0 * a.rows * a.cols, 0, sizeof(float) * (e1 - e0) * a.rows * a.cols);
         for (int64_t t0 = 0; t0 < a.tokens; t0 += tile) {
             const int64_t t1 = std::min(a.tokens, t0 + tile);
-            int64_t c = 0;
-            for (; c + CB <= a.cols; c += CB) block_sddmm_tile<V, NV, CB>(a, e, c, t0, t1, out);
-            for (; c < a.cols; ++c) block_sddmm_tile<V, NV, 1>(a, e, c, t0, t1, out);
+            for (int64_t e = e0; e < e1; ++e) {
+                float* out = a.dv + e * a.rows * a.cols;
+                int64_t c = 0;
+                for (; c + step <= extent; c += step) full(a, e, c, t0, t1, out);
+                for (; c < extent; ++c) tail(a, e, c, t0, t1, out);
+            }
         }
     }
 }
 
+template <typename V, int NV, int CB>
+static void block_sddmm_columns(const BlockSDDMM& a, int64_t entries) {
+    block_sddmm_run(a, entries, a.cols, CB, block_sddmm_tile<V, NV, CB>, block_sddmm_tile<V, NV, 1>);
+}
+
+template <typename V, int NV, int RB>
+static void block_sddmm_rows(const BlockSDDMM& a, int64_t entries) {
+    block_sddmm_run(a, entries, a.rows, RB, block_sddmm_rows_tile<V, NV, RB>, block_sddmm_rows_tile<V, NV, 1>);
+}
+
 extern "C" int padst_block_sddmm(const float* dz, int64_t dz_stride, const float* x, int64_t x_stride,
                                  int64_t tokens, int64_t block_rows, int64_t kept, int64_t rows, int64_t cols,
-                                 const int64_t* icol, float* dv) {
-    BlockSDDMM a{dz, dz_stride, x, x_stride, tokens, kept, rows, cols, icol, dv};
+                                 const int64_t* icol, const int64_t* zcol, float* dv) {
+    BlockSDDMM a{dz, dz_stride, x, x_stride, tokens, kept, rows, cols, icol, zcol, dv};
     const int64_t entries = block_rows * kept;
-    switch (rows) {
-        case 8: block_sddmm_run<v8, 1, 12>(a, entries); return 0;
-        case 16: block_sddmm_run<v16, 1, 12>(a, entries); return 0;
-        case 32: block_sddmm_run<v16, 2, 10>(a, entries); return 0;
-        case 48: block_sddmm_run<v16, 3, 6>(a, entries); return 0;
-        case 64: block_sddmm_run<v16, 4, 5>(a, entries); return 0;
+    if (zcol) {  // vectors along the block's columns
+        switch (cols) {
+            case 8: block_sddmm_rows<v8, 1, 12>(a, entries); return 0;
+            case 16: block_sddmm_rows<v16, 1, 12>(a, entries); return 0;
+            case 32: block_sddmm_rows<v16, 2, 10>(a, entries); return 0;
+            case 48: block_sddmm_rows<v16, 3, 6>(a, entries); return 0;
+            case 64: block_sddmm_rows<v16, 4, 5>(a, entries); return 0;
+            default: return 1;
+        }
+    }
+    switch (rows) {  // vectors along the block's rows
+        case 8: block_sddmm_columns<v8, 1, 12>(a, entries); return 0;
+        case 16: block_sddmm_columns<v16, 1, 12>(a, entries); return 0;
+        case 32: block_sddmm_columns<v16, 2, 10>(a, entries); return 0;
+        case 48: block_sddmm_columns<v16, 3, 6>(a, entries); return 0;
+        case 64: block_sddmm_columns<v16, 4, 5>(a, entries); return 0;
         default: return 1;
     }
 }
