@@ -33,6 +33,13 @@ from padst_compiler.kernels.permutation import inverse_permutation
 Tensor = torch.Tensor
 
 
+def _frozen_memoize(name: str, values: Tensor, compute):
+    """Memoize a detached repacking of ``values`` only where they are frozen (no gradient):
+    a frozen model packs its weights once, while a training step, whose values change every
+    step, repacks without keeping a copy per layer alive between steps."""
+    return compute() if values.requires_grad else memoize(name, (values,), compute)
+
+
 def _inverse(index: Tensor) -> Tensor:
     return memoize("inverse", (index,), lambda: inverse_permutation(index))
 
@@ -164,8 +171,7 @@ def _block_forward_native(x, values, col_blocks, out_features, bias, in_index, o
     y = x.new_empty(x.shape[0], out_features)
     entry_ptr = memoize("block entries", (col_blocks,), lambda: torch.arange(n_rows + 1) * kept)
     columns = _block_columns(col_blocks, block_cols, in_index)
-    # the blocks transposed; reused while the values are unchanged (a frozen model packs once)
-    panels = memoize("block panels", (values,), lambda: values.detach().transpose(2, 3).contiguous())
+    panels = _frozen_memoize("block panels", values, lambda: values.detach().transpose(2, 3).contiguous())
     bias = None if bias is None else bias.detach().contiguous()
     out_columns = None if out_index is None else _inverse(out_index)
     native.run("padst_block_mm", x.data_ptr(), x.stride(0), y.data_ptr(), y.stride(0), x.shape[0],
@@ -201,11 +207,12 @@ def _block_grad_input_native(grad, values, col_blocks, in_features, in_index, ou
     n_rows, kept, block_rows, block_cols = values.shape
     transposed = _block_transposed(col_blocks, block_rows, block_cols, in_features, out_index)
     panels = values.detach().contiguous()  # [R*k, r, c]: entry e reads block order[e] in place
+    dx_columns = None if in_index is None else in_index.contiguous()
     grad = grad.contiguous()
     dx = grad.new_empty(grad.shape[0], in_features)
     native.run("padst_block_mm", grad.data_ptr(), grad.stride(0), dx.data_ptr(), dx.stride(0), grad.shape[0],
                in_features // block_cols, block_cols, transposed.entry_ptr.data_ptr(), transposed.rows.data_ptr(),
-               block_rows, panels.data_ptr(), transposed.order.data_ptr(), None, native.pointer(in_index))
+               block_rows, panels.data_ptr(), transposed.order.data_ptr(), None, native.pointer(dx_columns))
     return dx
 
 
@@ -402,15 +409,16 @@ def diagonal_columns(offsets, out_features, in_features):
 
 
 def _diagonal_row_values(values, out_features):
-    """Diagonal values in row layout, ``[out, K*t]``: a strided copy, reused while the values
-    are unchanged (a frozen model pays for it once)."""
+    """Diagonal values in row layout, ``[out, K*t]`` (differentiable: ``expand`` uses it)."""
     n_diag, length = values.shape
+    return values.view(n_diag, length // out_features, out_features).permute(2, 0, 1).reshape(out_features, -1)
 
-    def compute():
-        rows = values.view(n_diag, length // out_features, out_features).permute(2, 0, 1)
-        return rows.reshape(out_features, -1).contiguous()
 
-    return memoize("diagonal row values", (values,), compute, out_features)
+def _kernel_row_values(values, out_features):
+    """The same as a contiguous, detached copy for the kernels (a strided copy, kept for a
+    frozen model)."""
+    return _frozen_memoize("diagonal row values", values,
+                           lambda: _diagonal_row_values(values.detach(), out_features).contiguous())
 
 
 def diagonal_to_rows(values, offsets, out_features, in_features):
@@ -454,14 +462,14 @@ def nm_grad_values(grad, x, values, positions, in_index, out_index):
 def diag_forward(x, values, offsets, out_features, bias, in_index, out_index):
     ell = _diag_index(offsets, out_features, x.shape[1], in_index, out_index)
     key = ("diagonal", out_features, *_regime(x, values, offsets, in_index, out_index))
-    return ell_forward(x, ell, _diagonal_row_values(values, out_features), bias, out_index, key)
+    return ell_forward(x, ell, _kernel_row_values(values, out_features), bias, out_index, key)
 
 
 def diag_grad_input(grad, values, offsets, in_features, in_index, out_index):
     out_features = grad.shape[1]
     ell = _diag_index(offsets, out_features, in_features, in_index, out_index)
     key = ("diagonal", in_features, *_regime(grad, values, offsets, in_index, out_index))
-    return ell_grad_input(grad, ell, _diagonal_row_values(values, out_features), in_features, key, out_index)
+    return ell_grad_input(grad, ell, _kernel_row_values(values, out_features), in_features, key, out_index)
 
 
 def diag_grad_values(grad, x, values, offsets, in_index, out_index):

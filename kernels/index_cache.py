@@ -13,6 +13,7 @@ seen, as it is not seen by autograd either.
 
 from __future__ import annotations
 
+import threading
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable
@@ -24,29 +25,31 @@ from torch._subclasses.fake_tensor import is_fake
 T = TypeVar("T")
 MAX_ENTRIES = 1024
 
-# key -> (weak references to the key's tensors, result); least recently used first
-_entries: OrderedDict[tuple, tuple[tuple, object]] = OrderedDict()
-
-
-def _tensor_key(t: torch.Tensor | None):
-    if t is None:
-        return None
-    return id(t), t._version  # raises RuntimeError for inference tensors (no version counter)
+# (name, extra, ids of the tensors) -> (their versions, weak references to them, result);
+# least recently used first. One entry per tensor set: a new version replaces the old one.
+_entries: OrderedDict[tuple, tuple[tuple, tuple, object]] = OrderedDict()
+_lock = threading.Lock()
 
 
 def memoize(name: str, tensors: tuple[torch.Tensor | None, ...], compute: Callable[[], T], *extra) -> T:
     """``compute()``, reused while every tensor in ``tensors`` is the same object at the same
-    version and ``extra`` (hashable) is equal. Fake and inference tensors are never cached."""
+    version and ``extra`` (hashable) is equal. Fake and inference tensors are never cached.
+    ``compute`` must not depend on autograd state (cache detached results)."""
     if any(t is not None and (is_fake(t) or t.is_inference()) for t in tensors):
         return compute()
-    key = (name, extra, tuple(_tensor_key(t) for t in tensors))
-    hit = _entries.get(key)
-    # an id can be reused by a new tensor once the old one is gone: the weak references tell
-    if hit is not None and all(r is None if t is None else r() is t for r, t in zip(hit[0], tensors)):
-        _entries.move_to_end(key)
-        return hit[1]
+    key = (name, extra, tuple(None if t is None else id(t) for t in tensors))
+    versions = tuple(None if t is None else t._version for t in tensors)
+    with _lock:
+        hit = _entries.get(key)
+        # an id can be reused by a new tensor once the old one is gone: the weak references tell
+        if hit is not None and hit[0] == versions and \
+                all(r is None if t is None else r() is t for r, t in zip(hit[1], tensors)):
+            _entries.move_to_end(key)
+            return hit[2]
     result = compute()
-    _entries[key] = (tuple(None if t is None else weakref.ref(t) for t in tensors), result)
-    if len(_entries) > MAX_ENTRIES:
-        _entries.popitem(last=False)
+    with _lock:
+        _entries[key] = (versions, tuple(None if t is None else weakref.ref(t) for t in tensors), result)
+        _entries.move_to_end(key)
+        if len(_entries) > MAX_ENTRIES:
+            _entries.popitem(last=False)
     return result

@@ -95,6 +95,7 @@ static void block_mm_tile(const BlockMM& a, int64_t t0, int64_t o) {
 // few tokens the output blocks are split across threads too.
 template <typename V, int NV, int MR>
 static void block_mm_run(const BlockMM& a, int64_t tokens, int64_t blocks) {
+    if (blocks == 0) return;
     const int64_t groups = (tokens + MR - 1) / MR;
     const int64_t splits = groups >= 4 * omp_get_max_threads() ? 1 : blocks;
     const int64_t per_split = (blocks + splits - 1) / splits;
@@ -310,6 +311,7 @@ static void ell_mm_run(const float* x, int64_t xs, float* y, int64_t ys, int64_t
                        int64_t rows, const int64_t* row_ptr, const int32_t* cols, const float* vals,
                        const float* bias, const int64_t* ocol) {
     constexpr int64_t lanes = NT * 16;
+    if (rows == 0) return;
     const RowSplit split(tokens, lanes, rows);
 #pragma omp parallel
     {
