@@ -38,7 +38,8 @@ def test_wheel_holds_only_the_padst_compiler_package(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     top_level = {name.split("/")[0] for name in names}
     assert {t for t in top_level if not t.endswith(".dist-info")} == {"padst_compiler"}
-    for module in ("kernels/ops.py", "kernels/structures.py", "passes/__init__.py", "training/__init__.py"):
+    for module in ("kernels/ops.py", "kernels/structures.py", "kernels/native.cpp", "passes/__init__.py",
+                   "training/__init__.py"):  # native.cpp: the source the CPU kernels are built from
         assert f"padst_compiler/{module}" in names
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
     assert "padst = padst_compiler.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
