@@ -89,6 +89,27 @@ def dense_grad_values(grad, x, cols, out_index):
     return (_rows_in_z_order(grad, out_index).t() @ x).gather(1, cols)
 
 
+class ColumnOrder(NamedTuple):
+    """A ``[rows, per_row]`` column table sorted by column (the transposed, CSC order):
+    ``order`` lists the entries column by column, ``pointers[j]:pointers[j+1]`` are column
+    j's, and ``rows`` is the row of each sorted entry."""
+
+    order: Tensor
+    counts: Tensor
+    pointers: Tensor
+    rows: Tensor
+
+
+def sort_by_column(cols: Tensor, n_columns: int) -> ColumnOrder:
+    """One stable sort of the columns. Counts come from a scatter-add rather than bincount:
+    its shape does not depend on the data, so the Triton launchers stay traceable."""
+    flat = cols.flatten()
+    order = torch.argsort(flat, stable=True)
+    counts = torch.zeros(n_columns, dtype=flat.dtype, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
+    pointers = torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)])
+    return ColumnOrder(order, counts, pointers, torch.div(order, cols.shape[1], rounding_mode="floor"))
+
+
 # ----------------------------------------------------------------------------- block
 
 
@@ -132,14 +153,11 @@ class BlockTransposed(NamedTuple):
 
 def _block_transposed(col_blocks, block_rows, block_cols, in_features, out_index) -> BlockTransposed:
     def compute():
-        flat = col_blocks.flatten()
-        order = torch.argsort(flat, stable=True)
-        counts = torch.bincount(flat, minlength=in_features // block_cols)
-        block_row = torch.div(order, col_blocks.shape[1], rounding_mode="floor")
-        rows = block_row[:, None] * block_rows + torch.arange(block_rows)  # z rows of each entry
+        by_column = sort_by_column(col_blocks, in_features // block_cols)
+        rows = by_column.rows[:, None] * block_rows + torch.arange(block_rows)  # z rows of each entry
         if out_index is not None:  # z row i is column inverse(out_index)[i] of the incoming gradient
             rows = _inverse(out_index)[rows]
-        return BlockTransposed(torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)]), order, rows.contiguous())
+        return BlockTransposed(by_column.pointers, by_column.order, rows.contiguous())
 
     return memoize("block transposed", (col_blocks, out_index), compute, block_rows, block_cols, in_features)
 
@@ -270,15 +288,10 @@ def _ell_index(columns: Tensor, index: Tensor, in_features: int, in_index, out_i
     def compute():
         cols = (columns if in_index is None else in_index[columns]).contiguous()
         out_rows, per_row = cols.shape
-        flat = cols.flatten()
-        order = torch.argsort(flat, stable=True)
-        counts = torch.bincount(flat, minlength=in_features)
-        rows = torch.div(order, per_row, rounding_mode="floor")
-        if out_index is not None:
-            rows = _inverse(out_index)[rows]
+        by_column = sort_by_column(cols, in_features)
+        rows = by_column.rows if out_index is None else _inverse(out_index)[by_column.rows]
         rows = rows.contiguous()
-        return EllIndex(cols, torch.arange(out_rows + 1) * per_row,
-                        torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)]), order, rows,
+        return EllIndex(cols, torch.arange(out_rows + 1) * per_row, by_column.pointers, by_column.order, rows,
                         cols.to(torch.int32), rows.to(torch.int32))
 
     return memoize("ell index", (index, in_index, out_index), compute, tuple(columns.shape), in_features)
@@ -369,14 +382,8 @@ class TransposedRows(NamedTuple):
 
 def transpose_rows(cols, vals, in_features) -> TransposedRows:
     """The transposed form of a rows view, built by one stable sort of the columns."""
-    flat = cols.flatten()
-    order = torch.argsort(flat, stable=True)
-    # a scatter-add rather than bincount: its shape does not depend on the data, so the
-    # Triton launchers that reuse this stay traceable under torch.compile
-    counts = torch.zeros(in_features, dtype=flat.dtype, device=flat.device)
-    counts.scatter_add_(0, flat, torch.ones_like(flat))
-    rows = torch.div(order, cols.shape[1], rounding_mode="floor")
-    return TransposedRows(torch.cumsum(counts, 0) - counts, counts, rows, vals.flatten()[order])
+    by_column = sort_by_column(cols, in_features)
+    return TransposedRows(by_column.pointers[:-1], by_column.counts, by_column.rows, vals.flatten()[by_column.order])
 
 
 # ------------------------------------------------------------- N:M and diagonal as ELL
