@@ -187,15 +187,24 @@ def _block_forward_native(x, values, col_blocks, out_features, bias, in_index, o
     n_rows, kept, block_rows, block_cols = values.shape
     x = x.contiguous()
     y = x.new_empty(x.shape[0], out_features)
-    entry_ptr = memoize("block entries", (col_blocks,), lambda: torch.arange(n_rows + 1) * kept)
-    columns = _block_columns(col_blocks, block_cols, in_index)
+    plan = memoize("block forward", (col_blocks, in_index, out_index), lambda: _BlockForwardPlan(
+        torch.arange(n_rows + 1) * kept, _block_columns(col_blocks, block_cols, in_index),
+        None if out_index is None else _inverse(out_index)), block_cols)
     panels = _frozen_memoize("block panels", values, lambda: values.detach().transpose(2, 3).contiguous())
     bias = None if bias is None else bias.detach().contiguous()
-    out_columns = None if out_index is None else _inverse(out_index)
     native.run("padst_block_mm", x.data_ptr(), x.stride(0), y.data_ptr(), y.stride(0), x.shape[0],
-               n_rows, block_rows, entry_ptr.data_ptr(), columns.data_ptr(), block_cols,
-               panels.data_ptr(), None, native.pointer(bias), native.pointer(out_columns))
+               n_rows, block_rows, plan.entry_ptr.data_ptr(), plan.columns.data_ptr(), block_cols,
+               panels.data_ptr(), None, native.pointer(bias), native.pointer(plan.out_columns))
     return y
+
+
+class _BlockForwardPlan(NamedTuple):
+    """Index-derived arguments of the native block forward, memoized together (one lookup
+    a call matters at one token)."""
+
+    entry_ptr: Tensor
+    columns: Tensor
+    out_columns: Tensor | None
 
 
 def block_grad_input(grad, values, col_blocks, in_features, in_index, out_index):
@@ -466,10 +475,36 @@ def nm_grad_values(grad, x, values, positions, in_index, out_index):
     return ell_grad_values(grad, x, ell, out_index, ("nm", *_regime(x, values, positions, in_index, out_index)))
 
 
+# Up to this many tokens the diagonal forward streams the diagonals themselves (no index,
+# no repacking); more tokens amortise the row-sparse kernel's index reads over its lanes.
+DIAGONAL_STREAM_TOKENS = 16
+
+
 def diag_forward(x, values, offsets, out_features, bias, in_index, out_index):
-    ell = _diag_index(offsets, out_features, x.shape[1], in_index, out_index)
     key = ("diagonal", out_features, *_regime(x, values, offsets, in_index, out_index))
+    ell = _diag_index(offsets, out_features, x.shape[1], in_index, out_index)
+    if x.shape[0] <= DIAGONAL_STREAM_TOKENS and _native_fp32(x, values, bias):
+        candidates = {
+            "native": lambda: _diag_forward_native(x, values, offsets, out_features, bias, in_index, out_index),
+            "dense": lambda: dense_forward(x, Rows(ell.cols, _kernel_row_values(values, out_features)), bias,
+                                           out_index)}
+        return select.run("diag_forward", key, candidates)
     return ell_forward(x, ell, _kernel_row_values(values, out_features), bias, out_index, key)
+
+
+def _diag_forward_native(x, values, offsets, out_features, bias, in_index, out_index):
+    """The diagonals streamed in their own layout (``padst_diag_mm``), permutations fused."""
+    x = x.contiguous()
+    y = x.new_empty(x.shape[0], out_features)
+    values = values.detach().contiguous()
+    bias = None if bias is None else bias.detach().contiguous()
+    out_columns = None if out_index is None else _inverse(out_index)
+    in_columns = None if in_index is None else in_index.contiguous()
+    offsets = offsets.contiguous()
+    native.run("padst_diag_mm", x.data_ptr(), x.stride(0), y.data_ptr(), y.stride(0), x.shape[0], x.shape[1],
+               out_features, values.shape[0], offsets.data_ptr(), values.data_ptr(), native.pointer(bias),
+               native.pointer(in_columns), native.pointer(out_columns))
+    return y
 
 
 def diag_grad_input(grad, values, offsets, in_features, in_index, out_index):

@@ -24,6 +24,7 @@ from torch._subclasses.fake_tensor import is_fake
 
 T = TypeVar("T")
 MAX_ENTRIES = 1024
+_PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
 
 # (name, extra, ids of the tensors) -> (their versions, weak references to them, result);
 # least recently used first. One entry per tensor set: a new version replaces the old one.
@@ -31,13 +32,22 @@ _entries: OrderedDict[tuple, tuple[tuple, tuple, object]] = OrderedDict()
 _lock = threading.Lock()
 
 
+def _cacheable(t: torch.Tensor | None) -> bool:
+    """Real tensors whose identity and version mean something (not fake, traced or inference)."""
+    if t is None:
+        return True
+    if type(t) in _PLAIN_TENSORS:  # the common case, without is_fake's unwrapping
+        return not (torch._is_functional_tensor(t) or t.is_inference())
+    return not (is_fake(t) or t.is_inference())
+
+
 def memoize(name: str, tensors: tuple[torch.Tensor | None, ...], compute: Callable[[], T], *extra) -> T:
     """``compute()``, reused while every tensor in ``tensors`` is the same object at the same
-    version and ``extra`` (hashable) is equal. Fake and inference tensors are never cached.
-    ``compute`` must not depend on autograd state (cache detached results)."""
-    if any(t is not None and (is_fake(t) or t.is_inference()) for t in tensors):
+    version and ``extra`` (hashable) is equal. Fake, functional and inference tensors are
+    never cached. ``compute`` must not depend on autograd state (cache detached results)."""
+    if not all(map(_cacheable, tensors)):
         return compute()
-    key = (name, extra, tuple(None if t is None else id(t) for t in tensors))
+    key = (name, extra, tuple(map(id, tensors)))
     versions = tuple(None if t is None else t._version for t in tensors)
     with _lock:
         hit = _entries.get(key)

@@ -21,6 +21,9 @@
 // code on AVX-512 machines and AVX2 code elsewhere (-march=native). Threads come from
 // OpenMP, which resolves to the libgomp torch has already loaded.
 #include <omp.h>
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#endif
 
 #include <algorithm>
 #include <cstdint>
@@ -336,21 +339,42 @@ static void ell_mm_run(const float* x, int64_t xs, float* y, int64_t ys, int64_t
     }
 }
 
+// sum_e vals[e] * xr[cols[e]] for e < n, with hardware gathers where the target has them.
+static inline float gather_dot(const float* xr, const int32_t* cols, const float* vals, int64_t n) {
+    int64_t e = 0;
+    float sum = 0.0f;
+#if defined(__AVX512F__)
+    __m512 acc[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
+    for (; e + 32 <= n; e += 32)
+        for (int u = 0; u < 2; ++u) {
+            const __m512i idx = _mm512_loadu_si512(cols + e + 16 * u);
+            acc[u] = _mm512_fmadd_ps(_mm512_i32gather_ps(idx, xr, 4), _mm512_loadu_ps(vals + e + 16 * u), acc[u]);
+        }
+    sum = _mm512_reduce_add_ps(_mm512_add_ps(acc[0], acc[1]));
+#elif defined(__AVX2__)
+    __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
+    for (; e + 16 <= n; e += 16)
+        for (int u = 0; u < 2; ++u) {
+            const __m256i idx = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(cols + e + 8 * u));
+            acc[u] = _mm256_fmadd_ps(_mm256_i32gather_ps(xr, idx, 4), _mm256_loadu_ps(vals + e + 8 * u), acc[u]);
+        }
+    const v8 total = reinterpret_cast<v8>(_mm256_add_ps(acc[0], acc[1]));
+    for (int l = 0; l < 8; ++l) sum += total[l];
+#endif
+    for (; e < n; ++e) sum += vals[e] * xr[cols[e]];
+    return sum;
+}
+
 // A handful of tokens would leave most vector lanes empty: gather-dot each row instead.
 static void ell_mm_few_tokens(const float* x, int64_t xs, float* y, int64_t ys, int64_t tokens, int64_t rows,
                               const int64_t* row_ptr, const int32_t* cols, const float* vals, const float* bias,
                               const int64_t* ocol) {
 #pragma omp parallel for schedule(static)
     for (int64_t o = 0; o < rows; ++o) {
-        for (int64_t t = 0; t < tokens; ++t) {
-            const float* xr = x + t * xs;
-            float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-            int64_t e = row_ptr[o];
-            for (; e + 4 <= row_ptr[o + 1]; e += 4)
-                for (int u = 0; u < 4; ++u) acc[u] += vals[e + u] * xr[cols[e + u]];
-            for (; e < row_ptr[o + 1]; ++e) acc[0] += vals[e] * xr[cols[e]];
-            y[t * ys + (ocol ? ocol[o] : o)] = (acc[0] + acc[1]) + (acc[2] + acc[3]) + (bias ? bias[o] : 0.0f);
-        }
+        const int64_t begin = row_ptr[o], count = row_ptr[o + 1] - begin;
+        for (int64_t t = 0; t < tokens; ++t)
+            y[t * ys + (ocol ? ocol[o] : o)] =
+                gather_dot(x + t * xs, cols + begin, vals + begin, count) + (bias ? bias[o] : 0.0f);
     }
 }
 
@@ -407,3 +431,74 @@ extern "C" int padst_ell_sddmm(const float* dz, int64_t dzs, const float* x, int
         ell_sddmm_run<4>(dz, dzs, x, xs, tokens, features, rows, row_ptr, cols, dv);
     return 0;
 }
+
+// ------------------------------------------------------------------------- diag_mm
+//
+// A wrap-around diagonal weight needs no column index: entry j of diagonal k sits at row
+// j % out and column (j + offset_k) % in. With S = min(out, in), write j = c*S + u: for a
+// fixed chunk c the rows (c*S) % out + u and the columns (c*S + offset_k) % in + u are both
+// consecutive in u, once the input row is laid out twice ([x, x]) so no column wraps.
+// Each diagonal is then a streaming multiply-add over its contiguous values: for a few
+// tokens this reads every value once and no index at all. Threads own ranges of u, and so
+// disjoint output rows.
+extern "C" int padst_diag_mm(const float* x, int64_t xs, float* y, int64_t ys, int64_t tokens, int64_t in,
+                             int64_t out, int64_t diagonals, const int64_t* offsets, const float* vals,
+                             const float* bias, const int64_t* icol, const int64_t* ocol) {
+    constexpr int64_t L = 16, U = 4 * L;  // 4 vectors of u per step
+    const int64_t shorter = std::min(in, out), length = std::max(in, out), chunks = length / shorter;
+    std::vector<float> twice(tokens * 2 * in);
+    std::vector<float> scratch(ocol ? tokens * out : 0);
+    float* z = ocol ? scratch.data() : y;  // z rows in their own order; y directly without an out_index
+    const int64_t zs = ocol ? out : ys;
+#pragma omp parallel
+    {
+#pragma omp for schedule(static)
+        for (int64_t t = 0; t < tokens; ++t)
+            for (int64_t f = 0; f < in; ++f)
+                twice[t * 2 * in + f] = twice[t * 2 * in + in + f] = x[t * xs + (icol ? icol[f] : f)];
+        const int64_t threads = omp_get_num_threads(), me = omp_get_thread_num();
+        const int64_t per = (shorter + threads * L - 1) / (threads * L) * L;
+        const int64_t u0 = std::min(shorter, me * per), u1 = std::min(shorter, u0 + per);
+        std::vector<int64_t> column(diagonals);
+        for (int64_t c = 0; c < chunks && u0 < u1; ++c) {
+            const int64_t row = (c * shorter) % out;
+            for (int64_t k = 0; k < diagonals; ++k) column[k] = (c * shorter + offsets[k]) % in;
+            if (c == 0 || out > in)  // a new range of rows: start from the bias
+                for (int64_t t = 0; t < tokens; ++t)
+                    for (int64_t u = u0; u < u1; ++u) z[t * zs + row + u] = bias ? bias[row + u] : 0.0f;
+            const float* v = vals + c * shorter;
+            for (int64_t t = 0; t < tokens; ++t) {
+                const float* xt = twice.data() + t * 2 * in;
+                float* zt = z + t * zs + row;
+                int64_t u = u0;
+                for (; u + U <= u1; u += U) {
+                    v16 acc[4];
+                    for (int n = 0; n < 4; ++n) acc[n] = load<v16>(zt + u + n * L);
+                    for (int64_t k = 0; k < diagonals; ++k)
+                        for (int n = 0; n < 4; ++n)
+                            acc[n] += load<v16>(v + k * length + u + n * L) * load<v16>(xt + column[k] + u + n * L);
+                    for (int n = 0; n < 4; ++n) store<v16>(zt + u + n * L, acc[n]);
+                }
+                for (; u + L <= u1; u += L) {
+                    v16 acc = load<v16>(zt + u);
+                    for (int64_t k = 0; k < diagonals; ++k)
+                        acc += load<v16>(v + k * length + u) * load<v16>(xt + column[k] + u);
+                    store<v16>(zt + u, acc);
+                }
+                for (; u < u1; ++u) {
+                    float acc = zt[u];
+                    for (int64_t k = 0; k < diagonals; ++k) acc += v[k * length + u] * xt[column[k] + u];
+                    zt[u] = acc;
+                }
+            }
+        }
+        if (ocol) {
+#pragma omp barrier
+#pragma omp for schedule(static)
+            for (int64_t t = 0; t < tokens; ++t)
+                for (int64_t o = 0; o < out; ++o) y[t * ys + ocol[o]] = z[t * out + o];
+        }
+    }
+    return 0;
+}
+

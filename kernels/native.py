@@ -39,6 +39,7 @@ _SIGNATURES = {
     "padst_block_sddmm": (_P, _I, _P, _I, _I, _I, _I, _I, _I, _P, _P, _P),
     "padst_ell_mm": (_P, _I, _P, _I, _I, _I, _I, _P, _P, _P, _P, _P),
     "padst_ell_sddmm": (_P, _I, _P, _I, _I, _I, _I, _P, _P, _P),
+    "padst_diag_mm": (_P, _I, _P, _I, _I, _I, _I, _I, _P, _P, _P, _P, _P),
 }
 
 

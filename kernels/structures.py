@@ -32,6 +32,7 @@ from padst_compiler.kernels.cpu import (
     nm_to_rows,
     transpose_rows,
 )
+from padst_compiler.kernels.ops import structured_linear
 
 Tensor = torch.Tensor
 
@@ -118,7 +119,7 @@ class Structure(ABC):
 
     def linear(self, x, values, index, out_features, bias=None, in_index=None, out_index=None) -> Tensor:
         """``(S @ x[..., in_index] + bias)[..., out_index]`` through this structure's op."""
-        return self.op(x, values, index, out_features, bias, in_index, out_index)
+        return structured_linear(self.op, x, values, index, out_features, bias, in_index, out_index)
 
     def kept_count(self, values: Tensor, index: Tensor) -> int:
         """Kept positions of a compressed weight."""

@@ -65,7 +65,7 @@ def measure(structure: Structure, in_features: int, out_features: int, tokens: i
     values = weight.values.to(device).requires_grad_()
 
     def sparse(in_index=None):
-        return structure.op(x, values, index, out_features, bias, in_index)
+        return structure.linear(x, values, index, out_features, bias, in_index)
 
     def sync(fn):
         def run():

@@ -15,9 +15,11 @@ from .reference import dense_reference
 
 needs_native = pytest.mark.skipif(native.library() is None, reason="no C++ compiler: native kernels not built")
 
-# (structure, out, in): every block width the kernels specialise, on both sides
+# (structure, out, in): every block width the kernels specialise, on both sides; diagonals
+# long enough for the streamed kernel's full vector steps and its tails
 CASES = [(Block(8, 8), 64, 48), (Block(16, 32), 96, 128), (Block(32, 16), 64, 96), (Block(48, 48), 96, 96),
-         (Block(64, 64), 128, 128), (NM(4), 64, 32), (NM(8), 32, 64), (Diagonal(), 64, 32), (Diagonal(), 32, 64)]
+         (Block(64, 64), 128, 128), (NM(4), 64, 32), (NM(8), 32, 64), (Diagonal(), 64, 32), (Diagonal(), 32, 64),
+         (Diagonal(), 384, 128), (Diagonal(), 100, 300)]
 OPTIONS = ["plain", "bias+in+out", "in_index", "out_index"]
 
 

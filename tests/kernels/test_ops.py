@@ -181,3 +181,47 @@ def test_value_checks_run_again_after_an_index_changes_in_place():
         bad = torch.zeros_like(index)
         with pytest.raises(ValueError, match="keeps the same column block twice"):
             torch.ops.padst.block_linear(x, weight.values, bad, 32)
+
+
+def _count_direct_calls(monkeypatch, op):
+    """Wrap the implementation ``structured_linear`` calls without the dispatcher."""
+    from padst_compiler.kernels import ops
+
+    calls = []
+    direct = ops._DIRECT_FORWARD[op]
+    monkeypatch.setitem(ops._DIRECT_FORWARD, op, lambda *args: calls.append(1) or direct(*args))
+    return calls
+
+
+def test_eager_calls_without_gradients_skip_the_dispatcher_with_the_same_result(monkeypatch):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    structure = Block(4, 8)
+    weight, x, bias, in_index, out_index = make_case(structure, 32, 16, 0.5, (2, 5), dtype=torch.float32)
+    calls = _count_direct_calls(monkeypatch, structure.op)
+    call = lambda x, values: structure.linear(x, values, weight.index, 32, bias, in_index, out_index)  # noqa: E731
+    with torch.no_grad():
+        direct = call(x, weight.values)
+    assert len(calls) == 1 and direct.shape == (2, 5, 32)
+    torch.testing.assert_close(direct, structure.op(x, weight.values, weight.index, 32, bias, in_index, out_index))
+
+    seen = []
+
+    class Recording(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append(func)
+            return func(*args, **(kwargs or {}))
+
+    values = weight.values.clone().requires_grad_()
+    call(x, values).sum().backward()  # a gradient is needed: the op runs, with its autograd formula
+    assert values.grad is not None
+    with torch.no_grad(), Recording():
+        call(x, weight.values)
+    assert torch.ops.padst.block_linear.default in seen
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        fake = call(mode.from_tensor(x), mode.from_tensor(weight.values))
+    assert fake.shape == (2, 5, 32)
+    batched = torch.vmap(lambda row: call(row, weight.values))(x)
+    torch.testing.assert_close(batched, direct)
+    assert len(calls) == 1  # none of these took the direct path
