@@ -188,22 +188,26 @@ def _block_forward_native(x, values, col_blocks, out_features, bias, in_index, o
     x = x.contiguous()
     y = x.new_empty(x.shape[0], out_features)
     plan = memoize("block forward", (col_blocks, in_index, out_index), lambda: _BlockForwardPlan(
-        torch.arange(n_rows + 1) * kept, _block_columns(col_blocks, block_cols, in_index),
-        None if out_index is None else _inverse(out_index)), block_cols)
+        torch.arange(n_rows + 1) * kept, _block_columns(col_blocks, block_cols, None),
+        None if in_index is None else in_index.to(torch.int32), None if out_index is None else _inverse(out_index)),
+        block_cols)
     panels = _frozen_memoize("block panels", values, lambda: values.detach().transpose(2, 3).contiguous())
     bias = None if bias is None else bias.detach().contiguous()
     native.run("padst_block_mm", x.data_ptr(), x.stride(0), y.data_ptr(), y.stride(0), x.shape[0],
                n_rows, block_rows, plan.entry_ptr.data_ptr(), plan.columns.data_ptr(), block_cols,
-               panels.data_ptr(), None, native.pointer(bias), native.pointer(plan.out_columns))
+               panels.data_ptr(), None, native.pointer(bias), native.pointer(plan.out_columns),
+               native.pointer(plan.in_columns), x.shape[1])
     return y
 
 
 class _BlockForwardPlan(NamedTuple):
     """Index-derived arguments of the native block forward, memoized together (one lookup
-    a call matters at one token)."""
+    a call matters at one token). ``in_index`` is applied by the kernel, which packs rows of
+    x through it (``in_columns``, int32) before reading them in the blocks' own ``columns``."""
 
     entry_ptr: Tensor
     columns: Tensor
+    in_columns: Tensor | None
     out_columns: Tensor | None
 
 
@@ -239,7 +243,7 @@ def _block_grad_input_native(grad, values, col_blocks, in_features, in_index, ou
     dx = grad.new_empty(grad.shape[0], in_features)
     native.run("padst_block_mm", grad.data_ptr(), grad.stride(0), dx.data_ptr(), dx.stride(0), grad.shape[0],
                in_features // block_cols, block_cols, transposed.entry_ptr.data_ptr(), transposed.rows.data_ptr(),
-               block_rows, panels.data_ptr(), transposed.order.data_ptr(), None, native.pointer(dx_columns))
+               block_rows, panels.data_ptr(), transposed.order.data_ptr(), None, native.pointer(dx_columns), None, 0)
     return dx
 
 
@@ -306,8 +310,9 @@ def _ell_index(columns: Tensor, index: Tensor, in_features: int, in_index, out_i
     return memoize("ell index", (index, in_index, out_index), compute, tuple(columns.shape), in_features)
 
 
-def ell_forward(x, ell: EllIndex, vals, bias, out_index, key: tuple):
-    candidates = {}
+def ell_forward(x, ell: EllIndex, vals, bias, out_index, key: tuple, preferred: dict | None = None):
+    """The row-sparse forward; ``preferred`` are structure-specific candidates tried first."""
+    candidates = dict(preferred or {})
     if _native_fp32(x, vals, bias):
         candidates["native"] = lambda: _ell_forward_native(x, ell, vals, bias, out_index)
     candidates["torch"] = lambda: _ell_forward_torch(x, ell, vals, bias, out_index)
@@ -459,9 +464,48 @@ def _diag_index(offsets, out_features, in_features, in_index, out_index) -> EllI
     return _ell_index(columns, offsets, in_features, in_index, out_index)
 
 
+# Rows per slice of the sliced N:M layout (one vector of fp32 lanes), and the token counts
+# it serves: it re-reads the values for every token, so beyond a few the row-sparse
+# kernel's tokens-in-lanes form wins.
+SLICE_ROWS = 16
+SLICED_TOKENS = 4
+
+
 def nm_forward(x, values, positions, out_features, bias, in_index, out_index):
     ell = _nm_index(positions, x.shape[1], in_index, out_index)
-    return ell_forward(x, ell, values, bias, out_index, ("nm", *_regime(x, values, positions, in_index, out_index)))
+    preferred = {}
+    group_size = x.shape[1] // positions.shape[1]
+    # the sliced layout is a repacking of the values: worth it only where it is kept (frozen)
+    if x.shape[0] <= SLICED_TOKENS and group_size <= 2 * SLICE_ROWS and not values.requires_grad \
+            and _native_fp32(x, values, bias):
+        preferred["native-sliced"] = lambda: _nm_forward_sliced(x, values, positions, bias, in_index, out_index)
+    return ell_forward(x, ell, values, bias, out_index, ("nm", *_regime(x, values, positions, in_index, out_index)),
+                       preferred)
+
+
+def _sliced(rows: Tensor) -> Tensor:
+    """``[out, per_row]`` -> ``[ceil(out / 16), per_row, 16]``: 16 rows side by side per entry,
+    zero rows padding the last slice."""
+    out_rows, per_row = rows.shape
+    padded = F.pad(rows, (0, 0, 0, -out_rows % SLICE_ROWS))
+    return padded.view(-1, SLICE_ROWS, per_row).transpose(1, 2).contiguous()
+
+
+def _nm_forward_sliced(x, values, positions, bias, in_index, out_index):
+    """``padst_nm_mm``: register permutes within each group instead of gathers."""
+    out_features, groups, kept = positions.shape
+    x = x.contiguous()
+    y = x.new_empty(x.shape[0], out_features)
+    sliced_positions = memoize("nm sliced positions", (positions,),
+                               lambda: _sliced(positions.reshape(out_features, -1).to(torch.int32)))
+    sliced_values = _frozen_memoize("nm sliced values", values, lambda: _sliced(values.detach()))
+    bias = None if bias is None else bias.detach().contiguous()
+    in_columns = None if in_index is None else in_index.contiguous()
+    out_columns = None if out_index is None else _inverse(out_index)
+    native.run("padst_nm_mm", x.data_ptr(), x.stride(0), y.data_ptr(), y.stride(0), x.shape[0], x.shape[1],
+               out_features, groups, kept, sliced_values.data_ptr(), sliced_positions.data_ptr(),
+               native.pointer(bias), native.pointer(in_columns), native.pointer(out_columns))
+    return y
 
 
 def nm_grad_input(grad, values, positions, in_features, in_index, out_index):

@@ -58,16 +58,16 @@ struct BlockMM {
     const int64_t* ocol;       // [blocks * W] output column of each z column, or null (identity)
 };
 
-// MR tokens by NV vectors of one output block: MR*NV accumulators stay in registers.
+// MR tokens by NV vectors of one output block: MR*NV accumulators stay in registers. The
+// tokens' rows of x start at xrow, a.x_stride apart; they are rows t0.. of y.
 template <typename V, int NV, int MR>
-static void block_mm_tile(const BlockMM& a, int64_t t0, int64_t o) {
+static void block_mm_tile(const BlockMM& a, const float* xrow, int64_t t0, int64_t o) {
     constexpr int L = sizeof(V) / sizeof(float);
     V acc[MR][NV];
     for (int v = 0; v < NV; ++v) {
         V b = a.bias ? load<V>(a.bias + o * a.width + v * L) : V{};
         for (int m = 0; m < MR; ++m) acc[m][v] = b;
     }
-    const float* xrow = a.x + t0 * a.x_stride;
     for (int64_t e = a.entry_ptr[o]; e < a.entry_ptr[o + 1]; ++e) {
         const int64_t* cols = a.icol + e * a.depth;
         const float* panel = a.panels + (a.panel_of ? a.panel_of[e] : e) * a.depth * a.width;
@@ -93,24 +93,59 @@ static void block_mm_tile(const BlockMM& a, int64_t t0, int64_t o) {
     }
 }
 
+// row[in_map[f]] for f < in_features into out. The row is first copied front to back, which
+// the hardware prefetcher streams, instead of being read in map order, one cache miss at a time.
+static void pack_row(const float* row, const int32_t* in_map, int64_t in_features, float* scratch, float* out) {
+    std::memcpy(scratch, row, sizeof(float) * in_features);
+    for (int64_t f = 0; f < in_features; ++f) out[f] = scratch[in_map[f]];
+}
+
 // Each work item is MR tokens across every output block, so each thread writes whole rows
 // of y front to back (the x rows of the item stay in L1, the panels stream from L2). With
-// few tokens the output blocks are split across threads too.
+// few tokens the output blocks are split across threads too. An input map (in_index) is
+// applied by packing rows of x in map order into a buffer that the tiles then read like an
+// unpermuted x (read through the map directly, every column of a panel would be a
+// different cache line of every row): per item when items are whole rows of y, once for
+// all tokens when the blocks are split (few tokens).
 template <typename V, int NV, int MR>
-static void block_mm_run(const BlockMM& a, int64_t tokens, int64_t blocks) {
+static void block_mm_run(const BlockMM& a, int64_t tokens, int64_t blocks, const int32_t* in_map,
+                         int64_t in_features) {
     if (blocks == 0) return;
     const int64_t groups = (tokens + MR - 1) / MR;
     const int64_t splits = groups >= 4 * omp_get_max_threads() ? 1 : blocks;
     const int64_t per_split = (blocks + splits - 1) / splits;
-#pragma omp parallel for collapse(2) schedule(dynamic, 1)
-    for (int64_t g = 0; g < groups; ++g) {
-        for (int64_t part = 0; part < splits; ++part) {
-            const int64_t t0 = g * MR, o1 = std::min(blocks, (part + 1) * per_split);
-            for (int64_t o = part * per_split; o < o1; ++o) {
-                if (t0 + MR <= tokens)
-                    block_mm_tile<V, NV, MR>(a, t0, o);
-                else
-                    for (int64_t t = t0; t < tokens; ++t) block_mm_tile<V, NV, 1>(a, t, o);
+    const bool pack_all = in_map && splits > 1, pack_items = in_map && splits == 1;
+    std::vector<float> all(pack_all ? tokens * in_features : 0);
+#pragma omp parallel
+    {
+        std::vector<float> scratch(in_map ? in_features : 0);
+        if (pack_all) {
+#pragma omp for schedule(static)
+            for (int64_t t = 0; t < tokens; ++t)
+                pack_row(a.x + t * a.x_stride, in_map, in_features, scratch.data(), &all[t * in_features]);
+        }
+        std::vector<float> packed(pack_items ? MR * in_features : 0);
+        BlockMM item = a;
+        if (in_map) item.x_stride = in_features;
+#pragma omp for collapse(2) schedule(dynamic, 1)
+        for (int64_t g = 0; g < groups; ++g) {
+            for (int64_t part = 0; part < splits; ++part) {
+                const int64_t t0 = g * MR, o1 = std::min(blocks, (part + 1) * per_split);
+                const int64_t count = std::min<int64_t>(MR, tokens - t0);
+                const float* rows = pack_all ? all.data() + t0 * in_features : a.x + t0 * a.x_stride;
+                if (pack_items) {
+                    for (int64_t m = 0; m < count; ++m)
+                        pack_row(a.x + (t0 + m) * a.x_stride, in_map, in_features, scratch.data(),
+                                 &packed[m * in_features]);
+                    rows = packed.data();
+                }
+                for (int64_t o = part * per_split; o < o1; ++o) {
+                    if (count == MR)
+                        block_mm_tile<V, NV, MR>(item, rows, t0, o);
+                    else
+                        for (int64_t m = 0; m < count; ++m)
+                            block_mm_tile<V, NV, 1>(item, rows + m * item.x_stride, t0 + m, o);
+                }
             }
         }
     }
@@ -119,14 +154,14 @@ static void block_mm_run(const BlockMM& a, int64_t tokens, int64_t blocks) {
 extern "C" int padst_block_mm(const float* x, int64_t x_stride, float* y, int64_t y_stride, int64_t tokens,
                               int64_t blocks, int64_t width, const int64_t* entry_ptr, const int64_t* icol,
                               int64_t depth, const float* panels, const int64_t* panel_of, const float* bias,
-                              const int64_t* ocol) {
+                              const int64_t* ocol, const int32_t* in_map, int64_t in_features) {
     BlockMM a{x, x_stride, y, y_stride, width, entry_ptr, icol, depth, panels, panel_of, bias, ocol};
     switch (width) {
-        case 8: block_mm_run<v8, 1, 12>(a, tokens, blocks); return 0;
-        case 16: block_mm_run<v16, 1, 14>(a, tokens, blocks); return 0;
-        case 32: block_mm_run<v16, 2, 12>(a, tokens, blocks); return 0;
-        case 48: block_mm_run<v16, 3, 8>(a, tokens, blocks); return 0;
-        case 64: block_mm_run<v16, 4, 6>(a, tokens, blocks); return 0;
+        case 8: block_mm_run<v8, 1, 12>(a, tokens, blocks, in_map, in_features); return 0;
+        case 16: block_mm_run<v16, 1, 14>(a, tokens, blocks, in_map, in_features); return 0;
+        case 32: block_mm_run<v16, 2, 12>(a, tokens, blocks, in_map, in_features); return 0;
+        case 48: block_mm_run<v16, 3, 8>(a, tokens, blocks, in_map, in_features); return 0;
+        case 64: block_mm_run<v16, 4, 6>(a, tokens, blocks, in_map, in_features); return 0;
         default: return 1;  // unsupported width: the caller uses the PyTorch path
     }
 }
@@ -429,6 +464,53 @@ extern "C" int padst_ell_sddmm(const float* dz, int64_t dzs, const float* x, int
         ell_sddmm_run<1>(dz, dzs, x, xs, tokens, features, rows, row_ptr, cols, dv);
     else
         ell_sddmm_run<4>(dz, dzs, x, xs, tokens, features, rows, row_ptr, cols, dv);
+    return 0;
+}
+
+// --------------------------------------------------------------------------- nm_mm
+//
+// An N:M weight keeps n of every m consecutive inputs, so every value of a group reads one
+// of the same m (<= 32) inputs: two vector registers hold them, and a register permute
+// (vpermt2ps on AVX-512) picks each row's input where a gather would go to memory. The
+// values and positions are "sliced" by 16 rows, [chunks][groups * n][16], so one step
+// serves 16 rows at once: for a few tokens this streams the values once with no gathers.
+extern "C" int padst_nm_mm(const float* x, int64_t xs, float* y, int64_t ys, int64_t tokens, int64_t in,
+                           int64_t out, int64_t groups, int64_t kept, const float* vals, const int32_t* positions,
+                           const float* bias, const int64_t* icol, const int64_t* ocol) {
+    typedef int32_t vi16 __attribute__((vector_size(64)));
+    constexpr int64_t L = 16;
+    const int64_t m = in / groups, chunks = (out + L - 1) / L, per_chunk = groups * kept;
+    if (m > 2 * L) return 1;
+    // each token's inputs (through in_index), padded so a group's two vectors never read past the end
+    const int64_t padded = in + 2 * L;
+    std::vector<float> inputs(tokens * padded, 0.0f);
+#pragma omp parallel
+    {
+#pragma omp for schedule(static)
+        for (int64_t t = 0; t < tokens; ++t)
+            for (int64_t f = 0; f < in; ++f) inputs[t * padded + f] = x[t * xs + (icol ? icol[f] : f)];
+#pragma omp for collapse(2) schedule(static)
+        for (int64_t c = 0; c < chunks; ++c)
+            for (int64_t t = 0; t < tokens; ++t) {
+                const float* xt = inputs.data() + t * padded;
+                const float* v = vals + c * per_chunk * L;
+                const int32_t* p = positions + c * per_chunk * L;
+                v16 acc[2] = {};
+                for (int64_t g = 0; g < groups; ++g) {
+                    const v16 lo = load<v16>(xt + g * m), hi = load<v16>(xt + g * m + L);
+                    for (int64_t s = 0; s < kept; ++s, v += L, p += L) {
+                        vi16 index;
+                        std::memcpy(&index, p, sizeof(index));
+                        acc[s & 1] += load<v16>(v) * __builtin_shuffle(lo, hi, index);
+                    }
+                }
+                const v16 sum = acc[0] + acc[1];
+                for (int64_t l = 0; l < L && c * L + l < out; ++l) {
+                    const int64_t o = c * L + l;
+                    y[t * ys + (ocol ? ocol[o] : o)] = sum[l] + (bias ? bias[o] : 0.0f);
+                }
+            }
+    }
     return 0;
 }
 

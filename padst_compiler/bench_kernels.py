@@ -3,7 +3,9 @@
 For each structure, layer shape, token count and sparsity it times, interleaved and as
 medians of repeats: the structured forward, the same forward with a fused ``in_index``,
 and forward+backward (gradients of input, kept values and bias), each against
-``F.linear`` with a dense weight of the same shape. The implementation each op ran (as
+``F.linear`` with a dense weight of the same shape. The forward is timed as inference
+runs it, on frozen values (as ``optimize`` leaves them, so value repackings are kept
+between calls); forward+backward on trainable values, as a training step runs it. The implementation each op ran (as
 picked by measurement, see ``kernels/select.py``) is printed alongside, and the results can
 be written as JSON.
 """
@@ -62,9 +64,10 @@ def measure(structure: Structure, in_features: int, out_features: int, tokens: i
     bias = torch.randn(out_features, generator=gen).to(device).requires_grad_()
     grad = torch.randn(tokens, out_features, generator=gen).to(device)
     in_index = torch.randperm(in_features, generator=gen).to(device)
-    values = weight.values.to(device).requires_grad_()
+    frozen = weight.values.to(device)
+    values = frozen.clone().requires_grad_()
 
-    def sparse(in_index=None):
+    def sparse(in_index=None, values=frozen):
         return structure.linear(x, values, index, out_features, bias, in_index)
 
     def sync(fn):
@@ -82,7 +85,7 @@ def measure(structure: Structure, in_features: int, out_features: int, tokens: i
             fused = interleaved_medians({
                 "sparse": sync(sparse), "in_index": sync(lambda: sparse(in_index))}, repeats=repeats)
         train = interleaved_medians({
-            "sparse": sync(lambda: sparse().backward(grad)),
+            "sparse": sync(lambda: sparse(values=values).backward(grad)),
             "dense": sync(lambda: F.linear(x, dense, bias).backward(grad))}, repeats=repeats)
     # run() clears the choices before each case, so every record here is this case's
     chosen = sorted({f"{r['op'].split('_', 1)[1]}={r['chosen']}" for r in select.choices()})

@@ -61,6 +61,26 @@ def test_implementation_matches_dense_reference(structure, out_features, in_feat
         torch.testing.assert_close(bias.grad.double(), bias64.grad, rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("m,out_features", [(4, 40), (8, 16), (16, 33), (32, 64)])
+@pytest.mark.parametrize("tokens", [1, 3])
+@pytest.mark.parametrize("option", OPTIONS)
+@needs_native
+def test_sliced_nm_forward_of_frozen_values_matches_dense_reference(m, out_features, tokens, option):
+    """The register-permute N:M kernel, offered for a few tokens on frozen values, for group
+    sizes that fill one or two vectors and row counts that leave a partial slice."""
+    weight, x, bias, in_index, out_index = _case(NM(m), out_features, 4 * m, tokens, option)
+    select.clear()
+    with select.set_autotune(True):
+        y = weight.structure.op(x, weight.values, weight.index, out_features, bias, in_index, out_index)
+    assert "native-sliced" in select.choices()[0]["ms"]
+    with select.only("native-sliced"):
+        sliced = weight.structure.op(x, weight.values, weight.index, out_features, bias, in_index, out_index)
+    reference = dense_reference(NM(m), x.double(), weight.values.double(), weight.index, out_features,
+                                None if bias is None else bias.double(), in_index, out_index)
+    torch.testing.assert_close(sliced.double(), reference, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(y.double(), reference, rtol=1e-5, atol=1e-4)
+
+
 def test_autotune_measures_once_per_regime_and_records_the_choice():
     weight, x, *_ = _case(NM(4), 64, 32, 40, "plain")
     select.clear()
