@@ -285,7 +285,7 @@ class EllIndex(NamedTuple):
     """Index-only parts of a row-sparse weight: ``cols`` ``[out, per_row]`` (z-row order,
     ``in_index`` fused) and the transposed (CSC) form the input gradient reads: the entries of
     input feature j are ``order[col_ptr[j]:col_ptr[j+1]]`` and read gradient columns ``rows``.
-    The native kernels read int32 copies of ``cols`` and ``rows``."""
+    The native kernels read int32 copies of ``cols``, ``rows`` and ``order``."""
 
     cols: Tensor
     row_ptr: Tensor
@@ -294,6 +294,7 @@ class EllIndex(NamedTuple):
     rows: Tensor
     cols32: Tensor
     rows32: Tensor
+    order32: Tensor
 
 
 def _ell_index(columns: Tensor, index: Tensor, in_features: int, in_index, out_index) -> EllIndex:
@@ -305,7 +306,7 @@ def _ell_index(columns: Tensor, index: Tensor, in_features: int, in_index, out_i
         rows = by_column.rows if out_index is None else _inverse(out_index)[by_column.rows]
         rows = rows.contiguous()
         return EllIndex(cols, torch.arange(out_rows + 1) * per_row, by_column.pointers, by_column.order, rows,
-                        cols.to(torch.int32), rows.to(torch.int32))
+                        cols.to(torch.int32), rows.to(torch.int32), by_column.order.to(torch.int32))
 
     return memoize("ell index", (index, in_index, out_index), compute, tuple(columns.shape), in_features)
 
@@ -327,7 +328,7 @@ def _ell_forward_native(x, ell: EllIndex, vals, bias, out_index):
     bias = None if bias is None else bias.detach().contiguous()
     out_columns = None if out_index is None else _inverse(out_index)
     native.run("padst_ell_mm", x.data_ptr(), x.stride(0), y.data_ptr(), y.stride(0), x.shape[0], x.shape[1],
-               ell.cols.shape[0], ell.row_ptr.data_ptr(), ell.cols32.data_ptr(), vals.data_ptr(),
+               ell.cols.shape[0], ell.row_ptr.data_ptr(), ell.cols32.data_ptr(), vals.data_ptr(), None,
                native.pointer(bias), native.pointer(out_columns))
     return y
 
@@ -352,16 +353,16 @@ def ell_grad_input(grad, ell: EllIndex, vals, in_features, key: tuple, out_index
 def _ell_grad_input_native(grad, ell: EllIndex, vals, in_features):
     grad = grad.contiguous()
     dx = grad.new_empty(grad.shape[0], in_features)
-    transposed_vals = vals.detach().flatten()[ell.order]
+    vals = vals.detach().contiguous()  # read in the transposed order through order32
     native.run("padst_ell_mm", grad.data_ptr(), grad.stride(0), dx.data_ptr(), dx.stride(0), grad.shape[0],
-               grad.shape[1], in_features, ell.col_ptr.data_ptr(), ell.rows32.data_ptr(), transposed_vals.data_ptr(),
-               None, None)
+               grad.shape[1], in_features, ell.col_ptr.data_ptr(), ell.rows32.data_ptr(), vals.data_ptr(),
+               ell.order32.data_ptr(), None, None)
     return dx
 
 
 def _ell_grad_input_torch(grad, ell: EllIndex, vals, in_features):
     dx = F.embedding_bag(ell.rows, grad.t().contiguous(), ell.col_ptr[:-1],
-                         per_sample_weights=vals.flatten()[ell.order], mode="sum")
+                         per_sample_weights=vals.flatten().index_select(0, ell.order), mode="sum")
     return dx.t().contiguous()
 
 
@@ -397,7 +398,8 @@ class TransposedRows(NamedTuple):
 def transpose_rows(cols, vals, in_features) -> TransposedRows:
     """The transposed form of a rows view, built by one stable sort of the columns."""
     by_column = sort_by_column(cols, in_features)
-    return TransposedRows(by_column.pointers[:-1], by_column.counts, by_column.rows, vals.flatten()[by_column.order])
+    return TransposedRows(by_column.pointers[:-1], by_column.counts, by_column.rows,
+                          vals.flatten().index_select(0, by_column.order))
 
 
 # ------------------------------------------------------------- N:M and diagonal as ELL

@@ -313,6 +313,12 @@ static void transpose_tile(const float* in, int64_t stride, int64_t t0, int64_t 
     }
 }
 
+// Entry e's value: vals[e], or vals[val_of[e]] where the entries are a reordering of the
+// values (the transposed structure reads the forward's values in place).
+static inline float value_of(const float* vals, const int32_t* val_of, int64_t e) {
+    return vals[val_of ? val_of[e] : e];
+}
+
 template <int NT>
 static void ell_mm_row(const float* xt, float* out, const int32_t* cols, const float* vals, int64_t begin,
                        int64_t end, float bias) {
@@ -374,51 +380,64 @@ static void ell_mm_run(const float* x, int64_t xs, float* y, int64_t ys, int64_t
     }
 }
 
-// sum_e vals[e] * xr[cols[e]] for e < n, with hardware gathers where the target has them.
-static inline float gather_dot(const float* xr, const int32_t* cols, const float* vals, int64_t n) {
-    int64_t e = 0;
+// sum_e value_of(e) * xr[cols[e]] over [begin, end), with hardware gathers where the target has them.
+static inline float gather_dot(const float* xr, const int32_t* cols, const float* vals, const int32_t* val_of,
+                               int64_t begin, int64_t end) {
+    int64_t e = begin;
     float sum = 0.0f;
 #if defined(__AVX512F__)
     __m512 acc[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
-    for (; e + 32 <= n; e += 32)
+    for (; e + 32 <= end; e += 32)
         for (int u = 0; u < 2; ++u) {
-            const __m512i idx = _mm512_loadu_si512(cols + e + 16 * u);
-            acc[u] = _mm512_fmadd_ps(_mm512_i32gather_ps(idx, xr, 4), _mm512_loadu_ps(vals + e + 16 * u), acc[u]);
+            const int64_t at = e + 16 * u;
+            const __m512 v = val_of ? _mm512_i32gather_ps(_mm512_loadu_si512(val_of + at), vals, 4)
+                                    : _mm512_loadu_ps(vals + at);
+            acc[u] = _mm512_fmadd_ps(_mm512_i32gather_ps(_mm512_loadu_si512(cols + at), xr, 4), v, acc[u]);
         }
     sum = _mm512_reduce_add_ps(_mm512_add_ps(acc[0], acc[1]));
 #elif defined(__AVX2__)
     __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
-    for (; e + 16 <= n; e += 16)
+    auto indices = [](const int32_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); };
+    for (; e + 16 <= end; e += 16)
         for (int u = 0; u < 2; ++u) {
-            const __m256i idx = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(cols + e + 8 * u));
-            acc[u] = _mm256_fmadd_ps(_mm256_i32gather_ps(xr, idx, 4), _mm256_loadu_ps(vals + e + 8 * u), acc[u]);
+            const int64_t at = e + 8 * u;
+            const __m256 v = val_of ? _mm256_i32gather_ps(vals, indices(val_of + at), 4) : _mm256_loadu_ps(vals + at);
+            acc[u] = _mm256_fmadd_ps(_mm256_i32gather_ps(xr, indices(cols + at), 4), v, acc[u]);
         }
     const v8 total = reinterpret_cast<v8>(_mm256_add_ps(acc[0], acc[1]));
     for (int l = 0; l < 8; ++l) sum += total[l];
 #endif
-    for (; e < n; ++e) sum += vals[e] * xr[cols[e]];
+    for (; e < end; ++e) sum += value_of(vals, val_of, e) * xr[cols[e]];
     return sum;
 }
 
 // A handful of tokens would leave most vector lanes empty: gather-dot each row instead.
 static void ell_mm_few_tokens(const float* x, int64_t xs, float* y, int64_t ys, int64_t tokens, int64_t rows,
-                              const int64_t* row_ptr, const int32_t* cols, const float* vals, const float* bias,
-                              const int64_t* ocol) {
+                              const int64_t* row_ptr, const int32_t* cols, const float* vals,
+                              const int32_t* val_of, const float* bias, const int64_t* ocol) {
 #pragma omp parallel for schedule(static)
-    for (int64_t o = 0; o < rows; ++o) {
-        const int64_t begin = row_ptr[o], count = row_ptr[o + 1] - begin;
+    for (int64_t o = 0; o < rows; ++o)
         for (int64_t t = 0; t < tokens; ++t)
             y[t * ys + (ocol ? ocol[o] : o)] =
-                gather_dot(x + t * xs, cols + begin, vals + begin, count) + (bias ? bias[o] : 0.0f);
-    }
+                gather_dot(x + t * xs, cols, vals, val_of, row_ptr[o], row_ptr[o + 1]) + (bias ? bias[o] : 0.0f);
 }
 
+// val_of (optional) reorders the values, see value_of: a handful of tokens reads them through
+// it; more tokens reorder them once, which costs less than an indirection per read.
 extern "C" int padst_ell_mm(const float* x, int64_t xs, float* y, int64_t ys, int64_t tokens, int64_t features,
                             int64_t rows, const int64_t* row_ptr, const int32_t* cols, const float* vals,
-                            const float* bias, const int64_t* ocol) {
-    if (tokens <= 4)
-        ell_mm_few_tokens(x, xs, y, ys, tokens, rows, row_ptr, cols, vals, bias, ocol);
-    else if (tokens <= 16)
+                            const int32_t* val_of, const float* bias, const int64_t* ocol) {
+    if (tokens <= 4) {
+        ell_mm_few_tokens(x, xs, y, ys, tokens, rows, row_ptr, cols, vals, val_of, bias, ocol);
+        return 0;
+    }
+    std::vector<float> ordered(val_of ? row_ptr[rows] : 0);
+    if (val_of) {
+#pragma omp parallel for schedule(static)
+        for (int64_t e = 0; e < row_ptr[rows]; ++e) ordered[e] = vals[val_of[e]];
+        vals = ordered.data();
+    }
+    if (tokens <= 16)
         ell_mm_run<1>(x, xs, y, ys, tokens, features, rows, row_ptr, cols, vals, bias, ocol);
     else
         ell_mm_run<2>(x, xs, y, ys, tokens, features, rows, row_ptr, cols, vals, bias, ocol);
@@ -457,10 +476,24 @@ static void ell_sddmm_run(const float* dz, int64_t dzs, const float* x, int64_t 
     }
 }
 
+// A handful of tokens: each kept value's gradient is a short dot product of its own.
+static void ell_sddmm_few_tokens(const float* dz, int64_t dzs, const float* x, int64_t xs, int64_t tokens,
+                                 int64_t rows, const int64_t* row_ptr, const int32_t* cols, float* dv) {
+#pragma omp parallel for schedule(static)
+    for (int64_t o = 0; o < rows; ++o)
+        for (int64_t e = row_ptr[o]; e < row_ptr[o + 1]; ++e) {
+            float sum = 0.0f;
+            for (int64_t t = 0; t < tokens; ++t) sum += dz[t * dzs + o] * x[t * xs + cols[e]];
+            dv[e] = sum;
+        }
+}
+
 extern "C" int padst_ell_sddmm(const float* dz, int64_t dzs, const float* x, int64_t xs, int64_t tokens,
                                int64_t features, int64_t rows, const int64_t* row_ptr, const int32_t* cols,
                                float* dv) {
-    if (tokens <= 16)
+    if (tokens <= 4)
+        ell_sddmm_few_tokens(dz, dzs, x, xs, tokens, rows, row_ptr, cols, dv);
+    else if (tokens <= 16)
         ell_sddmm_run<1>(dz, dzs, x, xs, tokens, features, rows, row_ptr, cols, dv);
     else
         ell_sddmm_run<4>(dz, dzs, x, xs, tokens, features, rows, row_ptr, cols, dv);

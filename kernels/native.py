@@ -37,7 +37,7 @@ _I = ctypes.c_int64
 _SIGNATURES = {
     "padst_block_mm": (_P, _I, _P, _I, _I, _I, _I, _P, _P, _I, _P, _P, _P, _P, _P, _I),
     "padst_block_sddmm": (_P, _I, _P, _I, _I, _I, _I, _I, _I, _P, _P, _P),
-    "padst_ell_mm": (_P, _I, _P, _I, _I, _I, _I, _P, _P, _P, _P, _P),
+    "padst_ell_mm": (_P, _I, _P, _I, _I, _I, _I, _P, _P, _P, _P, _P, _P),
     "padst_ell_sddmm": (_P, _I, _P, _I, _I, _I, _I, _P, _P, _P),
     "padst_diag_mm": (_P, _I, _P, _I, _I, _I, _I, _I, _P, _P, _P, _P, _P),
     "padst_nm_mm": (_P, _I, _P, _I, _I, _I, _I, _I, _I, _P, _P, _P, _P, _P),
