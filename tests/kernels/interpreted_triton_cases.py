@@ -17,9 +17,8 @@ from .reference import dense_reference
 if os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("needs TRITON_INTERPRET=1 before triton is imported", allow_module_level=True)
 
-from padst_compiler.kernels import triton_kernels  # noqa: E402  (after the interpreter check)
+from .triton_inputs import BIAS, IN, OUT, case_id, kernel_results, make_inputs  # noqa: E402  (after the check)
 
-BIAS, IN, OUT = "bias", "in", "out"
 # (structure, launcher prefix, (out, in), tokens, fused extras). The kernels read both
 # permutations and the bias through separate flags, so each flag is on in some case and
 # off in another; 70 tokens is more than one split of the values-gradient reduction.
@@ -40,22 +39,6 @@ CASES = [
 ]
 
 
-def case_id(case):
-    structure, _, (out_features, in_features), tokens, extras = case
-    return f"{structure}-{out_features}x{in_features}-t{tokens}-" + ("+".join(sorted(extras)) or "plain")
-
-
-def make_inputs(structure, out_features, in_features, tokens, extras, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    weight = structure.project(torch.randn(out_features, in_features, generator=gen), 0.5)
-    x = torch.randn(tokens, in_features, generator=gen)
-    grad = torch.randn(tokens, out_features, generator=gen)
-    bias = torch.randn(out_features, generator=gen) if BIAS in extras else None
-    in_index = torch.randperm(in_features, generator=gen) if IN in extras else None
-    out_index = torch.randperm(out_features, generator=gen) if OUT in extras else None
-    return weight, x, grad, bias, in_index, out_index
-
-
 def reference_results(structure, weight, x, grad, bias, in_index, out_index):
     """y, dx and dvalues of the masked dense matmul, through autograd."""
     x, values = x.double().requires_grad_(), weight.values.double().requires_grad_()
@@ -63,17 +46,6 @@ def reference_results(structure, weight, x, grad, bias, in_index, out_index):
     y = dense_reference(structure, x, values, weight.index, grad.shape[1], bias, in_index, out_index)
     y.backward(grad.double())
     return y.detach(), x.grad, values.grad
-
-
-def kernel_results(prefix, weight, x, grad, bias, in_index, out_index, dtype):
-    forward, grad_input, grad_values = (getattr(triton_kernels, f"{prefix}_{part}")
-                                        for part in ("forward", "grad_input", "grad_values"))
-    x, grad, values = x.to(dtype), grad.to(dtype), weight.values.to(dtype)
-    bias = None if bias is None else bias.to(dtype)
-    out_features, in_features = grad.shape[1], x.shape[1]
-    return (forward(x, values, weight.index, out_features, bias, in_index, out_index),
-            grad_input(grad, values, weight.index, in_features, in_index, out_index),
-            grad_values(grad, x, values, weight.index, in_index, out_index))
 
 
 def check_against_reference(case, dtype, **tolerance):
