@@ -11,18 +11,32 @@ import time
 from collections.abc import Callable, Mapping
 
 
-def interleaved_medians(candidates: Mapping[str, Callable[[], object]], repeats: int = 7,
-                        warmup: int = 1) -> dict[str, float]:
-    """Median wall time in seconds of each zero-argument callable."""
+def interleaved_medians(candidates: Mapping[str, Callable[[], object]], repeats: int = 7, warmup: int = 1,
+                        min_seconds: float = 0.2) -> dict[str, float]:
+    """Median wall time in seconds of each zero-argument callable, one call per sample.
+
+    Fast candidates get more rounds: warm-up lasts at least ``warmup`` rounds and a
+    quarter of ``min_seconds``, and the timed rounds go on past ``repeats`` until they
+    cover ``min_seconds``. A 50 µs op is then judged on hundreds of warm calls rather than
+    a few cold ones (the first calls after start-up run several times slower), while an
+    op of a second still runs ``repeats`` times."""
     if repeats < 1:
         raise ValueError(f"repeats must be at least 1, got {repeats}")
-    for fn in candidates.values():
-        for _ in range(warmup):
-            fn()
-    samples: dict[str, list[float]] = {name: [] for name in candidates}
-    for _ in range(repeats):
+
+    def run_round(samples=None):
         for name, fn in candidates.items():
             start = time.perf_counter()
             fn()
-            samples[name].append(time.perf_counter() - start)
+            if samples is not None:
+                samples[name].append(time.perf_counter() - start)
+
+    start, rounds = time.perf_counter(), 0
+    while rounds < warmup or time.perf_counter() - start < min_seconds / 4:
+        run_round()
+        rounds += 1
+    samples: dict[str, list[float]] = {name: [] for name in candidates}
+    start, rounds = time.perf_counter(), 0
+    while rounds < repeats or time.perf_counter() - start < min_seconds:
+        run_round(samples)
+        rounds += 1
     return {name: statistics.median(times) for name, times in samples.items()}
