@@ -43,6 +43,17 @@ static inline void store(float* p, V v) { std::memcpy(p, &v, sizeof(V)); }
 template <typename V>
 static inline V splat(float s) { return s - V{}; }
 
+// Per-thread working memory that outlives a call. Buffers above glibc's mmap threshold
+// (128 KiB) would otherwise be mapped afresh and page-faulted in on every call, which costs
+// more than a small call's arithmetic. Not zeroed. A thread's slots are distinct buffers.
+enum Slot { SHARED, ROWS, TILE, SLOTS };
+static float* buffer(Slot slot, size_t count) {
+    thread_local std::vector<float> buffers[SLOTS];
+    std::vector<float>& b = buffers[slot];
+    if (b.size() < count) b.resize(count);
+    return b.data();
+}
+
 // ------------------------------------------------------------------------- block_mm
 
 struct BlockMM {
@@ -115,16 +126,16 @@ static void block_mm_run(const BlockMM& a, int64_t tokens, int64_t blocks, const
     const int64_t splits = groups >= 4 * omp_get_max_threads() ? 1 : blocks;
     const int64_t per_split = (blocks + splits - 1) / splits;
     const bool pack_all = in_map && splits > 1, pack_items = in_map && splits == 1;
-    std::vector<float> all(pack_all ? tokens * in_features : 0);
+    float* all = pack_all ? buffer(SHARED, tokens * in_features) : nullptr;
 #pragma omp parallel
     {
-        std::vector<float> scratch(in_map ? in_features : 0);
+        float* scratch = in_map ? buffer(ROWS, in_features) : nullptr;
         if (pack_all) {
 #pragma omp for schedule(static)
             for (int64_t t = 0; t < tokens; ++t)
-                pack_row(a.x + t * a.x_stride, in_map, in_features, scratch.data(), &all[t * in_features]);
+                pack_row(a.x + t * a.x_stride, in_map, in_features, scratch, all + t * in_features);
         }
-        std::vector<float> packed(pack_items ? MR * in_features : 0);
+        float* packed = pack_items ? buffer(TILE, MR * in_features) : nullptr;
         BlockMM item = a;
         if (in_map) item.x_stride = in_features;
 #pragma omp for collapse(2) schedule(dynamic, 1)
@@ -132,12 +143,11 @@ static void block_mm_run(const BlockMM& a, int64_t tokens, int64_t blocks, const
             for (int64_t part = 0; part < splits; ++part) {
                 const int64_t t0 = g * MR, o1 = std::min(blocks, (part + 1) * per_split);
                 const int64_t count = std::min<int64_t>(MR, tokens - t0);
-                const float* rows = pack_all ? all.data() + t0 * in_features : a.x + t0 * a.x_stride;
+                const float* rows = pack_all ? all + t0 * in_features : a.x + t0 * a.x_stride;
                 if (pack_items) {
                     for (int64_t m = 0; m < count; ++m)
-                        pack_row(a.x + (t0 + m) * a.x_stride, in_map, in_features, scratch.data(),
-                                 &packed[m * in_features]);
-                    rows = packed.data();
+                        pack_row(a.x + (t0 + m) * a.x_stride, in_map, in_features, scratch, packed + m * in_features);
+                    rows = packed;
                 }
                 for (int64_t o = part * per_split; o < o1; ++o) {
                     if (count == MR)
@@ -359,7 +369,8 @@ static void ell_mm_run(const float* x, int64_t xs, float* y, int64_t ys, int64_t
     const RowSplit split(tokens, lanes, rows);
 #pragma omp parallel
     {
-        std::vector<float> xt(features * lanes), yt(split.rows_per_chunk * lanes);
+        float* xt = buffer(ROWS, features * lanes);
+        float* yt = buffer(TILE, split.rows_per_chunk * lanes);
         int64_t held = -1;  // the token tile now in xt
 #pragma omp for schedule(static)
         for (int64_t item = 0; item < split.tiles * split.chunks; ++item) {
@@ -367,10 +378,10 @@ static void ell_mm_run(const float* x, int64_t xs, float* y, int64_t ys, int64_t
             const int64_t count = std::min(lanes, tokens - t0);
             const int64_t r0 = (item % split.chunks) * split.rows_per_chunk;
             const int64_t r1 = std::min(rows, r0 + split.rows_per_chunk);
-            if (tile != held) transpose_tile(x, xs, t0, count, 0, features, lanes, xt.data());
+            if (tile != held) transpose_tile(x, xs, t0, count, 0, features, lanes, xt);
             held = tile;
             for (int64_t o = r0; o < r1; ++o)
-                ell_mm_row<NT>(xt.data(), yt.data() + (o - r0) * lanes, cols, vals, row_ptr[o], row_ptr[o + 1],
+                ell_mm_row<NT>(xt, yt + (o - r0) * lanes, cols, vals, row_ptr[o], row_ptr[o + 1],
                                bias ? bias[o] : 0.0f);
             for (int64_t l = 0; l < count; ++l) {
                 float* out = y + (t0 + l) * ys;
@@ -431,11 +442,11 @@ extern "C" int padst_ell_mm(const float* x, int64_t xs, float* y, int64_t ys, in
         ell_mm_few_tokens(x, xs, y, ys, tokens, rows, row_ptr, cols, vals, val_of, bias, ocol);
         return 0;
     }
-    std::vector<float> ordered(val_of ? row_ptr[rows] : 0);
     if (val_of) {
+        float* ordered = buffer(SHARED, row_ptr[rows]);
 #pragma omp parallel for schedule(static)
         for (int64_t e = 0; e < row_ptr[rows]; ++e) ordered[e] = vals[val_of[e]];
-        vals = ordered.data();
+        vals = ordered;
     }
     if (tokens <= 16)
         ell_mm_run<1>(x, xs, y, ys, tokens, features, rows, row_ptr, cols, vals, bias, ocol);
@@ -455,16 +466,17 @@ static void ell_sddmm_run(const float* dz, int64_t dzs, const float* x, int64_t 
         const int64_t threads = omp_get_num_threads(), me = omp_get_thread_num();
         const int64_t per = (rows + threads - 1) / threads;
         const int64_t r0 = std::min(rows, me * per), r1 = std::min(rows, r0 + per);
-        std::vector<float> xt(features * lanes), dzt((r1 - r0) * lanes);
+        float* xt = buffer(ROWS, features * lanes);
+        float* dzt = buffer(TILE, (r1 - r0) * lanes);
         for (int64_t t0 = 0; r0 < r1 && t0 < tokens; t0 += lanes) {
             const int64_t count = std::min(lanes, tokens - t0);
-            transpose_tile(x, xs, t0, count, 0, features, lanes, xt.data());
-            transpose_tile(dz, dzs, t0, count, r0, r1, lanes, dzt.data());
+            transpose_tile(x, xs, t0, count, 0, features, lanes, xt);
+            transpose_tile(dz, dzs, t0, count, r0, r1, lanes, dzt);
             for (int64_t o = r0; o < r1; ++o) {
                 v16 g[NT];
-                for (int n = 0; n < NT; ++n) g[n] = load<v16>(dzt.data() + (o - r0) * lanes + n * 16);
+                for (int n = 0; n < NT; ++n) g[n] = load<v16>(dzt + (o - r0) * lanes + n * 16);
                 for (int64_t e = row_ptr[o]; e < row_ptr[o + 1]; ++e) {
-                    const float* src = xt.data() + cols[e] * lanes;
+                    const float* src = xt + cols[e] * lanes;
                     v16 acc = g[0] * load<v16>(src);
                     for (int n = 1; n < NT; ++n) acc += g[n] * load<v16>(src + n * 16);
                     float s = 0.0f;
@@ -516,16 +528,18 @@ extern "C" int padst_nm_mm(const float* x, int64_t xs, float* y, int64_t ys, int
     if (m > 2 * L) return 1;
     // each token's inputs (through in_index), padded so a group's two vectors never read past the end
     const int64_t padded = in + 2 * L;
-    std::vector<float> inputs(tokens * padded, 0.0f);
+    float* inputs = buffer(SHARED, tokens * padded);
 #pragma omp parallel
     {
 #pragma omp for schedule(static)
-        for (int64_t t = 0; t < tokens; ++t)
+        for (int64_t t = 0; t < tokens; ++t) {
             for (int64_t f = 0; f < in; ++f) inputs[t * padded + f] = x[t * xs + (icol ? icol[f] : f)];
+            std::fill(inputs + t * padded + in, inputs + (t + 1) * padded, 0.0f);
+        }
 #pragma omp for collapse(2) schedule(static)
         for (int64_t c = 0; c < chunks; ++c)
             for (int64_t t = 0; t < tokens; ++t) {
-                const float* xt = inputs.data() + t * padded;
+                const float* xt = inputs + t * padded;
                 const float* v = vals + c * per_chunk * L;
                 const int32_t* p = positions + c * per_chunk * L;
                 v16 acc[2] = {};
@@ -561,9 +575,8 @@ extern "C" int padst_diag_mm(const float* x, int64_t xs, float* y, int64_t ys, i
                              const float* bias, const int64_t* icol, const int64_t* ocol) {
     constexpr int64_t L = 16, U = 4 * L;  // 4 vectors of u per step
     const int64_t shorter = std::min(in, out), length = std::max(in, out), chunks = length / shorter;
-    std::vector<float> twice(tokens * 2 * in);
-    std::vector<float> scratch(ocol ? tokens * out : 0);
-    float* z = ocol ? scratch.data() : y;  // z rows in their own order; y directly without an out_index
+    float* twice = buffer(SHARED, tokens * 2 * in);
+    float* z = ocol ? buffer(ROWS, tokens * out) : y;  // z rows in their own order; y directly without an out_index
     const int64_t zs = ocol ? out : ys;
 #pragma omp parallel
     {
@@ -583,7 +596,7 @@ extern "C" int padst_diag_mm(const float* x, int64_t xs, float* y, int64_t ys, i
                     for (int64_t u = u0; u < u1; ++u) z[t * zs + row + u] = bias ? bias[row + u] : 0.0f;
             const float* v = vals + c * shorter;
             for (int64_t t = 0; t < tokens; ++t) {
-                const float* xt = twice.data() + t * 2 * in;
+                const float* xt = twice + t * 2 * in;
                 float* zt = z + t * zs + row;
                 int64_t u = u0;
                 for (; u + U <= u1; u += U) {
