@@ -166,7 +166,10 @@ def block_forward(x, values, col_blocks, out_features, bias, in_index, out_index
     candidates = {}
     if _native_fp32(x, values, bias) and values.shape[2] in native.BLOCK_WIDTHS:
         candidates["native"] = lambda: _block_forward_native(x, values, col_blocks, out_features, bias,
-                                                             in_index, out_index)
+                                                             in_index, out_index, pack=False)
+        if in_index is not None:  # which way of reading through in_index is faster depends on the shape
+            candidates["native-packed"] = lambda: _block_forward_native(x, values, col_blocks, out_features, bias,
+                                                                        in_index, out_index, pack=True)
     candidates["torch"] = lambda: _block_forward_torch(x, values, col_blocks, out_features, bias, in_index, out_index)
     candidates["dense"] = lambda: dense_forward(x, _block_rows(values, col_blocks, in_index), bias, out_index)
     return select.run("block_forward", _regime(x, values, col_blocks, in_index, out_index), candidates)
@@ -182,15 +185,19 @@ def _block_forward_torch(x, values, col_blocks, out_features, bias, in_index, ou
     return z if out_index is None else z.index_select(1, out_index)
 
 
-def _block_forward_native(x, values, col_blocks, out_features, bias, in_index, out_index):
-    """Each block-row sums its kept blocks; the panels are the blocks transposed, ``[c, r]``."""
+def _block_forward_native(x, values, col_blocks, out_features, bias, in_index, out_index, pack):
+    """Each block-row sums its kept blocks; the panels are the blocks transposed, ``[c, r]``.
+    ``in_index`` is either fused into the columns each panel reads (scattered reads, cheap
+    while a tile's rows of x fit in L1) or, with ``pack``, applied by the kernel packing
+    the tile's rows of x in ``in_index`` order first (a pass over x that then reads
+    contiguous columns)."""
     n_rows, kept, block_rows, block_cols = values.shape
     x = x.contiguous()
     y = x.new_empty(x.shape[0], out_features)
     plan = memoize("block forward", (col_blocks, in_index, out_index), lambda: _BlockForwardPlan(
-        torch.arange(n_rows + 1) * kept, _block_columns(col_blocks, block_cols, None),
-        None if in_index is None else in_index.to(torch.int32), None if out_index is None else _inverse(out_index)),
-        block_cols)
+        torch.arange(n_rows + 1) * kept, _block_columns(col_blocks, block_cols, None if pack else in_index),
+        None if in_index is None or not pack else in_index.to(torch.int32),
+        None if out_index is None else _inverse(out_index)), block_cols, pack)
     panels = _frozen_memoize("block panels", values, lambda: values.detach().transpose(2, 3).contiguous())
     bias = None if bias is None else bias.detach().contiguous()
     native.run("padst_block_mm", x.data_ptr(), x.stride(0), y.data_ptr(), y.stride(0), x.shape[0],
@@ -202,8 +209,8 @@ def _block_forward_native(x, values, col_blocks, out_features, bias, in_index, o
 
 class _BlockForwardPlan(NamedTuple):
     """Index-derived arguments of the native block forward, memoized together (one lookup
-    a call matters at one token). ``in_index`` is applied by the kernel, which packs rows of
-    x through it (``in_columns``, int32) before reading them in the blocks' own ``columns``."""
+    a call matters at one token): the columns each entry reads and the int32 ``in_index``
+    the kernel packs rows through (when it does)."""
 
     entry_ptr: Tensor
     columns: Tensor

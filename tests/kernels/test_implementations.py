@@ -61,6 +61,27 @@ def test_implementation_matches_dense_reference(structure, out_features, in_feat
         torch.testing.assert_close(bias.grad.double(), bias64.grad, rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("structure,out_features,in_features", [c for c in CASES if isinstance(c[0], Block)],
+                         ids=lambda c: str(c))
+@pytest.mark.parametrize("tokens", [1, 13, 200])
+@pytest.mark.parametrize("option", ["bias+in+out", "in_index"])
+@needs_native
+def test_block_forward_packing_rows_through_in_index_matches_dense_reference(structure, out_features, in_features,
+                                                                             tokens, option):
+    """The block forward's other way of applying in_index: packing rows of x (once for all
+    tokens when few, per tile of tokens when many)."""
+    weight, x, bias, in_index, out_index = _case(structure, out_features, in_features, tokens, option)
+    select.clear()
+    with select.set_autotune(True):
+        weight.structure.op(x, weight.values, weight.index, out_features, bias, in_index, out_index)
+    assert "native-packed" in select.choices()[0]["ms"]
+    with select.only("native-packed"):
+        y = weight.structure.op(x, weight.values, weight.index, out_features, bias, in_index, out_index)
+    reference = dense_reference(structure, x.double(), weight.values.double(), weight.index, out_features,
+                                None if bias is None else bias.double(), in_index, out_index)
+    torch.testing.assert_close(y.double(), reference, rtol=1e-5, atol=1e-4)
+
+
 @pytest.mark.parametrize("m,out_features", [(4, 40), (8, 16), (16, 33), (32, 64)])
 @pytest.mark.parametrize("tokens", [1, 3])
 @pytest.mark.parametrize("option", OPTIONS)
