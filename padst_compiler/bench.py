@@ -144,8 +144,11 @@ def model_speed(layers: int = 2, tokens: int = 4096, sequence: int = 512, sparsi
              "inference_speedup": infer_times[dense] / infer_times[name],
              "train_speedup": train_times[dense] / train_times[name], "compile_s": compile_seconds[name]}
             for name in variants]
-    print(tabulate([(r["model"], f"{r['inference_ms']:.0f}", f"{r['inference_speedup']:.2f}x",
-                     f"{r['train_step_ms']:.0f}", f"{r['train_speedup']:.2f}x", f"{r['compile_s']:.0f}")
+    def ms(value):  # a one-token step takes about a millisecond
+        return f"{value:.0f}" if value >= 100 else f"{value:.2f}"
+
+    print(tabulate([(r["model"], ms(r["inference_ms"]), f"{r['inference_speedup']:.2f}x",
+                     ms(r["train_step_ms"]), f"{r['train_speedup']:.2f}x", f"{r['compile_s']:.0f}")
                     for r in rows],
                    headers=["model", "inference ms", "vs dense", "train step ms", "vs dense", "compile s (inference)"],
                    disable_numparse=True))
@@ -153,6 +156,6 @@ def model_speed(layers: int = 2, tokens: int = 4096, sequence: int = 512, sparsi
     print(f"permutation tax: inference {tax * 100:+.1f} %, training step "
           f"{(train_times['PA-DST (padst)'] / train_times['PA-DST no permutation (padst)'] - 1) * 100:+.1f} %")
     if out:
-        Path(out).write_text(json.dumps({"tokens": tokens, "layers": layers, "sparsity": sparsity, "rows": rows},
-                                        indent=2))
+        Path(out).write_text(json.dumps({"tokens": tokens, "sequence": sequence, "layers": layers,
+                                         "sparsity": sparsity, "rows": rows}, indent=2))
     return rows

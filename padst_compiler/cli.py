@@ -78,7 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
                                description="PA-DST (padst backend) against the dense model compiled with Inductor "
                                            "and against PA-DST without permutations, CPU, medians of repeats.")
     model.add_argument("--layers", type=_positive_int, default=2)
-    model.add_argument("--tokens", type=_positive_int, default=4096, help="tokens per batch (sequences of 512)")
+    model.add_argument("--tokens", type=_positive_int, default=4096, help="tokens per batch, a multiple of --sequence")
+    model.add_argument("--sequence", type=_positive_int, default=512,
+                       help="tokens per sequence (1 with --tokens 1 times one decoding step)")
     model.add_argument("--repeats", type=_positive_int, default=5)
     model.add_argument("--out", help="also write the results as JSON here")
     kernels = benches.add_parser("kernels", help="every structured op against the dense op",
@@ -95,7 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     if args.command == "diff":
         return _diff(args)
     if args.command == "bench":
@@ -104,7 +107,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.bench == "accuracy":
             bench.accuracy(steps=args.steps, sparsity=args.sparsity, seed=args.seed, lr=args.lr, out=args.out)
         elif args.bench == "model":
-            bench.model_speed(layers=args.layers, tokens=args.tokens, repeats=args.repeats, out=args.out)
+            if args.tokens % args.sequence:
+                parser.error(f"--tokens {args.tokens} is not a multiple of --sequence {args.sequence}")
+            bench.model_speed(layers=args.layers, tokens=args.tokens, sequence=args.sequence, repeats=args.repeats,
+                              out=args.out)
         else:
             return _bench_kernels(args)
     if args.command == "demo":

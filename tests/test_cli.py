@@ -88,6 +88,7 @@ def test_what_the_model_or_machine_cannot_take_is_refused_before_training(argv, 
 @pytest.mark.parametrize("argv,message", [
     (["bench", "accuracy", "--steps", "0"], "must be at least 1"),
     (["bench", "model", "--layers", "x"], "not an integer: 'x'"),
+    (["bench", "model", "--tokens", "100"], "--tokens 100 is not a multiple of --sequence 512"),
     (["bench", "speed"], "invalid choice: 'speed'"),
 ])
 def test_bench_options_are_checked_before_anything_runs(argv, message, capsys):
