@@ -45,7 +45,8 @@ static inline V splat(float s) { return s - V{}; }
 
 // Per-thread working memory that outlives a call. Buffers above glibc's mmap threshold
 // (128 KiB) would otherwise be mapped afresh and page-faulted in on every call, which costs
-// more than a small call's arithmetic. Not zeroed. A thread's slots are distinct buffers.
+// more than a small call's arithmetic. Not zeroed. A thread's slots are distinct buffers;
+// each grows to the largest call it served and is kept (a few MiB for GPT-2-sized layers).
 enum Slot { SHARED, ROWS, TILE, SLOTS };
 static float* buffer(Slot slot, size_t count) {
     thread_local std::vector<float> buffers[SLOTS];
