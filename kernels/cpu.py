@@ -44,6 +44,11 @@ def _inverse(index: Tensor) -> Tensor:
     return memoize("inverse", (index,), lambda: inverse_permutation(index))
 
 
+def _int32(index: Tensor) -> Tensor:
+    """An index as the int32 the native kernels read."""
+    return memoize("int32", (index,), lambda: index.to(torch.int32))
+
+
 def _rows_in_z_order(grad: Tensor, out_index: Tensor | None) -> Tensor:
     """Gradient w.r.t. z, given the gradient w.r.t. y = z[..., out_index]."""
     return grad if out_index is None else grad.index_select(1, _inverse(out_index))
@@ -552,7 +557,7 @@ def _diag_forward_native(x, values, offsets, out_features, bias, in_index, out_i
     values = values.detach().contiguous()
     bias = None if bias is None else bias.detach().contiguous()
     out_columns = None if out_index is None else _inverse(out_index)
-    in_columns = None if in_index is None else in_index.contiguous()
+    in_columns = None if in_index is None else _int32(in_index)
     offsets = offsets.contiguous()
     native.run("padst_diag_mm", x.data_ptr(), x.stride(0), y.data_ptr(), y.stride(0), x.shape[0], x.shape[1],
                out_features, values.shape[0], offsets.data_ptr(), values.data_ptr(), native.pointer(bias),

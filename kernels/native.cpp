@@ -573,7 +573,7 @@ extern "C" int padst_nm_mm(const float* x, int64_t xs, float* y, int64_t ys, int
 // disjoint output rows.
 extern "C" int padst_diag_mm(const float* x, int64_t xs, float* y, int64_t ys, int64_t tokens, int64_t in,
                              int64_t out, int64_t diagonals, const int64_t* offsets, const float* vals,
-                             const float* bias, const int64_t* icol, const int64_t* ocol) {
+                             const float* bias, const int32_t* icol, const int64_t* ocol) {
     constexpr int64_t L = 16, U = 4 * L;  // 4 vectors of u per step
     const int64_t shorter = std::min(in, out), length = std::max(in, out), chunks = length / shorter;
     float* twice = buffer(SHARED, tokens * 2 * in);
@@ -582,9 +582,14 @@ extern "C" int padst_diag_mm(const float* x, int64_t xs, float* y, int64_t ys, i
 #pragma omp parallel
     {
 #pragma omp for schedule(static)
-        for (int64_t t = 0; t < tokens; ++t)
-            for (int64_t f = 0; f < in; ++f)
-                twice[t * 2 * in + f] = twice[t * 2 * in + in + f] = x[t * xs + (icol ? icol[f] : f)];
+        for (int64_t t = 0; t < tokens; ++t) {
+            float* row = twice + t * 2 * in;
+            if (icol)  // the second half is the scratch copy pack_row gathers from
+                pack_row(x + t * xs, icol, in, row + in, row);
+            else
+                std::memcpy(row, x + t * xs, sizeof(float) * in);
+            std::memcpy(row + in, row, sizeof(float) * in);
+        }
         const int64_t threads = omp_get_num_threads(), me = omp_get_thread_num();
         const int64_t per = (shorter + threads * L - 1) / (threads * L) * L;
         const int64_t u0 = std::min(shorter, me * per), u1 = std::min(shorter, u0 + per);
