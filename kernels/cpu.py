@@ -309,9 +309,11 @@ class EllIndex(NamedTuple):
     order32: Tensor
 
 
-def _ell_index(columns: Tensor, index: Tensor, in_features: int, in_index, out_index) -> EllIndex:
-    """``columns`` are the structure's own columns (computed from ``index``): fuse and transpose them."""
+def _ell_index(index: Tensor, in_features: int, in_index, out_index, structure_columns, *extra) -> EllIndex:
+    """The structure's own columns (``structure_columns()``, from ``index``), fused with
+    ``in_index`` and transposed; one memoized lookup per call."""
     def compute():
+        columns = structure_columns()
         cols = (columns if in_index is None else in_index[columns]).contiguous()
         out_rows, per_row = cols.shape
         by_column = sort_by_column(cols, in_features)
@@ -320,7 +322,7 @@ def _ell_index(columns: Tensor, index: Tensor, in_features: int, in_index, out_i
         return EllIndex(cols, torch.arange(out_rows + 1) * per_row, by_column.pointers, by_column.order, rows,
                         cols.to(torch.int32), rows.to(torch.int32), by_column.order.to(torch.int32))
 
-    return memoize("ell index", (index, in_index, out_index), compute, tuple(columns.shape), in_features)
+    return memoize("ell index", (index, in_index, out_index), compute, in_features, *extra)
 
 
 def ell_forward(x, ell: EllIndex, vals, bias, out_index, key: tuple, preferred: dict | None = None):
@@ -468,14 +470,12 @@ def diagonal_values_from_rows(row_values, n_diag, out_features):
 
 
 def _nm_index(positions, in_features, in_index, out_index) -> EllIndex:
-    columns = memoize("nm columns", (positions,), lambda: nm_columns(positions, in_features), in_features)
-    return _ell_index(columns, positions, in_features, in_index, out_index)
+    return _ell_index(positions, in_features, in_index, out_index, lambda: nm_columns(positions, in_features))
 
 
 def _diag_index(offsets, out_features, in_features, in_index, out_index) -> EllIndex:
-    columns = memoize("diagonal columns", (offsets,), lambda: diagonal_columns(offsets, out_features, in_features),
-                      out_features, in_features)
-    return _ell_index(columns, offsets, in_features, in_index, out_index)
+    return _ell_index(offsets, in_features, in_index, out_index,
+                      lambda: diagonal_columns(offsets, out_features, in_features), out_features)
 
 
 # Rows per slice of the sliced N:M layout (one vector of fp32 lanes), and the token counts
@@ -510,11 +510,11 @@ def _nm_forward_sliced(x, values, positions, bias, in_index, out_index):
     out_features, groups, kept = positions.shape
     x = x.contiguous()
     y = x.new_empty(x.shape[0], out_features)
-    sliced_positions = memoize("nm sliced positions", (positions,),
-                               lambda: _sliced(positions.reshape(out_features, -1).to(torch.int32)))
-    sliced_values = _frozen_memoize("nm sliced values", values, lambda: _sliced(values.detach()))
+    # offered for frozen values only, so both repackings are kept under one lookup
+    sliced_values, sliced_positions = memoize("nm sliced", (values, positions), lambda: (
+        _sliced(values.detach()), _sliced(positions.reshape(out_features, -1).to(torch.uint8))))
     bias = None if bias is None else bias.detach().contiguous()
-    in_columns = None if in_index is None else in_index.contiguous()
+    in_columns = None if in_index is None else _int32(in_index)
     out_columns = None if out_index is None else _inverse(out_index)
     native.run("padst_nm_mm", x.data_ptr(), x.stride(0), y.data_ptr(), y.stride(0), x.shape[0], x.shape[1],
                out_features, groups, kept, sliced_values.data_ptr(), sliced_positions.data_ptr(),

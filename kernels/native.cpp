@@ -520,10 +520,24 @@ extern "C" int padst_ell_sddmm(const float* dz, int64_t dzs, const float* x, int
 // (vpermt2ps on AVX-512) picks each row's input where a gather would go to memory. The
 // values and positions are "sliced" by 16 rows, [chunks][groups * n][16], so one step
 // serves 16 rows at once: for a few tokens this streams the values once with no gathers.
+// Positions are single bytes: a one-token call is bound by the bytes it streams.
+typedef int32_t vi16 __attribute__((vector_size(64)));
+
+// 16 bytes to 16 int32 lanes (one vpmovzxbd where AVX-512 has it).
+static inline vi16 widen(const uint8_t* p) {
+#if defined(__AVX512F__)
+    return reinterpret_cast<vi16>(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+#else
+    typedef uint8_t vb16 __attribute__((vector_size(16)));
+    vb16 bytes;
+    std::memcpy(&bytes, p, sizeof(bytes));
+    return __builtin_convertvector(bytes, vi16);
+#endif
+}
+
 extern "C" int padst_nm_mm(const float* x, int64_t xs, float* y, int64_t ys, int64_t tokens, int64_t in,
-                           int64_t out, int64_t groups, int64_t kept, const float* vals, const int32_t* positions,
-                           const float* bias, const int64_t* icol, const int64_t* ocol) {
-    typedef int32_t vi16 __attribute__((vector_size(64)));
+                           int64_t out, int64_t groups, int64_t kept, const float* vals, const uint8_t* positions,
+                           const float* bias, const int32_t* icol, const int64_t* ocol) {
     constexpr int64_t L = 16;
     const int64_t m = in / groups, chunks = (out + L - 1) / L, per_chunk = groups * kept;
     if (m > 2 * L) return 1;
@@ -534,7 +548,10 @@ extern "C" int padst_nm_mm(const float* x, int64_t xs, float* y, int64_t ys, int
     {
 #pragma omp for schedule(static)
         for (int64_t t = 0; t < tokens; ++t) {
-            for (int64_t f = 0; f < in; ++f) inputs[t * padded + f] = x[t * xs + (icol ? icol[f] : f)];
+            if (icol)
+                pack_row(x + t * xs, icol, in, buffer(ROWS, in), inputs + t * padded);
+            else
+                std::memcpy(inputs + t * padded, x + t * xs, sizeof(float) * in);
             std::fill(inputs + t * padded + in, inputs + (t + 1) * padded, 0.0f);
         }
 #pragma omp for collapse(2) schedule(static)
@@ -542,14 +559,12 @@ extern "C" int padst_nm_mm(const float* x, int64_t xs, float* y, int64_t ys, int
             for (int64_t t = 0; t < tokens; ++t) {
                 const float* xt = inputs + t * padded;
                 const float* v = vals + c * per_chunk * L;
-                const int32_t* p = positions + c * per_chunk * L;
+                const uint8_t* p = positions + c * per_chunk * L;
                 v16 acc[2] = {};
                 for (int64_t g = 0; g < groups; ++g) {
                     const v16 lo = load<v16>(xt + g * m), hi = load<v16>(xt + g * m + L);
                     for (int64_t s = 0; s < kept; ++s, v += L, p += L) {
-                        vi16 index;
-                        std::memcpy(&index, p, sizeof(index));
-                        acc[s & 1] += load<v16>(v) * __builtin_shuffle(lo, hi, index);
+                        acc[s & 1] += load<v16>(v) * __builtin_shuffle(lo, hi, widen(p));
                     }
                 }
                 const v16 sum = acc[0] + acc[1];
