@@ -8,7 +8,7 @@ bucketed to powers of two, so a new batch size in the same bucket measures nothi
 
 ``PADST_AUTOTUNE=0`` (or :func:`set_autotune`) skips measuring and takes the first
 candidate in preference order (native, then PyTorch), which makes runs bit-reproducible
-across processes. :func:`choices` lists what was picked, for the debug output.
+across processes; the ranks of a distributed run always do this. :func:`choices` lists what was picked, for the debug output.
 """
 
 from __future__ import annotations
@@ -76,9 +76,22 @@ def run(op: str, key: tuple, candidates: dict[str, Candidate]) -> torch.Tensor:
     full_key = (op, torch.get_num_threads(), *key)
     name = _chosen.get(full_key)
     if name is None or name not in candidates:
-        _timings[full_key] = {n: _seconds(c) for n, c in candidates.items()}
-        name = _chosen[full_key] = min(_timings[full_key], key=_timings[full_key].get)
+        if _distributed():
+            name = _chosen[full_key] = names[0]
+        else:
+            _timings[full_key] = {n: _seconds(c) for n, c in candidates.items()}
+            name = _chosen[full_key] = min(_timings[full_key], key=_timings[full_key].get)
     return candidates[name]()
+
+
+def _distributed() -> bool:
+    """Whether this process is one of several ranks. Timings differ between processes, so
+    ranks that measured could pick different implementations, whose results differ in the
+    last bits; data-dependent training decisions (a hardened permutation, a mask update)
+    could then differ between ranks and leave DDP waiting for a gradient one rank never
+    produces. Ranks therefore take the preferred implementation, the same on all of them."""
+    return torch.distributed.is_available() and torch.distributed.is_initialized() \
+        and torch.distributed.get_world_size() > 1
 
 
 def choices() -> list[dict]:

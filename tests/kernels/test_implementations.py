@@ -114,6 +114,17 @@ def test_autotune_measures_once_per_regime_and_records_the_choice():
     assert select.token_bucket(33) == select.token_bucket(64) == 64 and select.token_bucket(1) == 1
 
 
+def test_ranks_of_a_distributed_run_take_the_preferred_implementation_without_measuring(monkeypatch):
+    """Measured choices can differ between processes; ranks must compute alike."""
+    monkeypatch.setattr(select, "_distributed", lambda: True)
+    select.clear()
+    weight, x, *_ = _case(NM(4), 64, 32, 40, "plain")
+    with select.set_autotune(True):
+        weight.linear(x)
+    (record,) = [r for r in select.choices() if r["op"] == "ell_forward"]
+    assert record["ms"] == {} and record["chosen"] == ("native" if native.library() is not None else "torch")
+
+
 def test_without_autotune_the_preferred_implementation_runs():
     select.clear()
     weight, x, *_ = _case(Block(8, 8), 64, 48, 5, "plain")

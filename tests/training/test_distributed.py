@@ -28,8 +28,12 @@ def test_ddp_ranks_agree_with_each_other_and_with_a_single_process(tmp_path):
         env={**os.environ, "OMP_NUM_THREADS": "1"})
     try:
         _, stderr = launcher.communicate(timeout=300)
-    except subprocess.TimeoutExpired:  # never leave workers behind
-        os.killpg(launcher.pid, signal.SIGKILL)
+    except subprocess.TimeoutExpired:  # never leave workers behind: torchrun stops its own on SIGTERM
+        os.killpg(launcher.pid, signal.SIGTERM)
+        try:
+            launcher.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(launcher.pid, signal.SIGKILL)
         raise
     assert launcher.returncode == 0, stderr[-3000:]
     rank0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
