@@ -201,7 +201,7 @@ def _block_forward_native(x, values, col_blocks, out_features, bias, in_index, o
     y = x.new_empty(x.shape[0], out_features)
     plan = memoize("block forward", (col_blocks, in_index, out_index), lambda: _BlockForwardPlan(
         torch.arange(n_rows + 1) * kept, _block_columns(col_blocks, block_cols, None if pack else in_index),
-        None if in_index is None or not pack else in_index.to(torch.int32),
+        None if in_index is None or not pack else _int32(in_index),
         None if out_index is None else _inverse(out_index)), block_cols, pack)
     panels = _frozen_memoize("block panels", values, lambda: values.detach().transpose(2, 3).contiguous())
     bias = None if bias is None else bias.detach().contiguous()
@@ -505,17 +505,31 @@ def _sliced(rows: Tensor) -> Tensor:
     return padded.view(-1, SLICE_ROWS, per_row).transpose(1, 2).contiguous()
 
 
+class _FewTokenArguments(NamedTuple):
+    """What the few-token native forwards take besides the weight: contiguous x, the output,
+    bias, int32 ``in_index`` and the output column of each z row."""
+
+    x: Tensor
+    y: Tensor
+    bias: Tensor | None
+    in_columns: Tensor | None
+    out_columns: Tensor | None
+
+
+def _few_token_arguments(x, out_features, bias, in_index, out_index) -> _FewTokenArguments:
+    return _FewTokenArguments(x.contiguous(), x.new_empty(x.shape[0], out_features),
+                              None if bias is None else bias.detach().contiguous(),
+                              None if in_index is None else _int32(in_index),
+                              None if out_index is None else _inverse(out_index))
+
+
 def _nm_forward_sliced(x, values, positions, bias, in_index, out_index):
     """``padst_nm_mm``: register permutes within each group instead of gathers."""
     out_features, groups, kept = positions.shape
-    x = x.contiguous()
-    y = x.new_empty(x.shape[0], out_features)
+    x, y, bias, in_columns, out_columns = _few_token_arguments(x, out_features, bias, in_index, out_index)
     # offered for frozen values only, so both repackings are kept under one lookup
     sliced_values, sliced_positions = memoize("nm sliced", (values, positions), lambda: (
         _sliced(values.detach()), _sliced(positions.reshape(out_features, -1).to(torch.uint8))))
-    bias = None if bias is None else bias.detach().contiguous()
-    in_columns = None if in_index is None else _int32(in_index)
-    out_columns = None if out_index is None else _inverse(out_index)
     native.run("padst_nm_mm", x.data_ptr(), x.stride(0), y.data_ptr(), y.stride(0), x.shape[0], x.shape[1],
                out_features, groups, kept, sliced_values.data_ptr(), sliced_positions.data_ptr(),
                native.pointer(bias), native.pointer(in_columns), native.pointer(out_columns))
@@ -552,12 +566,8 @@ def diag_forward(x, values, offsets, out_features, bias, in_index, out_index):
 
 def _diag_forward_native(x, values, offsets, out_features, bias, in_index, out_index):
     """The diagonals streamed in their own layout (``padst_diag_mm``), permutations fused."""
-    x = x.contiguous()
-    y = x.new_empty(x.shape[0], out_features)
+    x, y, bias, in_columns, out_columns = _few_token_arguments(x, out_features, bias, in_index, out_index)
     values = values.detach().contiguous()
-    bias = None if bias is None else bias.detach().contiguous()
-    out_columns = None if out_index is None else _inverse(out_index)
-    in_columns = None if in_index is None else _int32(in_index)
     offsets = offsets.contiguous()
     native.run("padst_diag_mm", x.data_ptr(), x.stride(0), y.data_ptr(), y.stride(0), x.shape[0], x.shape[1],
                out_features, values.shape[0], offsets.data_ptr(), values.data_ptr(), native.pointer(bias),
