@@ -4,7 +4,8 @@
 AOTAutograd functionalizes the graph: the traced graph then calls the kernels through
 ``wrap_triton`` and Inductor compiles them as user-defined Triton kernels. A ``triton_op``
 has no opaque CPU path, though (Inductor then analyses the kernels on the CPU), so the
-``padst`` ops stay plain custom ops and get that decomposition only for CUDA tensors.
+``padst`` ops stay plain custom ops and get that decomposition only for CUDA tensors (the
+backward ops, and the forward ops on a torch without :mod:`inductor_lowering`'s templates).
 Every other device, ``torch.export``, and any torch whose private pieces used here are
 missing or behave differently keep the opaque op, which is always correct.
 """
@@ -26,9 +27,14 @@ def _torch_version() -> tuple[int, int]:
     return int(major), int(minor)
 
 
+def torch_version_tested() -> bool:
+    """Whether this torch is one whose private Inductor pieces this project was written against."""
+    return _TESTED_TORCH[0] <= _torch_version() <= _TESTED_TORCH[1]
+
+
 def _functional_tensor_mode():
     """AOTAutograd's functionalization mode, or None where this torch is not known to fit."""
-    if not _TESTED_TORCH[0] <= _torch_version() <= _TESTED_TORCH[1]:
+    if not torch_version_tested():
         return None
     try:
         from torch._subclasses.functional_tensor import FunctionalTensorMode

@@ -11,8 +11,10 @@ uniform schema lets compiler passes treat all structures alike. Each op comes wi
 backward ops (``*_grad_input`` and ``*_grad_values``), so Dynamo, AOTAutograd and
 Inductor see opaque, correctly typed nodes in forward and backward graphs alike.
 
-CUDA tensors run the Triton kernels of :mod:`triton_kernels`, which Inductor on CUDA also
-traces into (:mod:`inductor_visibility`); every other device runs :mod:`cpu`.
+CUDA tensors run the Triton kernels of :mod:`triton_kernels`; every other device runs
+:mod:`cpu`. Under Inductor on CUDA the forward ops lower to Triton templates that take an
+elementwise epilogue (:mod:`inductor_lowering`) and the backward ops are traced into their
+Triton kernels (:mod:`inductor_visibility`).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from padst_compiler.kernels import checks, cpu, inductor_visibility
+from padst_compiler.kernels import checks, cpu, inductor_lowering, inductor_visibility
 from padst_compiler.kernels.permutation import inverse_permutation
 
 try:
@@ -138,6 +140,7 @@ def define_structured_op(kernels: StructuredKernels):
 
     @forward.register_fake
     def _(x, values, index, out_features, bias=None, in_index=None, out_index=None):
+        inductor_lowering.ensure_registered()  # tracing comes before Inductor lowers the graph
         _check_call(qualname, kernels, x, values, index, out_features, bias, in_index, out_index)
         return x.new_empty(*x.shape[:-1], out_features)
 
@@ -211,8 +214,9 @@ def define_structured_op(kernels: StructuredKernels):
     grad_values.register_autograd(grad_values_backward, setup_context=grad_values_setup)
 
     if kernels.triton is not None:
-        for op, body in ((forward, compute_forward), (grad_input, compute_grad_input),
-                         (grad_values, compute_grad_values)):
+        # The forward lowers to Inductor's Triton templates where this torch has them.
+        decomposed = [] if inductor_lowering.supported() else [(forward, compute_forward)]
+        for op, body in (*decomposed, (grad_input, compute_grad_input), (grad_values, compute_grad_values)):
             inductor_visibility.decompose_on_cuda(op, body, triton_kernels.traceable_launches)
     return forward, grad_input, grad_values
 

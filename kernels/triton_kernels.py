@@ -27,15 +27,15 @@ from padst_compiler.kernels.permutation import inverse_permutation
 
 # The interpreter runs the kernels in Python: one configuration keeps it fast and skips
 # benchmarking, which needs a GPU.
-_INTERPRETED = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
+INTERPRETED = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
 
 # Token rows one program of a values-gradient kernel reduces over; longer inputs are
 # split across programs whose fp32 partial sums are added on the host.
-TOKENS_PER_SPLIT = 64 if _INTERPRETED else 4096
+TOKENS_PER_SPLIT = 64 if INTERPRETED else 4096
 
 
 def _autotune(configs, key):
-    return triton.autotune(configs[:1] if _INTERPRETED else configs, key=key)
+    return triton.autotune(configs[:1] if INTERPRETED else configs, key=key)
 
 
 def _token_configs(*block_tokens):
@@ -74,7 +74,7 @@ def _index_maps(in_index, out_index, fallback):
     return in_map, out_pos, in_index is not None, out_index is not None
 
 
-def _dot_precision(dtype):
+def dot_precision(dtype):
     """fp32 inputs multiply in full precision, like torch's default matmul."""
     return "ieee" if dtype == torch.float32 else "tf32"
 
@@ -93,7 +93,7 @@ def _matmul_acc(acc, a, b, USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr):
 # ----------------------------------------------------------------------- block
 
 
-def _block_tile(block_rows, block_cols):
+def block_tile(block_rows, block_cols):
     """Padded tile sizes (powers of two) and whether tl.dot runs on them."""
     use_dot = max(block_rows, block_cols) >= 16
     floor = 16 if use_dot else 1
@@ -213,8 +213,8 @@ def block_forward(x, values, col_blocks, out_features, bias, in_index, out_index
     grid = lambda meta: (triton.cdiv(n_tokens, meta["BLOCK_T"]), n_rows)  # noqa: E731
     _launch(_block_forward_kernel, grid)(
         x, values, col_blocks, values if bias is None else bias, in_map, out_pos, y,
-        n_tokens, in_features, out_features, kept, **_block_tile(block_rows, block_cols),
-        DOT_PRECISION=_dot_precision(x.dtype), HAS_BIAS=bias is not None, HAS_IN_MAP=has_in, HAS_OUT_POS=has_out)
+        n_tokens, in_features, out_features, kept, **block_tile(block_rows, block_cols),
+        DOT_PRECISION=dot_precision(x.dtype), HAS_BIAS=bias is not None, HAS_IN_MAP=has_in, HAS_OUT_POS=has_out)
     return y
 
 
@@ -229,8 +229,8 @@ def block_grad_input(grad, values, col_blocks, in_features, in_index, out_index)
     grid = lambda meta: (triton.cdiv(n_tokens, meta["BLOCK_T"]), in_features // block_cols)  # noqa: E731
     _launch(_block_grad_input_kernel, grid)(
         grad, values, readers.starts, readers.counts, readers.rows, readers.values, in_map, out_pos, dx,
-        n_tokens, in_features, out_features, **_block_tile(block_rows, block_cols),
-        DOT_PRECISION=_dot_precision(grad.dtype), HAS_IN_MAP=has_in, HAS_OUT_POS=has_out)
+        n_tokens, in_features, out_features, **block_tile(block_rows, block_cols),
+        DOT_PRECISION=dot_precision(grad.dtype), HAS_IN_MAP=has_in, HAS_OUT_POS=has_out)
     return dx
 
 
@@ -244,8 +244,8 @@ def block_grad_values(grad, x, values, col_blocks, in_index, out_index):
     _launch(_block_grad_values_kernel, (n_rows * kept, n_splits))(
         grad, x, col_blocks, in_map, out_pos, partial,
         n_tokens, in_features, grad.shape[1], kept, n_rows * kept, TOKENS_PER_SPLIT,
-        **_block_tile(block_rows, block_cols),
-        DOT_PRECISION=_dot_precision(x.dtype), HAS_IN_MAP=has_in, HAS_OUT_POS=has_out)
+        **block_tile(block_rows, block_cols),
+        DOT_PRECISION=dot_precision(x.dtype), HAS_IN_MAP=has_in, HAS_OUT_POS=has_out)
     return partial.sum(0).to(values.dtype)
 
 

@@ -8,21 +8,40 @@ from pathlib import Path
 import pytest
 import torch
 
-from padst_compiler.kernels import NM, Block, Diagonal, inductor_visibility
+from padst_compiler.kernels import NM, Block, Diagonal, inductor_lowering, inductor_visibility
 
 from .test_ops import make_case, run_with_grads
 
 REPOSITORY = Path(__file__).resolve().parents[2]
 
 
-def test_kernels_match_the_dense_reference_under_the_interpreter():
-    # Triton reads TRITON_INTERPRET when it is imported, so the cases run in a fresh process.
-    cases = Path(__file__).with_name("interpreted_triton_cases.py")
+def _run_interpreted(cases_file: str) -> None:
+    """Triton reads TRITON_INTERPRET when it is imported, so interpreted cases run in a
+    fresh process; none may skip."""
+    cases = Path(__file__).with_name(cases_file)
     env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
     run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(cases)],
                          cwd=REPOSITORY, env=env, capture_output=True, text=True, timeout=600)
     summary = run.stdout.strip().splitlines()[-1] if run.stdout.strip() else run.stderr[-2000:]
     assert run.returncode == 0 and "skipped" not in summary, run.stdout[-6000:] + run.stderr[-2000:]
+
+
+def test_kernels_match_the_dense_reference_under_the_interpreter():
+    _run_interpreted("interpreted_triton_cases.py")
+
+
+def test_inductor_template_lowerings_under_the_interpreter():
+    _run_interpreted("interpreted_inductor_cases.py")
+
+
+def test_template_lowerings_register_on_this_torch():
+    from torch._inductor.lowering import lowerings
+
+    assert inductor_lowering.supported(), "this torch is outside the versions the lowerings were written for"
+    inductor_lowering.ensure_registered()
+    for structure in (Block(16, 16), NM(4), Diagonal()):
+        assert isinstance(getattr(lowerings.get(structure.op.default), "__wrapped__", None),
+                          inductor_lowering._Lowering), structure
 
 
 def test_functionalization_keeps_the_ops_opaque_off_cuda():
@@ -82,7 +101,7 @@ def test_cuda_opcheck(structure):
 @pytest.mark.cuda
 @pytest.mark.slow
 @needs_gpu
-def test_cuda_inductor_compiles_the_triton_kernels_into_the_graph():
+def test_cuda_inductor_fuses_the_forward_templates_and_sees_the_backward_kernels():
     from torch._inductor.utils import run_and_get_code
 
     layers = []
@@ -98,7 +117,23 @@ def test_cuda_inductor_compiles_the_triton_kernels_into_the_graph():
 
     x = torch.randn(4, 64, device="cuda", requires_grad=True)
     eager = model(x)
-    compiled, code = run_and_get_code(torch.compile(model, fullgraph=True), x)
-    torch.testing.assert_close(compiled, eager)
-    assert all(name in "".join(code) for name in ("_block_forward_kernel", "_ell_forward_kernel")), \
-        "Inductor did not see the Triton kernels"
+    eager.backward()
+    want = [values.grad.clone() for _, _, values in layers]
+    for _, _, values in layers:
+        values.grad = None
+    compiled = torch.compile(model, fullgraph=True)
+
+    def step():
+        loss = compiled(x)
+        loss.backward()
+        return loss
+
+    loss, code = run_and_get_code(step)
+    torch.testing.assert_close(loss, eager)
+    for (_, _, values), grad in zip(layers, want):
+        torch.testing.assert_close(values.grad, grad)
+    code = "".join(code)
+    for op_name in ("block_linear", "nm_linear", "diag_linear"):  # each forward fused with its relu
+        assert f"def triton_tem_fused_{op_name}_relu" in code, op_name
+    assert all(name in code for name in ("_block_grad_input_kernel", "_ell_grad_values_kernel")), \
+        "Inductor did not see the backward Triton kernels"

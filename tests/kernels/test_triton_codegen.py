@@ -29,7 +29,7 @@ from .triton_inputs import BIAS, IN, OUT, case_id, kernel_results, make_inputs  
 # the limit Triton checks before it launches: 227 KiB on H100 (sm_90), 163 KiB on A100 (sm_80).
 TARGETS = {GPUTarget("cuda", 90, 32): 227 * 1024, GPUTarget("cuda", 80, 32): 163 * 1024}
 
-if triton_kernels._INTERPRETED:
+if triton_kernels.INTERPRETED:
     pytest.skip("TRITON_INTERPRET is set: the kernels are interpreted, not compiled", allow_module_level=True)
 try:
     for gpu in TARGETS:

@@ -1,0 +1,403 @@
+"""Inductor lowerings of the structured forward ops to Triton templates (design section 4).
+
+Where Inductor emits Triton (CUDA tensors, and CPU tensors under ``cpu_backend="triton"``),
+``padst::<structure>_linear`` lowers to a choice between Triton templates of its forward
+kernel, one per tile configuration, and the opaque op (the tuned kernel of
+:mod:`triton_kernels`). Inductor's autotuner measures them. A template stores its output
+through Inductor's own store, so an elementwise consumer (an activation, a residual add, a
+cast) fuses into the kernel instead of re-reading the output from memory.
+
+The backward ops keep the user-kernel decomposition of :mod:`inductor_visibility`: their
+transposed structure is prepared by host code, which a template cannot hold.
+
+This uses Inductor's private lowering API. It is gated on the torch versions it was written
+against, registered the first time a structured op is traced (importing Inductor's lowering
+costs about a second that eager users should not pay), and falls back to the opaque op with
+a warning wherever building the choices fails.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+import torch
+
+from padst_compiler.kernels import inductor_visibility
+
+log = logging.getLogger(__name__)
+
+# ----------------------------------------------------------------- template sources
+#
+# Jinja sources for Inductor's TritonTemplate. ``def_kernel`` names the inputs, which
+# differ by the optional bias and permutations; ``store_output`` is Inductor's store, where
+# an epilogue fuses. The column indices of that store come from OUT_POS, the inverse of
+# out_index: a template writes each z row straight to its permuted output column.
+
+_INPUTS = """\
+{%- set inputs = ["X", "VALUES", "INDEX"] + (["BIAS"] if HAS_BIAS else [])
+    + (["IN_MAP"] if HAS_IN_MAP else []) + (["OUT_INDEX", "OUT_POS"] if HAS_OUT_POS else []) %}
+{{def_kernel(*inputs)}}
+    n_tokens = {{size("X", 0)}}
+    stride_xt = {{stride("X", 0)}}
+    stride_xi = {{stride("X", 1)}}
+"""
+
+# Reads the tile of x at the columns ``cols`` (through in_index when there is one).
+_LOAD_X = """\
+{%- if HAS_IN_MAP %}
+        cols = tl.load(IN_MAP + cols, mask=cols_mask, other=0)
+{%- endif %}
+        x = tl.load(X + tokens[:, None] * stride_xt + cols[None, :] * stride_xi,
+                    mask=t_mask[:, None] & cols_mask[None, :], other=0.0)
+"""
+
+
+def _store(tile_rows: str) -> str:
+    """Adds the bias, maps the z rows ``z_rows`` to their output columns and stores the
+    ``[BLOCK_T, tile_rows]`` accumulator through Inductor (where an epilogue fuses)."""
+    return """\
+{%- if HAS_BIAS %}
+    acc += tl.load(BIAS + z_rows, mask=z_mask, other=0.0).to(tl.float32)[None, :]
+{%- endif %}
+{%- if HAS_OUT_POS %}
+    out_cols = tl.load(OUT_POS + z_rows, mask=z_mask, other=0)
+{%- else %}
+    out_cols = z_rows
+{%- endif %}
+    idx_t = tokens[:, None]
+    idx_n = out_cols[None, :]
+    mask = t_mask[:, None] & z_mask[None, :]
+    {{store_output(("idx_t", "idx_n"), "acc", "mask", val_shape=("BLOCK_T", "TILE_ROWS"))}}
+""".replace("TILE_ROWS", tile_rows)
+
+# One program: a tile of tokens times one block-row of z, summing its kept blocks.
+BLOCK_SOURCE = _INPUTS + """\
+    block_row = tl.program_id(1)
+    tokens = (tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
+    r = tl.arange(0, ROWS_PAD)
+    c = tl.arange(0, COLS_PAD)
+    t_mask = tokens < n_tokens
+    z_mask = r < ROWS
+    cols_mask = c < COLS
+    acc = tl.zeros((BLOCK_T, ROWS_PAD), dtype=tl.float32)
+    for slot in range(KEPT):
+        kept_block = block_row * KEPT + slot
+        cols = tl.load(INDEX + kept_block) * COLS + c
+""" + _LOAD_X + """\
+        w_t = tl.load(VALUES + (kept_block * ROWS + r[None, :]) * COLS + c[:, None],
+                      mask=cols_mask[:, None] & z_mask[None, :], other=0.0)
+{%- if USE_DOT %}
+        acc = tl.dot(x, w_t, acc, input_precision=DOT_PRECISION)
+{%- else %}
+        acc += tl.sum(x.to(tl.float32)[:, :, None] * w_t.to(tl.float32)[None, :, :], axis=1)
+{%- endif %}
+    z_rows = block_row * ROWS + r
+""" + _store("ROWS_PAD")
+
+# One program: a tile of tokens times a tile of z rows, a gather-dot per row. N:M reads
+# its kept positions per group, the diagonals their wrap-around columns; both read the
+# structure's own compressed form, so nothing is converted on the host.
+_ROWS_HEAD = _INPUTS + """\
+    tokens = (tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
+    z_rows = tl.program_id(1) * BLOCK_O + tl.arange(0, BLOCK_O)
+    t_mask = tokens < n_tokens
+    z_mask = z_rows < OUT
+    cols_mask = z_mask
+    acc = tl.zeros((BLOCK_T, BLOCK_O), dtype=tl.float32)
+"""
+
+_ROWS_ACCUMULATE = _LOAD_X + """\
+        acc += x.to(tl.float32) * v[None, :]
+"""
+
+NM_SOURCE = _ROWS_HEAD + """\
+    for slot in range(NNZ):
+        cols = (slot // KEPT) * GROUP + tl.load(INDEX + z_rows * NNZ + slot, mask=z_mask, other=0)
+        v = tl.load(VALUES + z_rows * NNZ + slot, mask=z_mask, other=0.0).to(tl.float32)
+""" + _ROWS_ACCUMULATE + _store("BLOCK_O")
+
+# Entry j of diagonal k sits at (j % OUT, (j + offsets[k]) % IN); row i holds j = i + t*OUT.
+DIAG_SOURCE = _ROWS_HEAD + """\
+    for k in range(N_DIAG):
+        offset = tl.load(INDEX + k)
+        for repeat in range(REPEATS):
+            j = z_rows + repeat * OUT
+            cols = (j + offset) % IN
+            v = tl.load(VALUES + k * LENGTH + j, mask=z_mask, other=0.0).to(tl.float32)
+""" + _ROWS_ACCUMULATE.replace("\n        ", "\n            ") + _store("BLOCK_O")
+
+
+# ------------------------------------------------------------------ structures
+
+
+def _distinct_per_row(rows: int, choose: int, out_of: int) -> torch.Tensor:
+    """``rows`` rows of ``choose`` distinct integers below ``out_of``: a valid index for
+    the autotuner's timing runs, where random int64 data would read out of bounds."""
+    return torch.rand(rows, out_of).argsort(dim=1)[:, :choose]
+
+
+def _sizes(node) -> list[int]:
+    return [int(s) for s in node.get_size()]
+
+
+class _Template:
+    """What differs between the structures: the source, the compile-time constants, the
+    launch grid, the tile configurations and a valid random index for benchmarking."""
+
+    name: str
+    source: str
+
+    def constants(self, values, index, in_features: int, out_features: int) -> dict:
+        raise NotImplementedError
+
+    def grid(self, tokens, out_features, meta, *, cdiv):
+        raise NotImplementedError
+
+    def configs(self) -> list[dict]:
+        raise NotImplementedError
+
+    def random_index(self, values, index, in_features: int, out_features: int) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class _BlockTemplate(_Template):
+    name, source = "block", BLOCK_SOURCE
+
+    def constants(self, values, index, in_features, out_features):
+        from padst_compiler.kernels import triton_kernels
+
+        _, kept, block_rows, block_cols = _sizes(values)
+        return dict(KEPT=kept, **triton_kernels.block_tile(block_rows, block_cols))
+
+    def grid(self, tokens, out_features, meta, *, cdiv):
+        return cdiv(tokens, meta["BLOCK_T"]), out_features // meta["ROWS"], 1
+
+    def configs(self):
+        return [dict(BLOCK_T=t, num_warps=w) for t in (16, 32, 64, 128) for w in (4, 8)]
+
+    def random_index(self, values, index, in_features, out_features):
+        n_rows, kept, _, block_cols = _sizes(values)
+        return _distinct_per_row(n_rows, kept, in_features // block_cols)
+
+
+class _RowsTemplate(_Template):
+    """N:M and diagonal: a tile of z rows per program."""
+
+    def grid(self, tokens, out_features, meta, *, cdiv):
+        return cdiv(tokens, meta["BLOCK_T"]), cdiv(out_features, meta["BLOCK_O"]), 1
+
+    def configs(self):
+        return [dict(BLOCK_T=t, BLOCK_O=o, num_warps=4) for t in (16, 64) for o in (32, 64)]
+
+
+class _NMTemplate(_RowsTemplate):
+    name, source = "nm", NM_SOURCE
+
+    def constants(self, values, index, in_features, out_features):
+        _, groups, kept = _sizes(index)
+        return dict(NNZ=groups * kept, KEPT=kept, GROUP=in_features // groups, OUT=out_features)
+
+    def random_index(self, values, index, in_features, out_features):
+        rows, groups, kept = _sizes(index)
+        return _distinct_per_row(rows * groups, kept, in_features // groups).view(rows, groups, kept)
+
+
+class _DiagonalTemplate(_RowsTemplate):
+    name, source = "diag", DIAG_SOURCE
+
+    def constants(self, values, index, in_features, out_features):
+        n_diag, length = _sizes(values)
+        return dict(N_DIAG=n_diag, LENGTH=length, REPEATS=length // out_features, OUT=out_features,
+                    IN=in_features)
+
+    def random_index(self, values, index, in_features, out_features):
+        (n_diag,) = _sizes(index)
+        return _distinct_per_row(1, n_diag, min(in_features, out_features)).view(n_diag)
+
+
+_TEMPLATES = {"block_linear": _BlockTemplate(), "nm_linear": _NMTemplate(), "diag_linear": _DiagonalTemplate()}
+
+
+# ------------------------------------------------------------------ the lowering
+
+_TEMPLATE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+# What the lowering offers the autotuner: the Triton templates, the opaque op, or both.
+# Tests narrow it; under the Triton interpreter the opaque op always wins, since a
+# template then runs as Python.
+OFFER = ("template", "opaque")
+
+
+def _emits_triton(x) -> bool:
+    """Whether Inductor generates Triton for this input's device."""
+    from torch._inductor import config
+
+    device = x.get_device()
+    return device is not None and (device.type == "cuda" or (device.type == "cpu" and config.cpu_backend == "triton"))
+
+
+def _opaque_call(op):
+    """The opaque op as an autotune choice: called with the choice's tensors (the inverse
+    output permutation, which only the templates read, last) and which optional ones are there."""
+
+    def call(*tensors, out_features, present):
+        named = dict(zip(("x", "values", "index", *present), tensors))
+        return op(named["x"], named["values"], named["index"], out_features, named.get("bias"),
+                  named.get("in_index"), named.get("out_index"))
+
+    return call
+
+
+def _opaque_node(op):
+    from torch._inductor.lowering import fallback_handler
+
+    def create(*nodes, out_features, present):
+        named = dict(zip(("x", "values", "index", *present), nodes))
+        return fallback_handler(op, add_to_fallback_set=False)(
+            named["x"], named["values"], named["index"], out_features, named.get("bias"),
+            named.get("in_index"), named.get("out_index"))
+
+    return create
+
+
+def _inverse(out_index):
+    """``permutation.inverse_permutation(out_index)`` in the graph: where each z row is stored."""
+    from torch._inductor import lowering as L
+
+    size = _sizes(out_index)[0]
+    positions = L.iota(size, start=0, step=1, dtype=out_index.get_dtype(), device=out_index.get_device(),
+                       requires_grad=False)
+    return L.fallback_handler(torch.ops.aten.scatter.src, add_to_fallback_set=False)(
+        out_index, 0, out_index, positions)
+
+
+class _Lowering:
+    """The lowering of one forward op: Triton templates and the opaque op, measured by
+    Inductor's autotuner, or the opaque op alone where no template applies."""
+
+    def __init__(self, op_name: str):
+        from torch._inductor.select_algorithm import ExternKernelChoice, SymbolicGridFn, TritonTemplate
+
+        self.op = getattr(torch.ops.padst, op_name).default
+        self.structure = _TEMPLATES[op_name]
+        self.template = TritonTemplate(name=f"padst_{op_name}", grid=SymbolicGridFn(self.structure.grid),
+                                       source=self.structure.source)
+        self.opaque = ExternKernelChoice(_opaque_call(self.op), name=f"padst_{op_name}_opaque",
+                                         has_out_variant=False, kernel_creator=_opaque_node(self.op))
+
+    def __call__(self, x, values, index, out_features, bias=None, in_index=None, out_index=None):
+        from torch._inductor.lowering import fallback_handler
+
+        args = (x, values, index, out_features, bias, in_index, out_index)
+        if _emits_triton(x) and x.get_dtype() in _TEMPLATE_DTYPES:
+            try:
+                return self.select(*args)
+            except Exception:  # a torch whose private pieces differ: the opaque op still works
+                log.warning("padst: %s has no Triton template here; Inductor calls the opaque op",
+                            self.op, exc_info=True)
+        return fallback_handler(self.op, add_to_fallback_set=False)(*args)
+
+    def select(self, x, values, index, out_features, bias, in_index, out_index):
+        from torch._inductor import ir
+        from torch._inductor import lowering as L
+        from torch._inductor.select_algorithm import autotune_select_algorithm
+        from torch._inductor.utils import sympy_product
+
+        sizes = x.get_size()
+        in_features = int(sizes[-1])
+        tokens = sympy_product(sizes[:-1])
+        x2 = ir.ExternKernel.realize_input(L.view(x, [tokens, in_features]))
+        contiguous = ir.ExternKernel.require_contiguous
+        values, index = contiguous(values), contiguous(index)
+        optional = {"bias": bias, "in_index": in_index, "out_index": out_index}
+        present = tuple(name for name, node in optional.items() if node is not None)
+        nodes = [x2, values, index, *(contiguous(optional[name]) for name in present)]
+        if out_index is not None:
+            nodes.append(contiguous(_inverse(nodes[-1])))
+        layout = ir.FixedLayout(x2.get_device(), x2.get_dtype(), [tokens, out_features])
+
+        choices = []
+        if "opaque" in OFFER:
+            self.opaque.maybe_append_choice(choices, input_nodes=nodes, layout=layout, out_features=out_features,
+                                            present=present)
+        constants = self.structure.constants(values, index, in_features, out_features)
+        flags = dict(HAS_BIAS=bias is not None, HAS_IN_MAP=in_index is not None, HAS_OUT_POS=out_index is not None)
+        precision = self._dot_precision(x2.get_dtype())
+        for config in self._configs() if "template" in OFFER else ():
+            config = dict(config)
+            error = self.template.maybe_append_choice(
+                choices, input_nodes=nodes, layout=layout, num_stages=2, num_warps=config.pop("num_warps"),
+                DOT_PRECISION=precision, **constants, **flags, **config)
+            if error is not None:
+                raise error
+        out, _ = autotune_select_algorithm(f"padst_{self.structure.name}_linear", choices, nodes, layout,
+                                           input_gen_fns=self._input_generators(nodes, present, in_features,
+                                                                                out_features))
+        return L.view(out, [*sizes[:-1], out_features])
+
+    def _configs(self) -> list[dict]:
+        """Tile configurations to measure; the interpreter runs one (it would time Python)."""
+        from padst_compiler.kernels import triton_kernels
+
+        configs = self.structure.configs()
+        return configs[:1] if triton_kernels.INTERPRETED else configs
+
+    @staticmethod
+    def _dot_precision(dtype) -> str:
+        from padst_compiler.kernels import triton_kernels
+
+        return repr(triton_kernels.dot_precision(dtype))
+
+    def _input_generators(self, nodes, present, in_features, out_features) -> dict:
+        """Valid index tensors for the timing runs: the structure index and permutations."""
+        values, index = nodes[1], nodes[2]
+
+        def on_device(make):
+            return lambda node: make().to(device=node.get_device(), dtype=node.get_dtype())
+
+        generators = {2: on_device(lambda: self.structure.random_index(values, index, in_features, out_features))}
+        position = 3 + ("bias" in present)
+        if "in_index" in present:
+            generators[position] = on_device(lambda: torch.randperm(in_features))
+            position += 1
+        if "out_index" in present:
+            generators[position] = generators[position + 1] = on_device(lambda: torch.randperm(out_features))
+        return generators
+
+
+# ------------------------------------------------------------------ registration
+
+_registered = False
+_lock = threading.Lock()
+
+
+def supported() -> bool:
+    """Whether this torch gets the template lowerings (the forward ops then skip the
+    user-kernel decomposition, which would hide them from these lowerings)."""
+    return inductor_visibility.torch_version_tested()
+
+
+def ensure_registered() -> None:
+    """Register the lowerings once; called when a structured op is traced, before Inductor
+    lowers the graph that holds it."""
+    global _registered
+    if _registered or not supported():
+        return
+    with _lock:
+        if _registered:
+            return
+        _registered = True
+        try:
+            from torch._inductor import lowering as L
+            from torch._library.utils import get_layout_constraint_tag
+
+            for op_name in _TEMPLATES:
+                lowering = _Lowering(op_name)
+                # The input layouts Inductor gives an op without a lowering of its own.
+                constraint = L.tag_to_layout_constraint(get_layout_constraint_tag(lowering.op, with_default=True))
+                if constraint is not None:
+                    L.add_layout_constraint(lowering.op, constraint)
+                L.register_lowering(lowering.op, type_promotion_kind=None)(lowering)
+        except Exception:  # the opaque op still works everywhere
+            log.warning("padst: the Triton template lowerings could not be registered", exc_info=True)
