@@ -10,6 +10,8 @@ pick, the epilogue fusion and the numbers. Only the hardware is left out.
 import functools
 import logging
 import os
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -43,6 +45,21 @@ def triton_on_cpu(monkeypatch):
     with config.patch(cpu_backend="triton", benchmark_epilogue_fusion=False, force_disable_caches=True):
         yield
     torch._dynamo.reset()
+
+
+# Where to leave the generated template kernels, for test_triton.py to compile them for GPUs.
+SOURCES = os.environ.get("PADST_TEMPLATE_SOURCES")
+_TEMPLATE_KERNEL = re.compile(r"= async_compile\.triton\('(triton_tem_\w+)', '''(.*?)'''", re.DOTALL)
+
+
+def compile_and_run(model, *args, **compile_options):
+    """Outputs and generated code of ``torch.compile(model)(*args)``; keeps its template kernels."""
+    outputs, code = run_and_get_code(torch.compile(model, fullgraph=True, **compile_options), *args)
+    if SOURCES:
+        test = re.sub(r"[^A-Za-z0-9_.-]", "_", os.environ["PYTEST_CURRENT_TEST"].split("::")[-1].split(" ")[0])
+        for name, source in _TEMPLATE_KERNEL.findall("".join(code)):
+            Path(SOURCES, f"{name}-{test}.py").write_text(source)
+    return outputs, code
 
 
 OUT, IN = 64, 128
@@ -84,7 +101,7 @@ def test_template_with_a_fused_epilogue_matches_the_reference(structure, shape, 
     weight, x, residual, bias, in_index, out_index = _case(structure, shape, extras)
     model = _epilogue_model(structure, shape[0])
     args = (x, residual, weight.values, weight.index, bias, in_index, out_index)
-    got, code = run_and_get_code(torch.compile(model, fullgraph=True), *args)
+    got, code = compile_and_run(model, *args)
     want = _reference(structure, shape[0], weight, x, residual, bias, in_index, out_index)
     torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4)
     op_name = structure.op.__name__
@@ -106,7 +123,7 @@ def test_half_precision_accumulates_in_float32(structure, dtype):
     weight, x, residual, bias, in_index, out_index = _case(structure, (OUT, IN), True, dtype=dtype)
     model = _epilogue_model(structure, OUT)
     args = (x, residual, weight.values, weight.index, bias, in_index, out_index)
-    got = torch.compile(model, fullgraph=True)(*args)
+    got, _ = compile_and_run(model, *args)
     want = _reference(structure, OUT, weight, x, residual, bias, in_index, out_index)
     assert got.dtype == dtype
     torch.testing.assert_close(got.double(), want, rtol=2e-2, atol=5e-2)

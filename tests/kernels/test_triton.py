@@ -10,16 +10,17 @@ import torch
 
 from padst_compiler.kernels import NM, Block, Diagonal, inductor_lowering, inductor_visibility
 
+from . import gpu_compile
 from .test_ops import make_case, run_with_grads
 
 REPOSITORY = Path(__file__).resolve().parents[2]
 
 
-def _run_interpreted(cases_file: str) -> None:
+def _run_interpreted(cases_file: str, **environment) -> None:
     """Triton reads TRITON_INTERPRET when it is imported, so interpreted cases run in a
     fresh process; none may skip."""
     cases = Path(__file__).with_name(cases_file)
-    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
+    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1", **environment)
     run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(cases)],
                          cwd=REPOSITORY, env=env, capture_output=True, text=True, timeout=600)
     summary = run.stdout.strip().splitlines()[-1] if run.stdout.strip() else run.stderr[-2000:]
@@ -30,8 +31,21 @@ def test_kernels_match_the_dense_reference_under_the_interpreter():
     _run_interpreted("interpreted_triton_cases.py")
 
 
-def test_inductor_template_lowerings_under_the_interpreter():
-    _run_interpreted("interpreted_inductor_cases.py")
+def test_inductor_template_lowerings_under_the_interpreter_and_for_gpus(tmp_path):
+    """The interpreted cases check what the templates compute; the kernels Inductor generated
+    there must also compile for GPUs, in every tile configuration the lowering offers (the
+    interpreter accepts code that GPU code generation rejects)."""
+    _run_interpreted("interpreted_inductor_cases.py", PADST_TEMPLATE_SOURCES=str(tmp_path))
+    if gpu_compile.ptxas_problem():
+        pytest.skip(gpu_compile.ptxas_problem())
+    jobs = gpu_compile.template_jobs(tmp_path)
+    for op_name in ("block_linear", "nm_linear", "diag_linear"):
+        assert any(op_name in name for name, *_ in jobs), f"no {op_name} template was generated"
+    for name, source, options, target in jobs:
+        try:
+            gpu_compile.compile_to_cubin(source, options, target)
+        except Exception as error:
+            raise AssertionError(f"{name}: {error}") from error
 
 
 def test_template_lowerings_register_on_this_torch():

@@ -14,28 +14,20 @@ from unittest import mock
 import pytest
 import torch
 
-nvidia = pytest.importorskip("triton.backends.nvidia.compiler", reason="needs Triton's NVIDIA backend")
+pytest.importorskip("triton.backends.nvidia.compiler", reason="needs Triton's NVIDIA backend")
 
-import triton  # noqa: E402  (after the backend check)
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource, make_backend  # noqa: E402
+from triton.compiler import ASTSource, make_backend  # noqa: E402  (after the backend check)
 from triton.runtime.jit import create_function_from_signature  # noqa: E402
 
 from padst_compiler.kernels import NM, Block, Diagonal, triton_kernels  # noqa: E402
 
+from . import gpu_compile  # noqa: E402
 from .triton_inputs import BIAS, IN, OUT, case_id, kernel_results, make_inputs  # noqa: E402
-
-# Target -> the most shared memory one block may opt in to (cudaDevAttrMaxSharedMemoryPerBlockOptin),
-# the limit Triton checks before it launches: 227 KiB on H100 (sm_90), 163 KiB on A100 (sm_80).
-TARGETS = {GPUTarget("cuda", 90, 32): 227 * 1024, GPUTarget("cuda", 80, 32): 163 * 1024}
 
 if triton_kernels.INTERPRETED:
     pytest.skip("TRITON_INTERPRET is set: the kernels are interpreted, not compiled", allow_module_level=True)
-try:
-    for gpu in TARGETS:
-        nvidia.get_ptxas(gpu.arch)  # bundled, or named by TRITON_PTXAS_PATH / TRITON_PTXAS_BLACKWELL_PATH
-except RuntimeError as error:
-    pytest.skip(f"no usable ptxas: {error}", allow_module_level=True)
+if gpu_compile.ptxas_problem():
+    pytest.skip(gpu_compile.ptxas_problem(), allow_module_level=True)
 
 ALL = {BIAS, IN, OUT}
 # ((structure, launcher prefix, (out, in), tokens, fused extras), dtype): the case format of
@@ -111,7 +103,7 @@ def compile_jobs():
     jobs = {}
     for case, dtype, n_configs in cases:
         for kernel, args, constexprs in captured_launches(case, dtype):
-            for config, target in itertools.product(kernel.configs[:n_configs], TARGETS):
+            for config, target in itertools.product(kernel.configs[:n_configs], gpu_compile.TARGETS):
                 source, options = specialise(kernel, args, constexprs, config, target)
                 name = "-".join((source.name.strip("_").removesuffix("_kernel"), case_id(case), DTYPE_NAMES[dtype],
                                  config_id(config), f"sm{target.arch}"))
@@ -121,7 +113,4 @@ def compile_jobs():
 
 @pytest.mark.parametrize("source,options,target", compile_jobs())
 def test_kernel_compiles_to_a_cubin(source, options, target):
-    compiled = triton.compile(source, target=target, options=options.__dict__)
-    assert compiled.asm["cubin"], "ptxas produced an empty cubin"
-    assert compiled.metadata.shared <= TARGETS[target], \
-        f"needs {compiled.metadata.shared} bytes of shared memory, sm_{target.arch} allows {TARGETS[target]}"
+    gpu_compile.compile_to_cubin(source, options.__dict__, target)
