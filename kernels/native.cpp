@@ -28,10 +28,20 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 typedef float v16 __attribute__((vector_size(64)));
 typedef float v8 __attribute__((vector_size(32)));
+
+// Register tiles are sized to the register file: 32 vector registers on AVX-512, 16 on AVX2.
+// A tile sized for AVX-512 compiled for AVX2 becomes twice as many 256-bit registers and
+// spills (a 64-wide block forward ran 2.5x slower than with AVX2-sized tiles).
+#if defined(__AVX512F__)
+constexpr bool WIDE_REGISTERS = true;
+#else
+constexpr bool WIDE_REGISTERS = false;
+#endif
 
 // Unaligned vector access (memcpy compiles to one vmovups; the pointers are only float-aligned).
 template <typename V>
@@ -70,19 +80,19 @@ struct BlockMM {
     const int64_t* ocol;       // [blocks * W] output column of each z column, or null (identity)
 };
 
-// MR tokens by NV vectors of one output block: MR*NV accumulators stay in registers. The
-// tokens' rows of x start at xrow, a.x_stride apart; they are rows t0.. of y.
+// MR tokens by NV vectors of one output block, from its column c0: MR*NV accumulators stay
+// in registers. The tokens' rows of x start at xrow, a.x_stride apart; they are rows t0.. of y.
 template <typename V, int NV, int MR>
-static void block_mm_tile(const BlockMM& a, const float* xrow, int64_t t0, int64_t o) {
+static void block_mm_tile(const BlockMM& a, const float* xrow, int64_t t0, int64_t o, int64_t c0) {
     constexpr int L = sizeof(V) / sizeof(float);
     V acc[MR][NV];
     for (int v = 0; v < NV; ++v) {
-        V b = a.bias ? load<V>(a.bias + o * a.width + v * L) : V{};
+        V b = a.bias ? load<V>(a.bias + o * a.width + c0 + v * L) : V{};
         for (int m = 0; m < MR; ++m) acc[m][v] = b;
     }
     for (int64_t e = a.entry_ptr[o]; e < a.entry_ptr[o + 1]; ++e) {
         const int64_t* cols = a.icol + e * a.depth;
-        const float* panel = a.panels + (a.panel_of ? a.panel_of[e] : e) * a.depth * a.width;
+        const float* panel = a.panels + (a.panel_of ? a.panel_of[e] : e) * a.depth * a.width + c0;
         for (int64_t d = 0; d < a.depth; ++d) {
             V w[NV];
             for (int v = 0; v < NV; ++v) w[v] = load<V>(panel + d * a.width + v * L);
@@ -96,9 +106,9 @@ static void block_mm_tile(const BlockMM& a, const float* xrow, int64_t t0, int64
     for (int m = 0; m < MR; ++m) {
         float* yrow = a.y + (t0 + m) * a.y_stride;
         if (!a.ocol) {
-            for (int v = 0; v < NV; ++v) store<V>(yrow + o * a.width + v * L, acc[m][v]);
+            for (int v = 0; v < NV; ++v) store<V>(yrow + o * a.width + c0 + v * L, acc[m][v]);
         } else {
-            const int64_t* oc = a.ocol + o * a.width;
+            const int64_t* oc = a.ocol + o * a.width + c0;
             for (int v = 0; v < NV; ++v)
                 for (int l = 0; l < L; ++l) yrow[oc[v * L + l]] = acc[m][v][l];
         }
@@ -150,13 +160,14 @@ static void block_mm_run(const BlockMM& a, int64_t tokens, int64_t blocks, const
                         pack_row(a.x + (t0 + m) * a.x_stride, in_map, in_features, scratch, packed + m * in_features);
                     rows = packed;
                 }
-                for (int64_t o = part * per_split; o < o1; ++o) {
-                    if (count == MR)
-                        block_mm_tile<V, NV, MR>(item, rows, t0, o);
-                    else
-                        for (int64_t m = 0; m < count; ++m)
-                            block_mm_tile<V, NV, 1>(item, rows + m * item.x_stride, t0 + m, o);
-                }
+                for (int64_t o = part * per_split; o < o1; ++o)
+                    for (int64_t c0 = 0; c0 < a.width; c0 += NV * (int64_t)(sizeof(V) / sizeof(float))) {
+                        if (count == MR)
+                            block_mm_tile<V, NV, MR>(item, rows, t0, o, c0);
+                        else
+                            for (int64_t m = 0; m < count; ++m)
+                                block_mm_tile<V, NV, 1>(item, rows + m * item.x_stride, t0 + m, o, c0);
+                    }
             }
         }
     }
@@ -167,14 +178,21 @@ extern "C" int padst_block_mm(const float* x, int64_t x_stride, float* y, int64_
                               int64_t depth, const float* panels, const int64_t* panel_of, const float* bias,
                               const int64_t* ocol, const int32_t* in_map, int64_t in_features) {
     BlockMM a{x, x_stride, y, y_stride, width, entry_ptr, icol, depth, panels, panel_of, bias, ocol};
-    switch (width) {
-        case 8: block_mm_run<v8, 1, 12>(a, tokens, blocks, in_map, in_features); return 0;
-        case 16: block_mm_run<v16, 1, 14>(a, tokens, blocks, in_map, in_features); return 0;
-        case 32: block_mm_run<v16, 2, 12>(a, tokens, blocks, in_map, in_features); return 0;
-        case 48: block_mm_run<v16, 3, 8>(a, tokens, blocks, in_map, in_features); return 0;
-        case 64: block_mm_run<v16, 4, 6>(a, tokens, blocks, in_map, in_features); return 0;
-        default: return 1;  // unsupported width: the caller uses the PyTorch path
-    }
+    if (width != 8 && width != 16 && width != 32 && width != 48 && width != 64)
+        return 1;  // unsupported width: the caller uses the PyTorch path
+    if (width == 8)
+        block_mm_run<v8, 1, 12>(a, tokens, blocks, in_map, in_features);
+    else if (!WIDE_REGISTERS)  // 16 columns at a time: 12 accumulators, 2 weights and a broadcast
+        block_mm_run<v8, 2, 6>(a, tokens, blocks, in_map, in_features);
+    else if (width == 16)
+        block_mm_run<v16, 1, 14>(a, tokens, blocks, in_map, in_features);
+    else if (width == 32)
+        block_mm_run<v16, 2, 12>(a, tokens, blocks, in_map, in_features);
+    else if (width == 48)
+        block_mm_run<v16, 3, 8>(a, tokens, blocks, in_map, in_features);
+    else
+        block_mm_run<v16, 4, 6>(a, tokens, blocks, in_map, in_features);
+    return 0;
 }
 
 // ---------------------------------------------------------------------- block_sddmm
@@ -188,9 +206,10 @@ struct BlockSDDMM {
     float* dv;            // [R, kept, rows, cols]
 };
 
-// CB weight columns by NV vectors of block rows, accumulated over a token range.
+// CB weight columns by NV vectors of block rows from row v0, accumulated over a token range.
 template <typename V, int NV, int CB>
-static void block_sddmm_tile(const BlockSDDMM& a, int64_t e, int64_t c0, int64_t t0, int64_t t1, float* out) {
+static void block_sddmm_tile(const BlockSDDMM& a, int64_t e, int64_t c0, int64_t v0, int64_t t0, int64_t t1,
+                             float* out) {
     constexpr int L = sizeof(V) / sizeof(float);
     const int64_t block_row = e / a.kept;
     const int64_t* cols = a.icol + e * a.cols + c0;
@@ -198,7 +217,7 @@ static void block_sddmm_tile(const BlockSDDMM& a, int64_t e, int64_t c0, int64_t
     for (int c = 0; c < CB; ++c)
         for (int v = 0; v < NV; ++v) acc[c][v] = V{};
     for (int64_t t = t0; t < t1; ++t) {
-        const float* dzr = a.dz + t * a.dz_stride + block_row * a.rows;
+        const float* dzr = a.dz + t * a.dz_stride + block_row * a.rows + v0;
         const float* xr = a.x + t * a.x_stride;
         V g[NV];
         for (int v = 0; v < NV; ++v) g[v] = load<V>(dzr + v * L);
@@ -210,17 +229,18 @@ static void block_sddmm_tile(const BlockSDDMM& a, int64_t e, int64_t c0, int64_t
     // out is [rows, cols] of entry e: transpose the [CB][rows] accumulators on the way out
     for (int c = 0; c < CB; ++c)
         for (int v = 0; v < NV; ++v)
-            for (int l = 0; l < L; ++l) out[(v * L + l) * a.cols + c0 + c] += acc[c][v][l];
+            for (int l = 0; l < L; ++l) out[(v0 + v * L + l) * a.cols + c0 + c] += acc[c][v][l];
 }
 
-// RB weight rows by NV vectors of weight columns: the variant for a gradient whose rows are
-// scattered (zcol, an out_index): dz is read one scalar at a time, x columns as vectors
-// (they must be consecutive: no in_index).
+// RB weight rows by NV vectors of weight columns from column v0: the variant for a gradient
+// whose rows are scattered (zcol, an out_index): dz is read one scalar at a time, x columns
+// as vectors (they must be consecutive: no in_index).
 template <typename V, int NV, int RB>
-static void block_sddmm_rows_tile(const BlockSDDMM& a, int64_t e, int64_t r0, int64_t t0, int64_t t1, float* out) {
+static void block_sddmm_rows_tile(const BlockSDDMM& a, int64_t e, int64_t r0, int64_t v0, int64_t t0, int64_t t1,
+                                  float* out) {
     constexpr int L = sizeof(V) / sizeof(float);
     const int64_t* zcols = a.zcol + (e / a.kept) * a.rows + r0;
-    const int64_t first_col = a.icol[e * a.cols];
+    const int64_t first_col = a.icol[e * a.cols] + v0;
     V acc[RB][NV];
     for (int r = 0; r < RB; ++r)
         for (int v = 0; v < NV; ++v) acc[r][v] = V{};
@@ -236,7 +256,7 @@ static void block_sddmm_rows_tile(const BlockSDDMM& a, int64_t e, int64_t r0, in
     }
     for (int r = 0; r < RB; ++r)
         for (int v = 0; v < NV; ++v) {
-            float* dst = out + (r0 + r) * a.cols + v * L;
+            float* dst = out + (r0 + r) * a.cols + v0 + v * L;
             store<V>(dst, load<V>(dst) + acc[r][v]);
         }
 }
@@ -244,14 +264,15 @@ static void block_sddmm_rows_tile(const BlockSDDMM& a, int64_t e, int64_t r0, in
 // Tokens per SDDMM tile: 64 rows of a 3072-wide input are 768 KiB, within L2.
 constexpr int64_t SDDMM_TOKEN_TILE = 64;
 
-using SddmmTile = void (*)(const BlockSDDMM&, int64_t, int64_t, int64_t, int64_t, float*);
+using SddmmTile = void (*)(const BlockSDDMM&, int64_t, int64_t, int64_t, int64_t, int64_t, float*);
 
 // Each thread owns a range of kept blocks (so dv needs no atomics) and walks the tokens in
 // short tiles, visiting all its blocks per tile: the tile's rows of x and dz stay in L2
 // however the permutations scatter the columns read. ``extent`` (columns or rows of a
-// block) is walked in chunks of ``step`` by ``full`` and the remainder by ``tail``.
-static void block_sddmm_run(const BlockSDDMM& a, int64_t entries, int64_t extent, int64_t step, SddmmTile full,
-                            SddmmTile tail) {
+// block) is walked in chunks of ``step`` by ``full`` and the remainder by ``tail``; the
+// other side of the block, ``vectors`` wide, in chunks of ``vector_step`` (one tile's vectors).
+static void block_sddmm_run(const BlockSDDMM& a, int64_t entries, int64_t extent, int64_t step, int64_t vectors,
+                            int64_t vector_step, SddmmTile full, SddmmTile tail) {
     const int64_t tile = SDDMM_TOKEN_TILE;
 #pragma omp parallel
     {
@@ -263,9 +284,11 @@ static void block_sddmm_run(const BlockSDDMM& a, int64_t entries, int64_t extent
             const int64_t t1 = std::min(a.tokens, t0 + tile);
             for (int64_t e = e0; e < e1; ++e) {
                 float* out = a.dv + e * a.rows * a.cols;
-                int64_t c = 0;
-                for (; c + step <= extent; c += step) full(a, e, c, t0, t1, out);
-                for (; c < extent; ++c) tail(a, e, c, t0, t1, out);
+                for (int64_t v0 = 0; v0 < vectors; v0 += vector_step) {
+                    int64_t c = 0;
+                    for (; c + step <= extent; c += step) full(a, e, c, v0, t0, t1, out);
+                    for (; c < extent; ++c) tail(a, e, c, v0, t0, t1, out);
+                }
             }
         }
     }
@@ -273,12 +296,14 @@ static void block_sddmm_run(const BlockSDDMM& a, int64_t entries, int64_t extent
 
 template <typename V, int NV, int CB>
 static void block_sddmm_columns(const BlockSDDMM& a, int64_t entries) {
-    block_sddmm_run(a, entries, a.cols, CB, block_sddmm_tile<V, NV, CB>, block_sddmm_tile<V, NV, 1>);
+    block_sddmm_run(a, entries, a.cols, CB, a.rows, NV * sizeof(V) / sizeof(float), block_sddmm_tile<V, NV, CB>,
+                    block_sddmm_tile<V, NV, 1>);
 }
 
 template <typename V, int NV, int RB>
 static void block_sddmm_rows(const BlockSDDMM& a, int64_t entries) {
-    block_sddmm_run(a, entries, a.rows, RB, block_sddmm_rows_tile<V, NV, RB>, block_sddmm_rows_tile<V, NV, 1>);
+    block_sddmm_run(a, entries, a.rows, RB, a.cols, NV * sizeof(V) / sizeof(float),
+                    block_sddmm_rows_tile<V, NV, RB>, block_sddmm_rows_tile<V, NV, 1>);
 }
 
 extern "C" int padst_block_sddmm(const float* dz, int64_t dz_stride, const float* x, int64_t x_stride,
@@ -286,24 +311,22 @@ extern "C" int padst_block_sddmm(const float* dz, int64_t dz_stride, const float
                                  const int64_t* icol, const int64_t* zcol, float* dv) {
     BlockSDDMM a{dz, dz_stride, x, x_stride, tokens, kept, rows, cols, icol, zcol, dv};
     const int64_t entries = block_rows * kept;
-    if (zcol) {  // vectors along the block's columns
-        switch (cols) {
-            case 8: block_sddmm_rows<v8, 1, 12>(a, entries); return 0;
-            case 16: block_sddmm_rows<v16, 1, 12>(a, entries); return 0;
-            case 32: block_sddmm_rows<v16, 2, 10>(a, entries); return 0;
-            case 48: block_sddmm_rows<v16, 3, 6>(a, entries); return 0;
-            case 64: block_sddmm_rows<v16, 4, 5>(a, entries); return 0;
-            default: return 1;
-        }
-    }
-    switch (rows) {  // vectors along the block's rows
-        case 8: block_sddmm_columns<v8, 1, 12>(a, entries); return 0;
-        case 16: block_sddmm_columns<v16, 1, 12>(a, entries); return 0;
-        case 32: block_sddmm_columns<v16, 2, 10>(a, entries); return 0;
-        case 48: block_sddmm_columns<v16, 3, 6>(a, entries); return 0;
-        case 64: block_sddmm_columns<v16, 4, 5>(a, entries); return 0;
-        default: return 1;
-    }
+    const int64_t vectors = zcol ? cols : rows;  // vectors along the block's columns, else its rows
+    if (vectors != 8 && vectors != 16 && vectors != 32 && vectors != 48 && vectors != 64) return 1;
+    const auto run = zcol ? block_sddmm_rows<v8, 1, 12> : block_sddmm_columns<v8, 1, 12>;
+    if (vectors == 8)
+        run(a, entries);
+    else if (!WIDE_REGISTERS)  // 16 at a time: 12 accumulators, 2 vectors and a broadcast
+        (zcol ? block_sddmm_rows<v8, 2, 6> : block_sddmm_columns<v8, 2, 6>)(a, entries);
+    else if (vectors == 16)
+        (zcol ? block_sddmm_rows<v16, 1, 12> : block_sddmm_columns<v16, 1, 12>)(a, entries);
+    else if (vectors == 32)
+        (zcol ? block_sddmm_rows<v16, 2, 10> : block_sddmm_columns<v16, 2, 10>)(a, entries);
+    else if (vectors == 48)
+        (zcol ? block_sddmm_rows<v16, 3, 6> : block_sddmm_columns<v16, 3, 6>)(a, entries);
+    else
+        (zcol ? block_sddmm_rows<v16, 4, 5> : block_sddmm_columns<v16, 4, 5>)(a, entries);
+    return 0;
 }
 
 // --------------------------------------------------------------- ell_mm / ell_sddmm
@@ -330,24 +353,32 @@ static inline float value_of(const float* vals, const int32_t* val_of, int64_t e
     return vals[val_of ? val_of[e] : e];
 }
 
+// One output row over a tile of NT * 16 tokens. Independent chains of accumulators hide the
+// FMA latency: four on AVX-512; on AVX2, as many as 8 registers of accumulators hold.
 template <int NT>
 static void ell_mm_row(const float* xt, float* out, const int32_t* cols, const float* vals, int64_t begin,
                        int64_t end, float bias) {
+    using V = std::conditional_t<WIDE_REGISTERS, v16, v8>;
+    constexpr int L = sizeof(V) / sizeof(float), NV = NT * 16 / L, CHAINS = WIDE_REGISTERS || NV <= 2 ? 4 : 2;
     constexpr int64_t lanes = NT * 16;
-    v16 acc[4][NT] = {};
+    V acc[CHAINS][NV] = {};
     int64_t e = begin;
-    for (; e + 4 <= end; e += 4)  // four independent chains hide the FMA latency
-        for (int u = 0; u < 4; ++u) {
+    for (; e + CHAINS <= end; e += CHAINS)
+        for (int u = 0; u < CHAINS; ++u) {
             const float* src = xt + cols[e + u] * lanes;
-            const v16 s = splat<v16>(vals[e + u]);
-            for (int n = 0; n < NT; ++n) acc[u][n] += s * load<v16>(src + n * 16);
+            const V s = splat<V>(vals[e + u]);
+            for (int n = 0; n < NV; ++n) acc[u][n] += s * load<V>(src + n * L);
         }
     for (; e < end; ++e) {
         const float* src = xt + cols[e] * lanes;
-        const v16 s = splat<v16>(vals[e]);
-        for (int n = 0; n < NT; ++n) acc[0][n] += s * load<v16>(src + n * 16);
+        const V s = splat<V>(vals[e]);
+        for (int n = 0; n < NV; ++n) acc[0][n] += s * load<V>(src + n * L);
     }
-    for (int n = 0; n < NT; ++n) store<v16>(out + n * 16, (acc[0][n] + acc[1][n]) + (acc[2][n] + acc[3][n]) + bias);
+    for (int n = 0; n < NV; ++n) {
+        V sum = splat<V>(bias);
+        for (int u = 0; u < CHAINS; ++u) sum += acc[u][n];
+        store<V>(out + n * L, sum);
+    }
 }
 
 // Work items: (token tile, chunk of output rows); one chunk per tile when tiles are plenty.
