@@ -556,8 +556,11 @@ def diag_forward(x, values, offsets, out_features, bias, in_index, out_index):
     key = ("diagonal", out_features, *_regime(x, values, offsets, in_index, out_index))
     ell = _diag_index(offsets, out_features, x.shape[1], in_index, out_index)
     if x.shape[0] <= DIAGONAL_STREAM_TOKENS and _native_fp32(x, values, bias):
+        # The row layout of the values is a copy, made only by the candidates that read it.
         candidates = {
-            "native": lambda: _diag_forward_native(x, values, offsets, out_features, bias, in_index, out_index),
+            "native-streamed": lambda: _diag_forward_native(x, values, offsets, out_features, bias, in_index,
+                                                            out_index),
+            "native": lambda: _ell_forward_native(x, ell, _kernel_row_values(values, out_features), bias, out_index),
             "dense": lambda: dense_forward(x, Rows(ell.cols, _kernel_row_values(values, out_features)), bias,
                                            out_index)}
         return select.run("diag_forward", key, candidates)

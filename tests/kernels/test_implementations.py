@@ -102,6 +102,25 @@ def test_sliced_nm_forward_of_frozen_values_matches_dense_reference(m, out_featu
     torch.testing.assert_close(y.double(), reference, rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("out_features,in_features", [(64, 32), (32, 64), (384, 128), (100, 300)])
+@pytest.mark.parametrize("tokens", [1, 13])
+@pytest.mark.parametrize("option", OPTIONS)
+@needs_native
+def test_streamed_diagonal_forward_matches_dense_reference(out_features, in_features, tokens, option):
+    """The diagonal kernel that streams the values in their own layout, offered up to 16
+    tokens next to the row-sparse one, with full vector steps and tails."""
+    weight, x, bias, in_index, out_index = _case(Diagonal(), out_features, in_features, tokens, option)
+    select.clear()
+    with select.set_autotune(True):
+        weight.structure.op(x, weight.values, weight.index, out_features, bias, in_index, out_index)
+    assert {"native-streamed", "native"} <= set(select.choices()[0]["ms"])
+    with select.only("native-streamed"):
+        y = weight.structure.op(x, weight.values, weight.index, out_features, bias, in_index, out_index)
+    reference = dense_reference(Diagonal(), x.double(), weight.values.double(), weight.index, out_features,
+                                None if bias is None else bias.double(), in_index, out_index)
+    torch.testing.assert_close(y.double(), reference, rtol=1e-5, atol=1e-4)
+
+
 def test_autotune_measures_once_per_regime_and_records_the_choice():
     weight, x, *_ = _case(NM(4), 64, 32, 40, "plain")
     select.clear()
