@@ -205,10 +205,8 @@ def _block_forward_native(x, values, col_blocks, out_features, bias, in_index, o
         None if out_index is None else _inverse(out_index)), block_cols, pack)
     panels = _frozen_memoize("block panels", values, lambda: values.detach().transpose(2, 3).contiguous())
     bias = None if bias is None else bias.detach().contiguous()
-    native.run("padst_block_mm", x.data_ptr(), x.stride(0), y.data_ptr(), y.stride(0), x.shape[0],
-               n_rows, block_rows, plan.entry_ptr.data_ptr(), plan.columns.data_ptr(), block_cols,
-               panels.data_ptr(), None, native.pointer(bias), native.pointer(plan.out_columns),
-               native.pointer(plan.in_columns), x.shape[1])
+    native.forward("padst_block_mm", x, y, n_rows, block_rows, plan.entry_ptr, plan.columns, block_cols, panels,
+                   None, bias, plan.out_columns, plan.in_columns, x.shape[1])
     return y
 
 
@@ -341,9 +339,8 @@ def _ell_forward_native(x, ell: EllIndex, vals, bias, out_index):
     vals = vals.detach().contiguous()
     bias = None if bias is None else bias.detach().contiguous()
     out_columns = None if out_index is None else _inverse(out_index)
-    native.run("padst_ell_mm", x.data_ptr(), x.stride(0), y.data_ptr(), y.stride(0), x.shape[0], x.shape[1],
-               ell.cols.shape[0], ell.row_ptr.data_ptr(), ell.cols32.data_ptr(), vals.data_ptr(), None,
-               native.pointer(bias), native.pointer(out_columns))
+    native.forward("padst_ell_mm", x, y, x.shape[1], ell.cols.shape[0], ell.row_ptr, ell.cols32, vals, None, bias,
+                   out_columns)
     return y
 
 
@@ -530,9 +527,8 @@ def _nm_forward_sliced(x, values, positions, bias, in_index, out_index):
     # offered for frozen values only, so both repackings are kept under one lookup
     sliced_values, sliced_positions = memoize("nm sliced", (values, positions), lambda: (
         _sliced(values.detach()), _sliced(positions.reshape(out_features, -1).to(torch.uint8))))
-    native.run("padst_nm_mm", x.data_ptr(), x.stride(0), y.data_ptr(), y.stride(0), x.shape[0], x.shape[1],
-               out_features, groups, kept, sliced_values.data_ptr(), sliced_positions.data_ptr(),
-               native.pointer(bias), native.pointer(in_columns), native.pointer(out_columns))
+    native.forward("padst_nm_mm", x, y, x.shape[1], out_features, groups, kept, sliced_values, sliced_positions,
+                   bias, in_columns, out_columns)
     return y
 
 
@@ -572,9 +568,8 @@ def _diag_forward_native(x, values, offsets, out_features, bias, in_index, out_i
     x, y, bias, in_columns, out_columns = _few_token_arguments(x, out_features, bias, in_index, out_index)
     values = values.detach().contiguous()
     offsets = offsets.contiguous()
-    native.run("padst_diag_mm", x.data_ptr(), x.stride(0), y.data_ptr(), y.stride(0), x.shape[0], x.shape[1],
-               out_features, values.shape[0], offsets.data_ptr(), values.data_ptr(), native.pointer(bias),
-               native.pointer(in_columns), native.pointer(out_columns))
+    native.forward("padst_diag_mm", x, y, x.shape[1], out_features, values.shape[0], offsets, values, bias,
+                   in_columns, out_columns)
     return y
 
 

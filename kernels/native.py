@@ -13,6 +13,7 @@ ops keep their PyTorch implementations; the reason is given once as a warning.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import hashlib
@@ -21,8 +22,11 @@ import platform
 import shutil
 import subprocess
 import tempfile
+import threading
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -118,5 +122,47 @@ def pointer(t: torch.Tensor | None) -> int | None:
 
 def run(name: str, *args) -> None:
     """Run one kernel; the caller has checked that the library is loaded and the shape supported."""
-    if getattr(library(), name)(*args) != 0:
-        raise RuntimeError(f"padst native kernel {name} declined its arguments")
+    _call(getattr(library(), name), args)
+
+
+def _call(function, args) -> None:
+    if function(*args) != 0:
+        raise RuntimeError(f"padst native kernel {function.__name__} declined its arguments")
+
+
+class ForwardCall(NamedTuple):
+    """A forward kernel call with all but its input and output bound: every forward kernel
+    takes ``(x, x stride, y, y stride, tokens, *rest)``. ``keep`` holds the tensors whose
+    addresses are in ``rest``."""
+
+    function: object
+    rest: tuple
+    keep: tuple
+
+    def replay(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        _call(self.function, (x.data_ptr(), x.stride(0), y.data_ptr(), y.stride(0), x.shape[0], *self.rest))
+
+
+_recording = threading.local()
+
+
+def forward(name: str, x: torch.Tensor, y: torch.Tensor, *rest) -> None:
+    """Run forward kernel ``name`` from the 2-D ``x`` into ``y``; tensors in ``rest`` are
+    passed by address (None as a null pointer). Recorded inside :func:`recording`."""
+    function = getattr(library(), name)
+    args = tuple(a.data_ptr() if isinstance(a, torch.Tensor) else a for a in rest)
+    _call(function, (x.data_ptr(), x.stride(0), y.data_ptr(), y.stride(0), x.shape[0], *args))
+    calls = getattr(_recording, "calls", None)
+    if calls is not None:
+        calls.append((ForwardCall(function, args, tuple(a for a in rest if isinstance(a, torch.Tensor))), x, y))
+
+
+@contextlib.contextmanager
+def recording() -> Iterator[list[tuple[ForwardCall, torch.Tensor, torch.Tensor]]]:
+    """Collect the forward kernel calls made in this thread inside the block, each with
+    the x and y it ran on."""
+    previous, _recording.calls = getattr(_recording, "calls", None), []
+    try:
+        yield _recording.calls
+    finally:
+        _recording.calls = previous

@@ -26,6 +26,7 @@ _autotune = os.environ.get("PADST_AUTOTUNE", "1") != "0"
 _forced: str | None = None
 _chosen: dict[tuple, str] = {}
 _timings: dict[tuple, dict[str, float]] = {}
+_generation = 0  # moves when the choices are forgotten
 
 
 @contextlib.contextmanager
@@ -101,7 +102,15 @@ def choices() -> list[dict]:
             for key, name in _chosen.items()]
 
 
+def state() -> tuple:
+    """What decides which implementation a call runs besides its shapes: a cached decision
+    keyed on this is still the one :func:`run` would make."""
+    return _autotune, _forced, _generation, torch.get_num_threads()
+
+
 def clear() -> None:
     """Forget every choice (for benchmarks that must measure from scratch)."""
+    global _generation
+    _generation += 1
     _chosen.clear()
     _timings.clear()

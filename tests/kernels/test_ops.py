@@ -5,7 +5,7 @@ import itertools
 import pytest
 import torch
 
-from padst_compiler.kernels import NM, Block, Diagonal, Unstructured, set_checks
+from padst_compiler.kernels import NM, Block, Diagonal, Unstructured, native, select, set_checks
 from padst_compiler.kernels.permutation import inverse_permutation
 
 from .reference import dense_reference
@@ -225,3 +225,35 @@ def test_eager_calls_without_gradients_skip_the_dispatcher_with_the_same_result(
     batched = torch.vmap(lambda row: call(row, weight.values))(x)
     torch.testing.assert_close(batched, direct)
     assert len(calls) == 1  # none of these took the direct path
+
+
+@pytest.mark.skipif(native.library() is None, reason="no C++ compiler: native kernels not built")
+@pytest.mark.parametrize("structure", [Block(8, 8), NM(4), Diagonal()], ids=str)
+def test_repeated_eager_calls_replay_the_kernel_and_follow_every_change(monkeypatch, structure):
+    """A repeated direct call replays the native kernel call of the first; a new version of
+    any layer tensor, another token count or a strided input prepares the call again."""
+    weight, x, bias, in_index, out_index = make_case(structure, 64, 32, 0.5, (3,), dtype=torch.float32)
+    values, index = weight.values.clone(), weight.index.clone()
+    calls = _count_direct_calls(monkeypatch, structure.op)
+
+    def check(x):
+        got = structure.linear(x, values, index, 64, bias, in_index, out_index)
+        want = dense_reference(structure, x.double(), values.double(), index, 64, bias.double(), in_index, out_index)
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-4)
+
+    with torch.no_grad(), select.only("native"):
+        check(x)
+        check(2 * x)  # replayed on new data
+        assert len(calls) == 1
+        values.mul_(3)  # in place: a new version
+        check(x)
+        index.copy_(structure.project(torch.randn(64, 32), 0.5).index)
+        check(x)
+        check(x[:2])
+        assert len(calls) == 4
+        check(x[:2])
+        assert len(calls) == 4
+        strided = torch.randn(32, 3).t()  # features not contiguous: never replayed
+        check(strided)
+        check(strided)
+        assert len(calls) == 6
