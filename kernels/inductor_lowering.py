@@ -18,8 +18,10 @@ a warning wherever building the choices fails.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
+from pathlib import Path
 
 import torch
 
@@ -237,28 +239,22 @@ def _emits_triton(x) -> bool:
     return device is not None and (device.type == "cuda" or (device.type == "cpu" and config.cpu_backend == "triton"))
 
 
-def _opaque_call(op):
-    """The opaque op as an autotune choice: called with the choice's tensors (the inverse
-    output permutation, which only the templates read, last) and which optional ones are there."""
+def _opaque_call(op, structured_linear):
+    """The op as an extern kernel (Inductor's own choice where it emits no Triton, one of
+    the autotuner's where it does): called with the choice's tensors (the inverse output
+    permutation, which only the templates read, last) and which optional ones are there.
+    It runs the op through ``structured_linear``, which skips the dispatcher where nothing
+    needs it and replays the layer's native kernel call: at one token the dispatcher and
+    the op's Python are most of a call."""
+    packet = op.overloadpacket
 
     def call(*tensors, out_features, present):
         named = dict(zip(("x", "values", "index", *present), tensors))
-        return op(named["x"], named["values"], named["index"], out_features, named.get("bias"),
-                  named.get("in_index"), named.get("out_index"))
+        return structured_linear(packet, named["x"], named["values"], named["index"], out_features,
+                                 named.get("bias"), named.get("in_index"), named.get("out_index"))
 
+    call.__name__ = f"{op.__name__}_call"
     return call
-
-
-def _opaque_node(op):
-    from torch._inductor.lowering import fallback_handler
-
-    def create(*nodes, out_features, present):
-        named = dict(zip(("x", "values", "index", *present), nodes))
-        return fallback_handler(op, add_to_fallback_set=False)(
-            named["x"], named["values"], named["index"], out_features, named.get("bias"),
-            named.get("in_index"), named.get("out_index"))
-
-    return create
 
 
 def _inverse(out_index):
@@ -283,22 +279,26 @@ class _Lowering:
         self.structure = _TEMPLATES[op_name]
         self.template = TritonTemplate(name=f"padst_{op_name}", grid=SymbolicGridFn(self.structure.grid),
                                        source=self.structure.source)
-        self.opaque = ExternKernelChoice(_opaque_call(self.op), name=f"padst_{op_name}_opaque",
-                                         has_out_variant=False, kernel_creator=_opaque_node(self.op))
+        from padst_compiler.kernels.ops import structured_linear
+
+        self.opaque = ExternKernelChoice(_opaque_call(self.op, structured_linear), name=f"padst_{op_name}_opaque",
+                                         has_out_variant=False)
 
     def __call__(self, x, values, index, out_features, bias=None, in_index=None, out_index=None):
         from torch._inductor.lowering import fallback_handler
+        from torch._inductor.virtualized import V
 
         args = (x, values, index, out_features, bias, in_index, out_index)
-        if _emits_triton(x) and x.get_dtype() in _TEMPLATE_DTYPES:
+        if not V.graph.cpp_wrapper:  # a C++ wrapper calls ops, not Python functions
+            templates = "template" in OFFER and _emits_triton(x) and x.get_dtype() in _TEMPLATE_DTYPES
             try:
-                return self.select(*args)
-            except Exception:  # a torch whose private pieces differ: the opaque op still works
-                log.warning("padst: %s has no Triton template here; Inductor calls the opaque op",
+                return self.select(*args, templates=templates)
+            except Exception:  # a torch whose private pieces differ: the op itself still works
+                log.warning("padst: lowering %s failed; Inductor calls the op through the dispatcher",
                             self.op, exc_info=True)
         return fallback_handler(self.op, add_to_fallback_set=False)(*args)
 
-    def select(self, x, values, index, out_features, bias, in_index, out_index):
+    def select(self, x, values, index, out_features, bias, in_index, out_index, templates: bool):
         from torch._inductor import ir
         from torch._inductor import lowering as L
         from torch._inductor.select_algorithm import autotune_select_algorithm
@@ -313,14 +313,17 @@ class _Lowering:
         optional = {"bias": bias, "in_index": in_index, "out_index": out_index}
         present = tuple(name for name, node in optional.items() if node is not None)
         nodes = [x2, values, index, *(contiguous(optional[name]) for name in present)]
+        layout = ir.FixedLayout(x2.get_device(), x2.get_dtype(), [tokens, out_features])
+        opaque = dict(input_nodes=nodes, layout=layout, out_features=out_features, present=present)
+        if not templates:
+            out = self.opaque.bind(**opaque).output_node()
+            return L.view(out, [*sizes[:-1], out_features])
+
         if out_index is not None:
             nodes.append(contiguous(_inverse(nodes[-1])))
-        layout = ir.FixedLayout(x2.get_device(), x2.get_dtype(), [tokens, out_features])
-
         choices = []
         if "opaque" in OFFER:
-            self.opaque.maybe_append_choice(choices, input_nodes=nodes, layout=layout, out_features=out_features,
-                                            present=present)
+            self.opaque.maybe_append_choice(choices, **opaque)
         constants = self.structure.constants(values, index, in_features, out_features)
         flags = dict(HAS_BIAS=bias is not None, HAS_IN_MAP=in_index is not None, HAS_OUT_POS=out_index is not None)
         precision = self._dot_precision(x2.get_dtype())
@@ -399,5 +402,16 @@ def ensure_registered() -> None:
                 if constraint is not None:
                     L.add_layout_constraint(lowering.op, constraint)
                 L.register_lowering(lowering.op, type_promotion_kind=None)(lowering)
+            _tag_compile_caches()
         except Exception:  # the opaque op still works everywhere
             log.warning("padst: the Triton template lowerings could not be registered", exc_info=True)
+
+
+def _tag_compile_caches() -> None:
+    """Inductor's on-disk caches do not see lowerings: a graph compiled without these (or
+    with another version of them) would be loaded as it was compiled. The tag puts this
+    module's source into every compile cache key of the process."""
+    tag = "padst-lowering-" + hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16]
+    current = torch.compiler.config.cache_key_tag
+    if tag not in current:
+        torch.compiler.config.cache_key_tag = f"{current}+{tag}" if current else tag

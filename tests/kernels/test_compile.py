@@ -33,3 +33,33 @@ def test_inductor_compiles_every_op_forward_and_backward():
     torch.testing.assert_close(out, eager)
     for got, want in zip(grads, eager_grads):
         torch.testing.assert_close(got, want)
+
+
+def test_inductor_on_the_cpu_calls_the_ops_as_extern_kernels_that_replay(monkeypatch):
+    """Without Triton the lowering makes each forward op an extern kernel call that skips
+    the dispatcher, so an inference graph replays each layer's native kernel call; the
+    compile caches carry the lowering's tag, so no graph compiled without it is reused."""
+    from torch._inductor.utils import run_and_get_code
+
+    from padst_compiler.kernels import ops, select
+
+    structure = Block(8, 8)
+    weight = structure.project(torch.randn(64, 32, generator=torch.Generator().manual_seed(0)), 0.5)
+    bias, in_index = torch.randn(64), torch.randperm(32)
+    direct = ops._DIRECT_FORWARD[structure.op]
+    calls = []
+    monkeypatch.setitem(ops._DIRECT_FORWARD, structure.op, lambda *args: calls.append(1) or direct(*args))
+
+    def model(x):
+        return torch.relu(structure.op(x, weight.values, weight.index, 64, bias, in_index))
+
+    compiled = torch.compile(model, backend="inductor", fullgraph=True)
+    x = torch.randn(3, 32)
+    with torch.no_grad(), select.only("native"):
+        got, code = run_and_get_code(compiled, x)
+        again = compiled(2 * x)
+    torch.testing.assert_close(got, model(x))
+    torch.testing.assert_close(again, model(2 * x))
+    assert "extern_kernels.padst_block_linear_opaque(" in code[0]
+    assert len(calls) == 1, "the second call should replay the first one's kernel call"
+    assert "padst-lowering-" in torch.compiler.config.cache_key_tag
