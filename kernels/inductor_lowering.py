@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import threading
+from abc import ABC, abstractmethod
 from pathlib import Path
 
 import torch
@@ -143,24 +144,28 @@ def _sizes(node) -> list[int]:
     return [int(s) for s in node.get_size()]
 
 
-class _Template:
+class _Template(ABC):
     """What differs between the structures: the source, the compile-time constants, the
     launch grid, the tile configurations and a valid random index for benchmarking."""
 
     name: str
     source: str
 
+    @abstractmethod
     def constants(self, values, index, in_features: int, out_features: int) -> dict:
-        raise NotImplementedError
+        """The template's constexprs for this layer's shapes."""
 
+    @abstractmethod
     def grid(self, tokens, out_features, meta, *, cdiv):
-        raise NotImplementedError
+        """Programs along tokens, along output rows, and 1."""
 
+    @abstractmethod
     def configs(self) -> list[dict]:
-        raise NotImplementedError
+        """Tile configurations (meta-parameters and num_warps) to offer the autotuner."""
 
+    @abstractmethod
     def random_index(self, values, index, in_features: int, out_features: int) -> torch.Tensor:
-        raise NotImplementedError
+        """A valid index of this layer's shape, for the autotuner's timing runs."""
 
 
 class _BlockTemplate(_Template):
