@@ -141,7 +141,11 @@ def _distinct_per_row(rows: int, choose: int, out_of: int) -> torch.Tensor:
 
 
 def _sizes(node) -> list[int]:
-    return [int(s) for s in node.get_size()]
+    """A weight-side node's sizes as integers: a layer's weight shapes are fixed, so where a
+    dynamic compile made them symbolic the graph is specialised on them (a guard)."""
+    from torch._inductor.virtualized import V
+
+    return V.graph.sizevars.guard_int_seq(node.get_size())
 
 
 class _Template(ABC):
@@ -308,9 +312,10 @@ class _Lowering:
         from torch._inductor import lowering as L
         from torch._inductor.select_algorithm import autotune_select_algorithm
         from torch._inductor.utils import sympy_product
+        from torch._inductor.virtualized import V
 
         sizes = x.get_size()
-        in_features = int(sizes[-1])
+        in_features = V.graph.sizevars.guard_int(sizes[-1])
         tokens = sympy_product(sizes[:-1])
         x2 = ir.ExternKernel.realize_input(L.view(x, [tokens, in_features]))
         contiguous = ir.ExternKernel.require_contiguous

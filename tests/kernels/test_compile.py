@@ -63,3 +63,25 @@ def test_inductor_on_the_cpu_calls_the_ops_as_extern_kernels_that_replay(monkeyp
     assert "extern_kernels.padst_block_linear_opaque(" in code[0]
     assert len(calls) == 1, "the second call should replay the first one's kernel call"
     assert "padst-lowering-" in torch.compiler.config.cache_key_tag
+
+
+def test_a_dynamic_compile_keeps_the_extern_call_for_every_token_count(caplog):
+    from torch._inductor.utils import run_and_get_code
+
+    structure = NM(4)
+    weight = structure.project(torch.randn(64, 32, generator=torch.Generator().manual_seed(0)), 0.5)
+    out_index = torch.randperm(64)
+
+    def model(x):
+        return structure.op(x, weight.values, weight.index, 64, None, None, out_index) * 2
+
+    compiled = torch.compile(model, fullgraph=True, dynamic=True)
+    with torch.no_grad():
+        got, code = run_and_get_code(compiled, torch.randn(5, 32))  # (resets Dynamo first)
+        torch._dynamo.utils.counters.clear()
+        for tokens in (3, 17):
+            x = torch.randn(tokens, 32)
+            torch.testing.assert_close(compiled(x), model(x))
+    assert "extern_kernels.padst_nm_linear_opaque(" in code[0]
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 0, "a token count recompiled"
+    assert "failed" not in caplog.text
