@@ -148,7 +148,8 @@ _recording = threading.local()
 
 def forward(name: str, x: torch.Tensor, y: torch.Tensor, *rest) -> None:
     """Run forward kernel ``name`` from the 2-D ``x`` into ``y``; tensors in ``rest`` are
-    passed by address (None as a null pointer). Recorded inside :func:`recording`."""
+    passed by address (None as a null pointer). Recorded inside :func:`recording`, to be
+    replayed alone later: a caller returns ``y`` as the kernel left it."""
     function = getattr(library(), name)
     args = tuple(a.data_ptr() if isinstance(a, torch.Tensor) else a for a in rest)
     _call(function, (x.data_ptr(), x.stride(0), y.data_ptr(), y.stride(0), x.shape[0], *args))
