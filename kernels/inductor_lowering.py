@@ -279,17 +279,18 @@ def _inverse(out_index):
 
 class _Lowering:
     """The lowering of one forward op: Triton templates and the opaque op, measured by
-    Inductor's autotuner, or the opaque op alone where no template applies."""
+    Inductor's autotuner where it emits Triton; elsewhere the opaque op alone, as an extern
+    call that skips the dispatcher."""
 
     def __init__(self, op_name: str):
         from torch._inductor.select_algorithm import ExternKernelChoice, SymbolicGridFn, TritonTemplate
+
+        from padst_compiler.kernels.ops import structured_linear  # (ops imports this module)
 
         self.op = getattr(torch.ops.padst, op_name).default
         self.structure = _TEMPLATES[op_name]
         self.template = TritonTemplate(name=f"padst_{op_name}", grid=SymbolicGridFn(self.structure.grid),
                                        source=self.structure.source)
-        from padst_compiler.kernels.ops import structured_linear
-
         self.opaque = ExternKernelChoice(_opaque_call(self.op, structured_linear), name=f"padst_{op_name}_opaque",
                                          has_out_variant=False)
 
