@@ -330,7 +330,7 @@ class _Lowering:
             out = self.opaque.bind(**opaque).output_node()
             return L.view(out, [*sizes[:-1], out_features])
 
-        if out_index is not None:
+        if out_index is not None:  # every choice is timed on the same inputs: the opaque call ignores this one
             nodes.append(contiguous(_inverse(nodes[-1])))
         choices = []
         if "opaque" in OFFER:

@@ -306,6 +306,15 @@ static void block_sddmm_rows(const BlockSDDMM& a, int64_t entries) {
                     block_sddmm_rows_tile<V, NV, RB>, block_sddmm_rows_tile<V, NV, 1>);
 }
 
+// Vectors along the block's columns where the gradient's rows are scattered (zcol), else along its rows.
+template <typename V, int NV, int K>
+static void block_sddmm(const BlockSDDMM& a, int64_t entries) {
+    if (a.zcol)
+        block_sddmm_rows<V, NV, K>(a, entries);
+    else
+        block_sddmm_columns<V, NV, K>(a, entries);
+}
+
 extern "C" int padst_block_sddmm(const float* dz, int64_t dz_stride, const float* x, int64_t x_stride,
                                  int64_t tokens, int64_t block_rows, int64_t kept, int64_t rows, int64_t cols,
                                  const int64_t* icol, const int64_t* zcol, float* dv) {
@@ -313,19 +322,18 @@ extern "C" int padst_block_sddmm(const float* dz, int64_t dz_stride, const float
     const int64_t entries = block_rows * kept;
     const int64_t vectors = zcol ? cols : rows;  // vectors along the block's columns, else its rows
     if (vectors != 8 && vectors != 16 && vectors != 32 && vectors != 48 && vectors != 64) return 1;
-    const auto run = zcol ? block_sddmm_rows<v8, 1, 12> : block_sddmm_columns<v8, 1, 12>;
     if (vectors == 8)
-        run(a, entries);
+        block_sddmm<v8, 1, 12>(a, entries);
     else if (!WIDE_REGISTERS)  // 16 at a time: 12 accumulators, 2 vectors and a broadcast
-        (zcol ? block_sddmm_rows<v8, 2, 6> : block_sddmm_columns<v8, 2, 6>)(a, entries);
+        block_sddmm<v8, 2, 6>(a, entries);
     else if (vectors == 16)
-        (zcol ? block_sddmm_rows<v16, 1, 12> : block_sddmm_columns<v16, 1, 12>)(a, entries);
+        block_sddmm<v16, 1, 12>(a, entries);
     else if (vectors == 32)
-        (zcol ? block_sddmm_rows<v16, 2, 10> : block_sddmm_columns<v16, 2, 10>)(a, entries);
+        block_sddmm<v16, 2, 10>(a, entries);
     else if (vectors == 48)
-        (zcol ? block_sddmm_rows<v16, 3, 6> : block_sddmm_columns<v16, 3, 6>)(a, entries);
+        block_sddmm<v16, 3, 6>(a, entries);
     else
-        (zcol ? block_sddmm_rows<v16, 4, 5> : block_sddmm_columns<v16, 4, 5>)(a, entries);
+        block_sddmm<v16, 4, 5>(a, entries);
     return 0;
 }
 
@@ -354,12 +362,13 @@ static inline float value_of(const float* vals, const int32_t* val_of, int64_t e
 }
 
 // One output row over a tile of NT * 16 tokens. Independent chains of accumulators hide the
-// FMA latency: four on AVX-512; on AVX2, as many as 8 registers of accumulators hold.
+// FMA latency: four on AVX-512; on AVX2 no more than 8 registers of accumulators in all.
 template <int NT>
 static void ell_mm_row(const float* xt, float* out, const int32_t* cols, const float* vals, int64_t begin,
                        int64_t end, float bias) {
     using V = std::conditional_t<WIDE_REGISTERS, v16, v8>;
-    constexpr int L = sizeof(V) / sizeof(float), NV = NT * 16 / L, CHAINS = WIDE_REGISTERS || NV <= 2 ? 4 : 2;
+    constexpr int L = sizeof(V) / sizeof(float), NV = NT * 16 / L;
+    constexpr int CHAINS = WIDE_REGISTERS ? 4 : std::max(1, std::min(4, 8 / NV));
     constexpr int64_t lanes = NT * 16;
     V acc[CHAINS][NV] = {};
     int64_t e = begin;

@@ -153,17 +153,17 @@ def forward(name: str, x: torch.Tensor, y: torch.Tensor, *rest) -> None:
     function = getattr(library(), name)
     args = tuple(a.data_ptr() if isinstance(a, torch.Tensor) else a for a in rest)
     _call(function, (x.data_ptr(), x.stride(0), y.data_ptr(), y.stride(0), x.shape[0], *args))
-    calls = getattr(_recording, "calls", None)
-    if calls is not None:
-        calls.append((ForwardCall(function, args, tuple(a for a in rest if isinstance(a, torch.Tensor))), x, y))
+    last = getattr(_recording, "last", None)
+    if last is not None:
+        last[:] = [(ForwardCall(function, args, tuple(a for a in rest if isinstance(a, torch.Tensor))), x, y)]
 
 
 @contextlib.contextmanager
 def recording() -> Iterator[list[tuple[ForwardCall, torch.Tensor, torch.Tensor]]]:
-    """Collect the forward kernel calls made in this thread inside the block, each with
-    the x and y it ran on."""
-    previous, _recording.calls = getattr(_recording, "calls", None), []
+    """The last forward kernel call made in this thread inside the block, with the x and y it
+    ran on (a one-element list, empty if none ran; earlier calls are not kept alive)."""
+    previous, _recording.last = getattr(_recording, "last", None), []
     try:
-        yield _recording.calls
+        yield _recording.last
     finally:
-        _recording.calls = previous
+        _recording.last = previous

@@ -103,8 +103,9 @@ def choices() -> list[dict]:
 
 
 def state() -> tuple:
-    """What decides which implementation a call runs besides its shapes: a cached decision
-    keyed on this is still the one :func:`run` would make."""
+    """What decides which implementation a call runs besides its shapes: a decision cached
+    under this key is the one :func:`run` makes (a first call that measures runs the winner
+    last, so its last kernel call is the chosen one's)."""
     return _autotune, _forced, _generation, torch.get_num_threads()
 
 

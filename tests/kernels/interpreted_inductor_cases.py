@@ -1,8 +1,8 @@
 """The Inductor template lowerings, compiled by Inductor and run under the Triton interpreter.
 
 Inductor emits Triton for CPU tensors when ``cpu_backend="triton"``; with
-``TRITON_INTERPRET=1`` (set before Triton is imported, so ``test_inductor_lowering.py``
-runs this file in a fresh process) those kernels run as Python. That exercises the whole
+``TRITON_INTERPRET=1`` (set before Triton is imported, so ``test_triton.py`` runs this
+file in a fresh process) those kernels run as Python. That exercises the whole
 lowering on a machine without a GPU: the template sources, the choices, the autotuner's
 pick, the epilogue fusion and the numbers. Only the hardware is left out.
 """

@@ -231,7 +231,8 @@ def test_eager_calls_without_gradients_skip_the_dispatcher_with_the_same_result(
 @pytest.mark.parametrize("structure", [Block(8, 8), NM(4), Diagonal()], ids=str)
 def test_repeated_eager_calls_replay_the_kernel_and_follow_every_change(monkeypatch, structure):
     """A repeated direct call replays the native kernel call of the first; a new version of
-    any layer tensor, another token count or a strided input prepares the call again."""
+    any layer tensor, another input shape, a strided input or forgotten kernel choices
+    prepare the call again."""
     weight, x, bias, in_index, out_index = make_case(structure, 64, 32, 0.5, (3,), dtype=torch.float32)
     values, index = weight.values.clone(), weight.index.clone()
     calls = _count_direct_calls(monkeypatch, structure.op)
@@ -253,7 +254,17 @@ def test_repeated_eager_calls_replay_the_kernel_and_follow_every_change(monkeypa
         assert len(calls) == 4
         check(x[:2])
         assert len(calls) == 4
+        bias.mul_(2)
+        check(x[:2])
+        out_index.copy_(torch.randperm(64))
+        check(x[:2])
+        in_index.copy_(torch.randperm(32))
+        check(x[:2])
+        assert len(calls) == 7
         strided = torch.randn(32, 3).t()  # features not contiguous: never replayed
         check(strided)
         check(strided)
-        assert len(calls) == 6
+        assert len(calls) == 9
+        select.clear()  # forgotten choices: prepared again
+        check(x)
+        assert len(calls) == 10

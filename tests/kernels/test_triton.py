@@ -115,8 +115,10 @@ def test_cuda_opcheck(structure):
 @pytest.mark.cuda
 @pytest.mark.slow
 @needs_gpu
-def test_cuda_inductor_fuses_the_forward_templates_and_sees_the_backward_kernels():
+def test_cuda_inductor_fuses_the_forward_templates_and_sees_the_backward_kernels(monkeypatch):
     from torch._inductor.utils import run_and_get_code
+
+    monkeypatch.setattr(inductor_lowering, "OFFER", ("template",))  # the opaque op may win at 4 tokens
 
     layers = []
     for structure in (Block(16, 16), NM(4), Diagonal()):
