@@ -21,21 +21,28 @@ def free_port() -> int:
 
 def test_ddp_ranks_agree_with_each_other_and_with_a_single_process(tmp_path):
     worker = Path(ddp_worker.__file__)
-    launcher = subprocess.Popen(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-         f"--master_port={free_port()}", str(worker), str(tmp_path)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
-        env={**os.environ, "OMP_NUM_THREADS": "1"})
-    try:
-        _, stderr = launcher.communicate(timeout=300)
-    except subprocess.TimeoutExpired:  # never leave workers behind: torchrun stops its own on SIGTERM
-        os.killpg(launcher.pid, signal.SIGTERM)
+    log = tmp_path / "torchrun.log"
+    # The log is a file, not a pipe: a worker that outlives torchrun would hold a pipe open,
+    # and reading it to its end would wait for that worker instead of reporting the failure.
+    with open(log, "w") as out:
+        launcher = subprocess.Popen(
+            [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+             f"--master_port={free_port()}", str(worker), str(tmp_path)],
+            stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
         try:
-            launcher.communicate(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(launcher.pid, signal.SIGKILL)
-        raise
-    assert launcher.returncode == 0, stderr[-3000:]
+            launcher.wait(timeout=300)
+        except subprocess.TimeoutExpired:  # torchrun stops its own workers on SIGTERM
+            os.killpg(launcher.pid, signal.SIGTERM)
+            try:
+                launcher.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                pass
+        finally:
+            try:  # never leave a worker behind
+                os.killpg(launcher.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    assert launcher.returncode == 0, f"torchrun exited with {launcher.returncode}:\n" + log.read_text()[-4000:]
     rank0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
     rank1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
     model = ddp_worker.build()
