@@ -92,14 +92,18 @@ class Structure(ABC):
     def compress(self, dense: Tensor, index: Tensor) -> Tensor:
         """The values of ``dense`` at the positions ``index`` keeps."""
 
+    def best_units(self, energy: Tensor, kept: int) -> Tensor:
+        """Unit mask ``[groups, units]`` keeping the ``kept`` units of each group that hold the most
+        of a per-weight ``[out, in]`` energy."""
+        scores = self.unit_scores(energy)
+        return torch.zeros_like(scores, dtype=torch.bool).scatter_(1, scores.topk(kept, dim=1).indices, True)
+
     def project(self, dense: Tensor, sparsity: float, layer: str | None = None) -> SparseWeight:
         """The structured weight closest to ``dense``: the largest-magnitude units of each group."""
         out_features, in_features = dense.shape
         kept = self.kept_units(out_features, in_features, sparsity, layer)
         dense = dense.detach()
-        scores = self.unit_scores(dense.float().square())
-        mask = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, scores.topk(kept, dim=1).indices, True)
-        index = self.units_to_index(mask, out_features, in_features)
+        index = self.units_to_index(self.best_units(dense.float().square(), kept), out_features, in_features)
         return SparseWeight(self, out_features, in_features, self.compress(dense, index).contiguous(), index)
 
     # -- compressed form -------------------------------------------------------------

@@ -1,24 +1,32 @@
 """``PADSTLinear``: a linear layer with a structured sparse weight and one permutation.
 
-    y = S · Π · x + b     (side="input", the default)
+    y = S · Π · x + b     (side="input")
     y = Π · (S · x + b)   (side="output")
 
 ``S`` is stored compressed (the ``values`` parameter and the ``index`` buffer) and
-computed with the ``padst`` ops, so training is sparse as soon as the permutation is
-hard. While the permutation is being learned, ``Π`` is a soft matrix ``M`` in the
-Birkhoff polytope and the layer computes ``x @ M.T`` before the structured op.
+computed with the ``padst`` ops. How ``Π`` is found depends on ``permutation``:
+
+- ``"learned"`` (default): the layer first trains dense (``dense_weight_proxy``, a short
+  warm-up); hardening then picks the permutation under which the structure keeps the most
+  of that dense weight, fits ``S`` to it and frees the dense copy. From then on training
+  is sparse.
+- ``"birkhoff"`` (the paper's recipe): a soft matrix ``M`` in the Birkhoff polytope,
+  ``x @ M.T`` before the structured op, pushed to a vertex by the l1-l2 penalty and
+  rounded by the assignment problem.
+- ``"random"``: a fixed random permutation; ``"none"``: no permutation.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from padst_compiler.kernels.permutation import inverse_permutation
-from padst_compiler.kernels.structures import Block, Structure, check_sparsity
+from padst_compiler.kernels.structures import Structure, check_sparsity
 from padst_compiler.training import permutation as perm
 
-PERMUTATION_MODES = ("learned", "random", "none")
+PERMUTATION_MODES = ("learned", "birkhoff", "random", "none")
 SIDES = ("input", "output", "auto")
 
 
@@ -60,16 +68,14 @@ class PADSTLinear(nn.Module):
 
         gen = torch.Generator().manual_seed(seed)
         size = self.permuted_features
-        self.hard = permutation != "learned"
-        if permutation == "none":
-            self.register_buffer("perm_index", None)
-            self.register_parameter("soft_perm", None)
-        else:
-            start = perm.random_permutation(size, gen) if permutation == "random" else torch.arange(size)
-            self.register_buffer("perm_index", start.to(device))
-            soft = perm.identity_like_soft(size, soft_noise, gen, dtype or torch.float32).to(device) \
-                if permutation == "learned" else None
-            self.register_parameter("soft_perm", None if soft is None else nn.Parameter(soft))
+        self.hard = permutation not in ("learned", "birkhoff")
+        self.register_buffer("perm_index", None if permutation == "none" else
+                             (perm.random_permutation(size, gen) if permutation == "random"
+                              else torch.arange(size)).to(device))
+        soft = perm.identity_like_soft(size, soft_noise, gen, dtype or torch.float32).to(device) \
+            if permutation == "birkhoff" else None
+        self.register_parameter("soft_perm", None if soft is None else nn.Parameter(soft))
+        self.register_parameter("dense_weight_proxy", nn.Parameter(dense) if permutation == "learned" else None)
 
     # ------------------------------------------------------------------ construction
 
@@ -84,6 +90,8 @@ class PADSTLinear(nn.Module):
         with torch.no_grad():
             layer.values.copy_(projected.values)
             layer.index.copy_(projected.index)
+            if layer.dense_weight_proxy is not None:
+                layer.dense_weight_proxy.copy_(weight)
             if bias is not None:
                 layer.bias.copy_(bias)
         return layer
@@ -93,9 +101,14 @@ class PADSTLinear(nn.Module):
         return self.in_features if self.side == "input" else self.out_features
 
     @property
+    def warming_up(self) -> bool:
+        """Whether the layer still trains its dense warm-up weight (``"learned"`` before hardening)."""
+        return self.soft and self.dense_weight_proxy is not None
+
+    @property
     def soft(self) -> bool:
-        """Whether the permutation is still a soft matrix being learned."""
-        return self.permutation == "learned" and not self.hard
+        """Whether the permutation is still being learned (dense warm-up or soft matrix)."""
+        return not self.hard
 
     # ----------------------------------------------------------------------- forward
 
@@ -104,6 +117,8 @@ class PADSTLinear(nn.Module):
         if isinstance(features, int) and features != self.in_features:  # (a Proxy under fx tracing)
             raise ValueError(f"{self.name or 'PADSTLinear'}: expected inputs with {self.in_features} features "
                              f"in the last dimension, got shape {tuple(x.shape)}")
+        if self.warming_up:
+            return F.linear(x, self.dense_weight_proxy, self.bias)
         in_index = out_index = None
         if self.soft and self.side == "input":
             x = x @ self.soft_perm.t()
@@ -138,6 +153,8 @@ class PADSTLinear(nn.Module):
 
     def effective_weight(self) -> torch.Tensor:
         """The dense matrix ``W`` with ``forward(x) == x @ W.T + b'`` (``b'`` permuted on the output side)."""
+        if self.warming_up:
+            return self.dense_weight_proxy
         weight = self.dense_weight()
         if self.perm_index is None:
             return weight
@@ -148,44 +165,55 @@ class PADSTLinear(nn.Module):
     # ------------------------------------------------------------------ permutation
 
     def penalty(self) -> torch.Tensor:
-        """Normalised distance of the soft matrix from a permutation (0 once hard)."""
-        if not self.soft:
+        """Normalised distance of the soft matrix from a permutation (0 once hard or without one)."""
+        if not self.soft or self.soft_perm is None:
             return self.values.new_zeros(())
         return perm.permutation_penalty(self.soft_perm)
 
     @torch.no_grad()
     def harden(self) -> None:
-        """Replace the soft matrix by the nearest permutation (assignment problem).
+        """Fix the permutation and fit the structured weight to what the layer computes now.
 
-        The structured weight is then re-fitted to the function the soft layer computed:
-        ``S' = project(W_eff[:, p])`` on the input side (``W_eff = S M``), and the
-        matching row form on the output side. When ``M`` already is a permutation this
-        leaves ``S`` unchanged; when it is not, the hard layer stays as close as the
-        structure allows to what training found, instead of dropping the mixing.
+        ``"learned"``: the permutation under which the structure keeps the most of the dense
+        warm-up weight (started from the current order and, for small layers, a random one),
+        then ``S = project(W[:, p])``; the dense copy is freed. ``"birkhoff"``: the assignment
+        problem on the soft matrix (grouped by the structure's interchangeable positions), then
+        ``S`` re-fitted to ``W_eff = S M`` so the hard layer stays as close as the structure
+        allows to what training found.
         """
         if not self.soft:
             return
         weight, bias = self.effective_weight(), self.bias
-        if isinstance(self.structure, Block):
-            kept = self.structure.kept_units(self.out_features, self.in_features, self.sparsity)
-            generator = torch.Generator().manual_seed(self.seed)
-            index = perm.harden_for_block(weight, self.soft_perm, self.structure.rows, self.structure.cols, kept,
-                                          self.side, generator)
+        if self.warming_up:
+            starts = [self.perm_index]
+            if self.permuted_features <= 256:  # small layers: a second start is cheap and avoids local optima
+                starts.append(perm.random_permutation(self.permuted_features,
+                                                      torch.Generator().manual_seed(self.seed)))
+            index = perm.select_permutation(weight, self.structure, self.sparsity, self.side, starts)
         else:
-            index = perm.harden(self.soft_perm, self.structure.interchangeable(self.side))
+            soft = self.soft_perm if self.side == "input" else self.soft_perm.t()
+            index = perm.harden(soft, self.structure.interchangeable(self.side))
+            if self.side == "output":  # harden(M.T) gives the row order of S; p is its inverse
+                index = inverse_permutation(index)
+            if bias is not None and self.side == "output":
+                bias = self.soft_perm @ bias
         if self.side == "input":
             weight = weight[:, index]
         else:
             inverse = inverse_permutation(index)
             weight = weight[inverse]
-            bias = None if bias is None else (self.soft_perm @ bias)[inverse]
+            bias = None if bias is None else bias[inverse]
         fitted = self.structure.project(weight, self.sparsity, layer=self.name)
         self.values.copy_(fitted.values)
         self.index.copy_(fitted.index)
         if bias is not None:
             self.bias.copy_(bias)
         self.perm_index.copy_(index)
-        self.soft_perm.requires_grad_(False)
+        for learned in (self.soft_perm, self.dense_weight_proxy):
+            if learned is not None:
+                learned.requires_grad_(False)
+        if self.dense_weight_proxy is not None:  # not needed any more: keep only the sparse weight
+            self.dense_weight_proxy.data = self.dense_weight_proxy.new_empty(0)
         self.hard = True
 
     # ------------------------------------------------------------------- checkpoints
@@ -197,8 +225,17 @@ class PADSTLinear(nn.Module):
     def set_extra_state(self, state: dict) -> None:
         self.hard = bool(state["hard"])
         self.seed = int(state.get("seed", self.seed))  # hardening's random restarts follow the checkpoint
-        if self.soft_perm is not None:
-            self.soft_perm.requires_grad_(not self.hard)
+        for learned in (self.soft_perm, self.dense_weight_proxy):
+            if learned is not None:
+                learned.requires_grad_(not self.hard)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # a hardened layer saves its dense warm-up weight emptied, a warming-up one in full: take
+        # the checkpoint's (sparsify's checkpoint guard has checked it is one of the two)
+        key = prefix + "dense_weight_proxy"
+        if self.dense_weight_proxy is not None and torch.is_tensor(state_dict.get(key)):
+            self.dense_weight_proxy.data = self.dense_weight_proxy.new_empty(state_dict[key].shape)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self) -> str:
         state = "soft" if self.soft else "hard" if self.perm_index is not None else "none"

@@ -1,8 +1,12 @@
-"""Soft permutations: matrices in the Birkhoff polytope pushed towards a vertex.
+"""Permutations of a layer's features: chosen from a dense weight, or learned as a soft matrix.
 
-A soft permutation ``M`` (d x d) is non-negative with rows and columns summing to one.
-The layer computes ``x @ M.T``; at a permutation matrix with ``M[i, p[i]] = 1`` that
-is ``x[..., p]``, the gather convention of the whole project.
+The default (``permutation="learned"``) chooses the permutation from a dense weight: the
+one under which the structure keeps the most of that weight's energy
+(:func:`select_permutation`). The paper's recipe (``permutation="birkhoff"``) learns a
+soft matrix ``M`` in the Birkhoff polytope (non-negative, rows and columns summing to
+one), pushes it to a vertex with the l1-l2 penalty and rounds it by the assignment
+problem. The layer computes ``x @ M.T``; at a permutation matrix with ``M[i, p[i]] = 1``
+that is ``x[..., p]``, the gather convention of the whole project.
 """
 
 from __future__ import annotations
@@ -12,8 +16,11 @@ import math
 import torch
 from scipy.optimize import linear_sum_assignment
 
+from padst_compiler.kernels.structures import NM, Structure
+
 Tensor = torch.Tensor
 
+# ------------------------------------------------------------------ the soft (Birkhoff) recipe
 
 @torch.no_grad()
 def project_to_birkhoff_(matrix: Tensor, iterations: int = 10, eps: float = 1e-12) -> Tensor:
@@ -74,89 +81,142 @@ def random_permutation(size: int, generator: torch.Generator | None = None) -> T
     return torch.randperm(size, generator=generator)
 
 
-def block_kept_energy(profiles: Tensor, order: Tensor, group: int, kept: int, along: int) -> Tensor:
-    """Energy a block structure keeps when the permuted axis is read in ``order``.
+# ------------------------------------------------------------------ choosing from a dense weight
 
-    ``profiles[p, f]`` is the energy of feature ``f`` inside block ``p`` of the other axis;
-    the permuted axis is cut into groups of ``group`` consecutive positions, giving block
-    energies ``B[p, g]``; each block-row keeps its ``kept`` best blocks (``along`` is the
-    axis of ``B`` the choice runs over).
-    """
-    blocks = profiles[:, order].reshape(profiles.shape[0], -1, group).sum(-1)
-    return blocks.topk(kept, dim=along).values.sum()
+SMALL_LAYER_SCHEDULE = (0.5, 1, 1, 2, 2, 4, 8, math.inf, math.inf)  # sharpness of each assignment round
+LARGE_LAYER_SCHEDULE = (1, math.inf)
 
 
-def refine_block_permutation(profiles: Tensor, start: Tensor, group: int, kept: int, along: int,
-                             generator: torch.Generator, max_passes: int = 20,
-                             max_candidates: int = 128) -> tuple[Tensor, float]:
-    """Swap features between groups while that raises the kept energy (best swap per position).
-
-    Each position ``i`` evaluates swaps with up to ``max_candidates`` other positions at once
-    (all of them for small layers, a seeded sample for large ones): a swap only moves two
-    columns of ``B``, so the candidates are one batched update of ``B``.
-    """
-    order = start.clone()
-    size = order.numel()
-    groups_of = torch.arange(size) // group
-    total = profiles.sum().item()
-    blocks = profiles[:, order].reshape(profiles.shape[0], -1, group).sum(-1)
-    current = blocks.topk(kept, dim=along).values.sum().item()
-    for _ in range(max_passes):
-        improved = False
-        for i in range(size):
-            gi = int(groups_of[i])
-            others = torch.arange(size) if size <= max_candidates else \
-                torch.randperm(size, generator=generator)[:max_candidates]
-            delta = profiles[:, order[others]] - profiles[:, order[i]][:, None]  # [P, n]: swap i <-> others
-            candidates = blocks.unsqueeze(0).repeat(len(others), 1, 1)
-            candidates[:, :, gi] += delta.t()
-            candidates.scatter_add_(2, groups_of[others][:, None, None].expand(-1, blocks.shape[0], 1),
-                                    -delta.t()[:, :, None])
-            scores = candidates.topk(kept, dim=along + 1).values.sum((1, 2))
-            scores[groups_of[others] == gi] = -math.inf
-            best = int(scores.argmax())
-            if scores[best].item() > current + 1e-9 * max(total, 1.0):
-                j = int(others[best])
-                order[i], order[j] = order[j].clone(), order[i].clone()
-                blocks, current, improved = candidates[best], scores[best].item(), True
-        if not improved:
-            break
-    return order, current
+def _credit(ratio: Tensor, sharpness: float) -> Tensor:
+    """Credit for a unit whose score is ``ratio`` times its group's smallest kept one: 1 if kept,
+    ``ratio ** sharpness`` below (``sharpness = inf``: the structure's own hard choice)."""
+    if math.isinf(sharpness):
+        return (ratio >= 1).to(ratio.dtype)
+    ratio = ratio.clamp(max=1)
+    return ratio if sharpness == 1 else ratio ** sharpness
 
 
-def harden_for_block(effective: Tensor, soft: Tensor, rows: int, cols: int, kept: int, side: str,
-                     generator: torch.Generator, restarts: int | None = None) -> Tensor:
-    """Hardening that looks at what the structure can keep, not only at the soft matrix.
+def _permuted(energy: Tensor, order: Tensor, side: str) -> Tensor:
+    return energy[:, order] if side == "input" else energy[order]
 
-    The soft phase learns a good dense effective weight ``W = S M`` but ``M`` itself rarely
-    gets close to a vertex; the assignment on ``M`` then picks a permutation that is no
-    better than the identity. Here the permutation is chosen to maximise the energy of
-    ``W`` that the block structure keeps (local search over swaps between groups, started
-    from the grouped assignment on ``M``, from the identity and from ``restarts`` random
-    orders), so the hard layer stays close to the function the soft layer learned.
-    """
-    energy = effective.detach().double().square()
+
+def _kept(structure: Structure, energy: Tensor, sparsity: float) -> float:
+    """Energy ``structure.project`` keeps of a per-weight ``[out, in]`` energy."""
     out_features, in_features = energy.shape
-    if side == "input":  # columns are permuted: profiles per block-row, groups of `cols` columns
-        profiles, group, along = energy.reshape(out_features // rows, rows, in_features).sum(1), cols, 1
-        start = harden(soft, cols)
-    else:  # rows are permuted (S' = W[q], p = inv(q)): profiles per column block, groups of `rows`
-        profiles = energy.reshape(out_features, in_features // cols, cols).sum(2).t()
-        group, along = rows, 0
-        # y = M z: the block rows group z positions, the columns of M; harden(M.T) assigns a y
-        # position to each z position, which is the row order q searched here (p = inv(q))
-        start = harden(soft.t(), rows)
-    # Integer energies (2**24 levels of the total): every comparison in the search is exact, so
-    # bit-level differences between runs (DDP ranks, resumed checkpoints) cannot change its path.
-    profiles = torch.round(profiles / profiles.sum().clamp(min=1e-300) * 2 ** 24)
-    size = start.numel()
-    if restarts is None:  # small layers: restarts are cheap and avoid local optima
-        restarts = 4 if size <= 256 else 0
-    starts = [start.cpu(), torch.arange(size)] + [torch.randperm(size, generator=generator) for _ in range(restarts)]
-    best, best_energy = None, -math.inf
-    for candidate in starts:
-        order, kept_energy = refine_block_permutation(profiles.cpu(), candidate, group, kept, along, generator)
-        if kept_energy > best_energy:
-            best, best_energy = order, kept_energy
-    best = best.to(soft.device)
+    kept = structure.kept_units(out_features, in_features, sparsity)
+    scores = structure.unit_scores(energy)
+    return float(scores.topk(kept, dim=1).values.sum(dtype=torch.float64))
+
+
+def _keep_weights(structure: Structure, energy: Tensor, sparsity: float, sharpness: float) -> Tensor:
+    """``[out, in]`` weights in [0, 1]: 1 where the structure keeps a position, and for the
+    other units ``(score / smallest kept score) ** sharpness`` of their group, so a low
+    sharpness also credits units that could still be kept (the search is less greedy)."""
+    out_features, in_features = energy.shape
+    kept = structure.kept_units(out_features, in_features, sparsity)
+    energy = energy.detach().requires_grad_(True)
+    with torch.enable_grad():
+        scores = structure.unit_scores(energy)
+        smallest_kept = scores.detach().topk(kept, dim=1).values[:, -1:].clamp(min=1e-30)
+        weights = _credit(scores.detach() / smallest_kept, sharpness)
+        # unit_scores is a linear map from positions to units; its adjoint spreads unit weights back
+        (spread,) = torch.autograd.grad((scores * weights).sum(), energy)
+    return spread
+
+
+def _placement_value(structure: Structure, energy: Tensor, permuted: Tensor, side: str, sparsity: float,
+                     sharpness: float) -> Tensor:
+    """``value[j, f]``: (weighted) energy kept if feature ``f`` took position ``j`` of the permuted
+    axis, with the structure's kept units fixed by the current order (``permuted`` is ``energy``
+    in that order).
+
+    For blocks and diagonals which units are kept does not depend on which feature sits where
+    inside a unit. An N:M mask is chosen per row and group from the inputs in it, so it always
+    favours the current order; there a feature scores, for each group, the rows in which it
+    would enter the group's top n.
+    """
+    if side == "input" and isinstance(structure, NM):
+        out_features, in_features = energy.shape
+        n = structure.kept_units(out_features, in_features, sparsity)
+        groups = permuted.reshape(out_features, in_features // structure.m, structure.m)
+        smallest_kept = groups.topk(n, dim=2).values[..., -1].clamp(min=1e-30)  # [out, groups]
+        per_group = torch.stack([(energy * _credit(energy / smallest_kept[:, g, None], sharpness)).sum(0)
+                                 for g in range(smallest_kept.shape[1])])  # [groups, features]
+        return per_group.repeat_interleave(structure.m, dim=0)
+    weights = _keep_weights(structure, permuted, sparsity, sharpness)
+    return weights @ energy.t() if side == "output" else weights.t() @ energy
+
+
+def _improve(energy: Tensor, structure: Structure, sparsity: float, side: str, start: Tensor,
+             sharpness_schedule: tuple[float, ...]) -> tuple[Tensor, float]:
+    """Alternate "which units the structure keeps in this order" and "the best order for those
+    units" (an assignment problem), from soft to hard credit for units near the threshold;
+    returns the best order visited and the energy it keeps."""
+    order = best = start
+    best_kept = _kept(structure, _permuted(energy, order, side), sparsity)
+    for sharpness in sharpness_schedule:
+        value = _placement_value(structure, energy, _permuted(energy, order, side), side, sparsity, sharpness)
+        _, features = linear_sum_assignment(value.cpu().numpy(), maximize=True)
+        order = torch.from_numpy(features).to(start.device)
+        kept = _kept(structure, _permuted(energy, order, side), sparsity)
+        if kept > best_kept * (1 + 1e-9):
+            best, best_kept = order, kept
+    return best, best_kept
+
+
+def _refine_by_swaps(energy: Tensor, structure: Structure, sparsity: float, side: str, order: Tensor,
+                     kept: float, budget: float) -> tuple[Tensor, float]:
+    """Best-improvement swaps of two positions, each pass scoring every swap exactly (the kept
+    energy of the whole swapped matrix, batched), for as many passes as ``budget`` (energy
+    entries scored in all) allows; layers too large for a useful number of passes (one swap
+    each) keep the assignment's order."""
+    size = order.numel()
+    first, second = torch.triu_indices(size, size, offset=1, device=order.device)
+    max_passes = int(budget // (first.numel() * energy.numel()))
+    if max_passes < size:
+        return order, kept
+    kept_units = structure.kept_units(*energy.shape, sparsity)
+
+    def kept_after(swap_first, swap_second):
+        orders = order.expand(len(swap_first), size).clone()
+        orders[torch.arange(len(swap_first)), swap_first] = order[swap_second]
+        orders[torch.arange(len(swap_first)), swap_second] = order[swap_first]
+        permuted = torch.stack([_permuted(energy, candidate, side) for candidate in orders])
+        scores = torch.vmap(structure.unit_scores)(permuted)
+        return scores.topk(kept_units, dim=-1).values.sum((1, 2), dtype=torch.float64), orders
+
+    for _ in range(max_passes):
+        scores, orders = kept_after(first, second)
+        best = int(scores.argmax())
+        if float(scores[best]) <= kept * (1 + 1e-9):
+            break
+        order, kept = orders[best], float(scores[best])
+    return order, kept
+
+
+def select_permutation(weight: Tensor, structure: Structure, sparsity: float, side: str,
+                       starts: list[Tensor],
+                       sharpness_schedule: tuple[float, ...] | None = None, swap_budget: float = 2e8) -> Tensor:
+    """The permutation under which ``structure`` keeps the most energy of the dense ``weight``.
+
+    ``weight`` is the layer's dense ``[out, in]`` matrix in feature order. Returned as the
+    layer's ``perm_index`` ``p``: the structured weight is then fitted to ``weight[:, p]`` on
+    the input side and to ``weight[argsort(p)]`` on the output side. The result keeps at least
+    as much as the best of ``starts`` (index vectors in the same convention); energies are
+    relative, so the choice does not depend on the scale of the weight or of the loss.
+
+    Each assignment round costs about 0.1-0.3 s at 768 features, so large layers take a
+    short schedule (hardening stays under a second) and small ones a long one plus swaps.
+    """
+    energy = weight.detach().float().square()
+    if sharpness_schedule is None:
+        sharpness_schedule = SMALL_LAYER_SCHEDULE if starts[0].numel() <= 256 else LARGE_LAYER_SCHEDULE
+    best, best_kept = None, -math.inf
+    for start in starts:
+        order = start if side == "input" else torch.argsort(start)  # the order of S's rows on the output side
+        order, kept = _improve(energy, structure, sparsity, side, order.to(energy.device), sharpness_schedule)
+        order, kept = _refine_by_swaps(energy, structure, sparsity, side, order, kept, swap_budget)
+        if kept > best_kept:
+            best, best_kept = order, kept
+    best = best.to(weight.device)
     return best if side == "input" else torch.argsort(best)

@@ -93,20 +93,28 @@ class DSTScheduler:
     @torch.no_grad()
     def _keep_soft_permutations_feasible(self) -> None:
         for _, layer in self.layers:
-            if layer.soft:
+            if layer.soft and layer.soft_perm is not None:
                 project_to_birkhoff_(layer.soft_perm, self.sinkhorn_iterations)
 
     @torch.no_grad()
     def _harden_due(self) -> None:
         for _, layer in self.layers:
-            if layer.soft and (self.step_count >= self.harden_step or float(layer.penalty()) < self.harden_threshold):
+            if not layer.soft:
+                continue
+            below_threshold = layer.soft_perm is not None and float(layer.penalty()) < self.harden_threshold
+            if self.step_count >= self.harden_step or below_threshold:
                 layer.harden()
-                # hardening re-fits the weight (new values, possibly a new index): moments of the
-                # old slots would push the new weights in stale directions
-                for param in (layer.values, layer.bias):
-                    for state in self.optimizer.state.get(param, {}).values():
-                        if torch.is_tensor(state) and param is not None and state.shape == param.shape:
-                            state.zero_()
+                self._forget_optimizer_state(layer, keep_bias=layer.side == "input")
+
+    def _forget_optimizer_state(self, layer, keep_bias: bool) -> None:
+        """Drop the optimizer state hardening made stale: the refitted values (moments of the old
+        slots would push the new weights in stale directions), the permuted bias, and the freed
+        warm-up weight or soft matrix. Dropping the whole state (step count included) lets Adam
+        restart its bias correction instead of taking oversized steps on zeroed moments."""
+        stale = [layer.values, layer.soft_perm, layer.dense_weight_proxy] + ([] if keep_bias else [layer.bias])
+        for param in stale:
+            if param is not None:
+                self.optimizer.state.pop(param, None)
 
     # --------------------------------------------------------------------- sparsity
 
@@ -114,8 +122,9 @@ class DSTScheduler:
         return step % self.update_every == 0 and step < self.end_step and self.drop_fraction > 0
 
     def _arm_gradient_capture(self) -> None:
-        capture = self.growth == "rigl" and self._update_due(self.step_count + 1)
+        due = self.growth == "rigl" and self._update_due(self.step_count + 1)
         for _, layer in self.layers:
+            capture = due and not layer.warming_up
             layer.capture_dense_grad = capture
             if not capture:
                 layer.dense_grad = None
@@ -135,9 +144,13 @@ class DSTScheduler:
         return layer.structure.unit_scores(grad.float().square())
 
     @torch.no_grad()
-    def _update_masks(self) -> None:
+    def _update_masks(self, skip: set[str]) -> None:
+        """Drop and grow units in every layer except ``skip`` (layers whose sparse weight was not
+        in use during this step: it was fitted to the warm-up weight just now, or not yet)."""
         fraction = dst.drop_fraction_at(self.step_count, self.drop_fraction, self.end_step)
         for position, (name, layer) in enumerate(self.layers):
+            if name in skip:
+                continue
             structure, out_features, in_features = layer.structure, layer.out_features, layer.in_features
             mask = structure.index_to_units(layer.index, out_features, in_features)
             drop_count = round(fraction * int(mask.sum()))
@@ -161,9 +174,10 @@ class DSTScheduler:
         """Advance one training step; call right after ``optimizer.step()``."""
         self.step_count += 1
         self._keep_soft_permutations_feasible()
+        was_warming_up = {name for name, layer in self.layers if layer.warming_up}
         self._harden_due()
         if self._update_due(self.step_count):
-            self._update_masks()
+            self._update_masks(skip=was_warming_up)
         self._arm_gradient_capture()
 
     def progress_postfix(self) -> dict[str, str]:

@@ -183,6 +183,10 @@ def check_checkpoint_matches(module, state_dict, prefix, local_metadata, strict,
                     raise ValueError(f"checkpoint does not match layer {owner!r}: it was saved with "
                                      f"{field}={theirs.get(field)!r}, the model has {mine[field]!r}; "
                                      "nothing was loaded")
+        elif key.endswith("dense_weight_proxy") and owner in layers and torch.is_tensor(theirs) \
+                and theirs.shape in (torch.Size([0]), torch.Size([layers[owner].out_features,
+                                                                  layers[owner].in_features])):
+            continue  # the dense warm-up weight: full while warming up, emptied once hardened
         elif torch.is_tensor(own) and (not torch.is_tensor(theirs) or theirs.shape != own.shape
                                        or (theirs.dtype != own.dtype and not own.is_floating_point())):
             found = f"{tuple(theirs.shape)} {theirs.dtype}" if torch.is_tensor(theirs) else type(theirs).__name__

@@ -37,9 +37,9 @@ def test_plan_update_drops_smallest_and_grows_best_in_the_same_groups(structure)
             assert scores[group][grown[group]].min() >= passed_over.max()
 
 
-def make_layer(structure, permutation="none"):
+def make_layer(structure, permutation="none", **options):
     torch.manual_seed(0)
-    return nn.Sequential(PADSTLinear(32, 16, structure, 0.5, permutation=permutation, bias=False))
+    return nn.Sequential(PADSTLinear(32, 16, structure, 0.5, permutation=permutation, bias=False, **options))
 
 
 def one_step(model, optimizer, sched, x):
@@ -166,16 +166,24 @@ def test_scheduler_finds_layers_inside_wrappers():
     assert [name for name, _ in sched.layers] == ["module.0"]
 
 
-def test_hardening_clears_the_optimizer_moments_of_the_refitted_weight():
-    model = make_layer(Block(4, 4), permutation="learned")
+@pytest.mark.parametrize("mode", ["learned", "birkhoff"])
+def test_hardening_drops_the_optimizer_state_it_made_stale(mode):
+    """The refitted values and the freed warm-up weight or soft matrix lose their state (Adam
+    then restarts its bias correction); the input-side bias, unchanged, keeps its moments."""
+    model = make_layer(Block(4, 4), permutation=mode, side="input", bias=True)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
     sched = DSTScheduler(model, optimizer, total_steps=10, harden_at=0.2, update_every=100)
     x = torch.randn(16, 32)
     one_step(model, optimizer, sched, x)
-    assert model[0].soft and bool(optimizer.state[model[0].values]["exp_avg"].any())
+    layer = model[0]
+    learned = layer.dense_weight_proxy if mode == "learned" else layer.soft_perm
+    assert layer.soft and learned in optimizer.state
     one_step(model, optimizer, sched, x)  # step 2 hardens
-    assert not model[0].soft
-    assert not bool(optimizer.state[model[0].values]["exp_avg"].any())
+    assert not layer.soft
+    assert layer.values not in optimizer.state and learned not in optimizer.state
+    assert bool(optimizer.state[layer.bias]["exp_avg"].any())
+    one_step(model, optimizer, sched, x)
+    assert optimizer.state[layer.values]["step"] == 1
 
 
 def test_rigl_gradient_is_consumed_by_each_update():

@@ -8,9 +8,9 @@ from padst_compiler.kernels import NM, Block, Diagonal, Unstructured
 from padst_compiler.training import PADSTLinear
 from padst_compiler.training.permutation import (
     harden,
-    harden_for_block,
     permutation_penalty,
     project_to_birkhoff_,
+    select_permutation,
 )
 
 STRUCTURES = [Block(4, 4), NM(4), Diagonal(), Unstructured()]
@@ -20,27 +20,44 @@ def expected_output(layer, x):
     """Dense reference: y = x @ W_eff.T + b, with b permuted on the output side."""
     bias = layer.bias
     if layer.side == "output" and layer.perm_index is not None:
-        bias = layer.soft_perm @ bias if layer.soft else bias[layer.perm_index]
+        if not layer.soft:
+            bias = bias[layer.perm_index]
+        elif layer.soft_perm is not None:
+            bias = layer.soft_perm @ bias
     return x @ layer.effective_weight().t() + bias
 
 
 @pytest.mark.parametrize("structure", STRUCTURES, ids=str)
 @pytest.mark.parametrize("side", ["input", "output"])
-@pytest.mark.parametrize("mode", ["learned", "random", "none"])
+@pytest.mark.parametrize("mode", ["learned", "birkhoff", "random", "none"])
 def test_forward_matches_dense_reference_soft_and_hard(structure, side, mode):
     layer = PADSTLinear(16, 32, structure, 0.5, permutation=mode, side=side, seed=3).double()
     x = torch.randn(2, 5, 16, dtype=torch.float64)
     torch.testing.assert_close(layer(x), expected_output(layer, x))
-    assert layer.soft == (mode == "learned")
+    assert layer.soft == (mode in ("learned", "birkhoff"))
     layer.harden()
     assert not layer.soft
     torch.testing.assert_close(layer(x), expected_output(layer, x))
 
 
+def test_hardening_a_learned_layer_keeps_the_structured_part_of_its_dense_weight_and_frees_it():
+    """Warm-up weight exactly block-sparse up to a permutation: the hard layer computes the same."""
+    gen = torch.Generator().manual_seed(0)
+    layer = PADSTLinear(32, 32, Block(4, 4), 0.75, permutation="learned", side="input")
+    sparse = Block(4, 4).project(torch.randn(32, 32, generator=gen), 0.75).to_dense()
+    with torch.no_grad():
+        layer.dense_weight_proxy.copy_(sparse[:, torch.argsort(torch.randperm(32, generator=gen))])
+    x = torch.randn(5, 32)
+    before = layer(x)
+    layer.harden()
+    torch.testing.assert_close(layer(x), before)
+    assert layer.dense_weight_proxy.numel() == 0 and not layer.dense_weight_proxy.requires_grad
+
+
 def test_auto_side_permutes_the_smaller_dimension():
     assert PADSTLinear(16, 64, Block(4, 4), 0.5, side="auto").side == "input"
     assert PADSTLinear(64, 16, Block(4, 4), 0.5, side="auto").side == "output"
-    assert PADSTLinear(64, 16, Block(4, 4), 0.5, side="auto").soft_perm.shape == (16, 16)
+    assert PADSTLinear(64, 16, Block(4, 4), 0.5, side="auto", permutation="birkhoff").soft_perm.shape == (16, 16)
 
 
 def test_from_dense_projects_the_existing_weight():
@@ -70,7 +87,7 @@ def test_bad_options_name_the_layer():
 
 
 def test_birkhoff_projection_gives_a_doubly_stochastic_matrix():
-    matrix = torch.randn(12, 12)
+    matrix = torch.randn(12, 12, generator=torch.Generator().manual_seed(0))
     project_to_birkhoff_(matrix, iterations=50)
     assert bool((matrix >= 0).all())
     torch.testing.assert_close(matrix.sum(1), torch.ones(12))
@@ -96,19 +113,32 @@ def test_hardening_solves_the_assignment_problem():
     assert sorted(harden(torch.rand(20, 20)).tolist()) == list(range(20))  # always a permutation
 
 
-@pytest.mark.parametrize("side", ["input", "output"])
-def test_block_hardening_finds_an_order_the_structure_represents_exactly(side):
-    """W is block-sparse up to a hidden permutation and the soft matrix says nothing (uniform):
-    the structure-aware search still finds an order with no energy left outside the blocks."""
+@pytest.mark.parametrize("structure, side", [(Block(4, 4), "input"), (Block(4, 4), "output"), (Block(8, 2), "input"),
+                                             (Block(8, 2), "output"), (Diagonal(), "input"), (Diagonal(), "output"),
+                                             (NM(4), "input")], ids=str)
+def test_selection_finds_an_order_the_structure_represents_exactly(structure, side):
+    """W is structured up to a hidden permutation: from the identity and one random start, the
+    selection finds an order with no energy outside the structure (N:M only on the input side:
+    its rows are independent, so a row permutation changes nothing it keeps)."""
     gen = torch.Generator().manual_seed(0)
-    structure, hidden = Block(4, 4), torch.randperm(32, generator=gen)
+    hidden = torch.randperm(32, generator=gen)
     sparse = structure.project(torch.randn(32, 32, generator=gen), 0.75).to_dense()
     weight = sparse[:, torch.argsort(hidden)] if side == "input" else sparse[torch.argsort(hidden)]
-    uniform = torch.full((32, 32), 1 / 32)
-    index = harden_for_block(weight, uniform, 4, 4, kept=2, side=side, generator=torch.Generator().manual_seed(1))
+    assert structure.project(weight, 0.75).to_dense().square().sum() < 0.9 * weight.square().sum()
+    index = select_permutation(weight, structure, 0.75, side, [torch.arange(32), torch.randperm(32, generator=gen)])
     assert sorted(index.tolist()) == list(range(32))
     ordered = weight[:, index] if side == "input" else weight[torch.argsort(index)]
     torch.testing.assert_close(structure.project(ordered, 0.75).to_dense(), ordered)
+
+
+def test_selection_never_keeps_less_than_its_start():
+    gen = torch.Generator().manual_seed(1)
+    weight = torch.randn(64, 32, generator=gen)
+    for structure in (Block(4, 4), NM(4), Diagonal()):
+        start = torch.randperm(32, generator=gen)
+        index = select_permutation(weight, structure, 0.75, "input", [start])
+        kept = structure.project(weight[:, index], 0.75).to_dense().square().sum()
+        assert kept >= structure.project(weight[:, start], 0.75).to_dense().square().sum() * (1 - 1e-6)
 
 
 def test_inputs_of_the_wrong_width_are_refused_by_name():
