@@ -37,9 +37,9 @@ def test_plan_update_drops_smallest_and_grows_best_in_the_same_groups(structure)
             assert scores[group][grown[group]].min() >= passed_over.max()
 
 
-def make_layer(structure, permutation="none", **options):
+def make_layer(structure, permutation="none", bias=False, **options):
     torch.manual_seed(0)
-    return nn.Sequential(PADSTLinear(32, 16, structure, 0.5, permutation=permutation, bias=False, **options))
+    return nn.Sequential(PADSTLinear(32, 16, structure, 0.5, permutation=permutation, bias=bias, **options))
 
 
 def one_step(model, optimizer, sched, x):
