@@ -1,7 +1,9 @@
-"""The embedded default corpus: the Python standard library's own source, byte level.
+"""The embedded default data, present on every machine, nothing to download.
 
-Every machine with Python has it, nobody has to download it, and it is real text with
-long-range structure (indentation, names, docstrings).
+- The Python standard library's own source, byte level: real text with long-range
+  structure (indentation, names, docstrings).
+- scikit-learn's bundled 8x8 digits (1797 images): a classification task whose input
+  layout (pixels in raster order) is fixed, so a sparse first layer cannot re-learn it.
 """
 
 from __future__ import annotations
@@ -41,3 +43,26 @@ class ByteCorpus:
         starts = torch.randint(len(data) - block_size - 1, (batch_size,), generator=generator)
         window = torch.stack([data[s: s + block_size + 1] for s in starts.tolist()])
         return window[:, :-1], window[:, 1:]
+
+
+class Digits:
+    """scikit-learn's 8x8 digits as flat 64-pixel rows, standardised with the training split's
+    statistics; a fixed split (20 % test) that does not depend on any run's seed."""
+
+    def __init__(self, test_fraction: float = 0.2):
+        from sklearn.datasets import load_digits  # bundled with scikit-learn: no download
+
+        data = load_digits()
+        x = torch.tensor(data.data, dtype=torch.float32)
+        y = torch.tensor(data.target, dtype=torch.long)
+        order = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
+        test = int(len(x) * test_fraction)
+        self.test_x, self.test_y = x[order[:test]], y[order[:test]]
+        self.train_x, self.train_y = x[order[test:]], y[order[test:]]
+        mean, std = self.train_x.mean(0), self.train_x.std(0).clamp(min=1e-3)  # border pixels are always 0
+        self.train_x, self.test_x = (self.train_x - mean) / std, (self.test_x - mean) / std
+
+    def batch(self, batch_size: int, generator: torch.Generator):
+        """A random training batch: inputs ``[batch, 64]`` and labels ``[batch]``."""
+        rows = torch.randint(len(self.train_x), (batch_size,), generator=generator)
+        return self.train_x[rows], self.train_y[rows]

@@ -100,6 +100,34 @@ class GPT(nn.Module):
 
 
 @dataclass(frozen=True)
+class MLPConfig:
+    inputs: int = 64
+    hidden: int = 256
+    n_layer: int = 2  # hidden layers
+    n_classes: int = 10
+
+
+class MLPClassifier(nn.Module):
+    """ReLU MLP classifier; every hidden layer, the first one reading raw inputs included, is a
+    linear layer ``sparsify`` converts; the output layer (``head``) is meant to stay dense."""
+
+    def __init__(self, config: MLPConfig):
+        super().__init__()
+        self.config = config
+        widths = [config.inputs] + [config.hidden] * config.n_layer
+        self.hidden = nn.ModuleList(nn.Linear(a, b) for a, b in zip(widths[:-1], widths[1:]))
+        self.head = nn.Linear(config.hidden, config.n_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.hidden:
+            x = F.relu(layer(x))
+        return self.head(x)
+
+    def loss(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(self(x), labels)
+
+
+@dataclass(frozen=True)
 class ViTConfig:
     image_size: int = 32
     patch_size: int = 8

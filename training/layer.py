@@ -30,19 +30,33 @@ PERMUTATION_MODES = ("learned", "birkhoff", "random", "none")
 SIDES = ("input", "output", "auto")
 
 
+def check_permutation_options(permutation: str, side: str, dense_warmup: bool | None,
+                              name: str | None = None) -> bool:
+    """Validate the permutation options; returns ``dense_warmup`` with its default filled in."""
+    owner = name or "PADSTLinear"
+    if permutation not in PERMUTATION_MODES:
+        raise ValueError(f"{owner}: permutation must be one of {PERMUTATION_MODES}, got {permutation!r}")
+    if side not in SIDES:
+        raise ValueError(f"{owner}: side must be one of {SIDES}, got {side!r}")
+    dense_warmup = permutation == "learned" if dense_warmup is None else dense_warmup
+    if permutation == "learned" and not dense_warmup:
+        raise ValueError(f"{owner}: permutation='learned' is chosen from the dense warm-up weight, so it needs "
+                         "dense_warmup=True")
+    if permutation == "birkhoff" and dense_warmup:
+        raise ValueError(f"{owner}: permutation='birkhoff' learns its soft matrix on the sparse weight; "
+                         "dense_warmup=True is for 'learned', 'random' and 'none'")
+    return dense_warmup
+
+
 class PADSTLinear(nn.Module):
     """Structured sparse linear layer with a learned, random or no permutation."""
 
     def __init__(self, in_features: int, out_features: int, structure: Structure, sparsity: float,
                  bias: bool = True, permutation: str = "learned", side: str = "auto",
                  name: str | None = None, soft_noise: float = 0.5, seed: int = 0,
-                 device=None, dtype=None):
+                 dense_warmup: bool | None = None, device=None, dtype=None):
         super().__init__()
-        if permutation not in PERMUTATION_MODES:
-            raise ValueError(f"{name or 'PADSTLinear'}: permutation must be one of {PERMUTATION_MODES}, "
-                             f"got {permutation!r}")
-        if side not in SIDES:
-            raise ValueError(f"{name or 'PADSTLinear'}: side must be one of {SIDES}, got {side!r}")
+        dense_warmup = check_permutation_options(permutation, side, dense_warmup, name)
         self.in_features, self.out_features = in_features, out_features
         self.structure, self.sparsity = structure, check_sparsity(sparsity)
         self.name, self.seed = name, seed
@@ -68,14 +82,14 @@ class PADSTLinear(nn.Module):
 
         gen = torch.Generator().manual_seed(seed)
         size = self.permuted_features
-        self.hard = permutation not in ("learned", "birkhoff")
+        self.hard = not dense_warmup and permutation != "birkhoff"
         self.register_buffer("perm_index", None if permutation == "none" else
                              (perm.random_permutation(size, gen) if permutation == "random"
                               else torch.arange(size)).to(device))
         soft = perm.identity_like_soft(size, soft_noise, gen, dtype or torch.float32).to(device) \
             if permutation == "birkhoff" else None
         self.register_parameter("soft_perm", None if soft is None else nn.Parameter(soft))
-        self.register_parameter("dense_weight_proxy", nn.Parameter(dense) if permutation == "learned" else None)
+        self.register_parameter("dense_weight_proxy", nn.Parameter(dense) if dense_warmup else None)
 
     # ------------------------------------------------------------------ construction
 
@@ -102,7 +116,7 @@ class PADSTLinear(nn.Module):
 
     @property
     def warming_up(self) -> bool:
-        """Whether the layer still trains its dense warm-up weight (``"learned"`` before hardening)."""
+        """Whether the layer still trains its dense warm-up weight (before hardening)."""
         return self.soft and self.dense_weight_proxy is not None
 
     @property
@@ -171,12 +185,50 @@ class PADSTLinear(nn.Module):
         return perm.permutation_penalty(self.soft_perm)
 
     @torch.no_grad()
+    def reselect_permutation(self) -> None:
+        """Re-choose a learned layer's permutation from its dense warm-up weight as it is now."""
+        if self.warming_up and self.permutation == "learned":
+            self.perm_index.copy_(self._selected_permutation())
+
+    @torch.no_grad()
+    def anneal_toward_structure(self, keep: float) -> None:
+        """Scale the warm-up weights the structure would drop now (under the current
+        permutation) by ``keep``: the scheduler lowers ``keep`` to 0 over the warm-up, so the
+        dense weight flows into the structure and hardening changes the function little."""
+        if not self.warming_up:
+            return
+        weight = self.dense_weight_proxy
+        ordered = self._in_structure_order(weight).detach().float().square()
+        kept = self.structure.kept_units(self.out_features, self.in_features, self.sparsity)
+        mask = self.structure.units_to_dense(self.structure.best_units(ordered, kept), self.out_features,
+                                             self.in_features)
+        weight.mul_(self._in_feature_order(torch.where(mask, 1.0, keep).to(weight.dtype)))
+
+    def _in_structure_order(self, weight: torch.Tensor) -> torch.Tensor:
+        """A copy of a dense ``[out, in]`` weight in the order the structure sees it."""
+        if self.perm_index is None:
+            return weight.clone()
+        return weight[:, self.perm_index] if self.side == "input" else weight[inverse_permutation(self.perm_index)]
+
+    def _in_feature_order(self, ordered: torch.Tensor) -> torch.Tensor:
+        if self.perm_index is None:
+            return ordered
+        return ordered[:, inverse_permutation(self.perm_index)] if self.side == "input" else ordered[self.perm_index]
+
+    def _selected_permutation(self) -> torch.Tensor:
+        starts = [self.perm_index]
+        if self.permuted_features <= 256:  # small layers: a second start is cheap and avoids local optima
+            starts.append(perm.random_permutation(self.permuted_features, torch.Generator().manual_seed(self.seed)))
+        return perm.select_permutation(self.dense_weight_proxy, self.structure, self.sparsity, self.side, starts)
+
+    @torch.no_grad()
     def harden(self) -> None:
         """Fix the permutation and fit the structured weight to what the layer computes now.
 
-        ``"learned"``: the permutation under which the structure keeps the most of the dense
-        warm-up weight (started from the current order and, for small layers, a random one),
-        then ``S = project(W[:, p])``; the dense copy is freed. ``"birkhoff"``: the assignment
+        After a dense warm-up, ``S = project(W[:, p])`` and the dense copy is freed; ``p`` is,
+        for ``"learned"``, the permutation under which the structure keeps the most of ``W``
+        (started from the current order and, for small layers, a random one), and the fixed
+        one (or none) otherwise. ``"birkhoff"``: the assignment
         problem on the soft matrix (grouped by the structure's interchangeable positions), then
         ``S`` re-fitted to ``W_eff = S M`` so the hard layer stays as close as the structure
         allows to what training found.
@@ -184,12 +236,10 @@ class PADSTLinear(nn.Module):
         if not self.soft:
             return
         weight, bias = self.effective_weight(), self.bias
-        if self.warming_up:
-            starts = [self.perm_index]
-            if self.permuted_features <= 256:  # small layers: a second start is cheap and avoids local optima
-                starts.append(perm.random_permutation(self.permuted_features,
-                                                      torch.Generator().manual_seed(self.seed)))
-            index = perm.select_permutation(weight, self.structure, self.sparsity, self.side, starts)
+        if self.warming_up and self.permutation != "learned":
+            index = self.perm_index
+        elif self.warming_up:
+            index = self._selected_permutation()
         else:
             soft = self.soft_perm if self.side == "input" else self.soft_perm.t()
             index = perm.harden(soft, self.structure.interchangeable(self.side))
@@ -197,7 +247,9 @@ class PADSTLinear(nn.Module):
                 index = inverse_permutation(index)
             if bias is not None and self.side == "output":
                 bias = self.soft_perm @ bias
-        if self.side == "input":
+        if index is None:
+            pass
+        elif self.side == "input":
             weight = weight[:, index]
         else:
             inverse = inverse_permutation(index)
@@ -208,7 +260,8 @@ class PADSTLinear(nn.Module):
         self.index.copy_(fitted.index)
         if bias is not None:
             self.bias.copy_(bias)
-        self.perm_index.copy_(index)
+        if index is not None:
+            self.perm_index.copy_(index)
         for learned in (self.soft_perm, self.dense_weight_proxy):
             if learned is not None:
                 learned.requires_grad_(False)
@@ -219,8 +272,9 @@ class PADSTLinear(nn.Module):
     # ------------------------------------------------------------------- checkpoints
 
     def get_extra_state(self) -> dict:
-        return {"structure": repr(self.structure), "sparsity": self.sparsity,
-                "permutation": self.permutation, "side": self.side, "hard": self.hard, "seed": self.seed}
+        return {"structure": repr(self.structure), "sparsity": self.sparsity, "permutation": self.permutation,
+                "side": self.side, "dense_warmup": self.dense_weight_proxy is not None, "hard": self.hard,
+                "seed": self.seed}
 
     def set_extra_state(self, state: dict) -> None:
         self.hard = bool(state["hard"])

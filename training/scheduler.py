@@ -21,6 +21,7 @@ from padst_compiler.training.permutation import project_to_birkhoff_
 from padst_compiler.training.sparsify import padst_layers
 
 GROWTH_MODES = ("rigl", "set")
+RESELECT_AT = (0.25, 0.5, 0.75)  # fractions of the dense warm-up at which learned permutations are re-chosen
 
 
 def _distributed_world() -> int:
@@ -36,7 +37,7 @@ class DSTScheduler:
                  update_every: int = 100, drop_fraction: float = 0.3, t_end: float = 0.75,
                  growth: str = "rigl", penalty_weight: float = 1.0, penalty_start: float | None = None,
                  harden_threshold: float = 0.22, harden_at: float = 0.5, sinkhorn_iterations: int = 10,
-                 seed: int = 0):
+                 anneal: bool = True, seed: int = 0):
         if growth not in GROWTH_MODES:
             raise ValueError(f"growth must be one of {GROWTH_MODES}, got {growth!r}")
         for option, value in (("total_steps", total_steps), ("update_every", update_every)):
@@ -63,13 +64,15 @@ class DSTScheduler:
         self.options = dict(total_steps=total_steps, update_every=update_every, drop_fraction=drop_fraction,
                             t_end=t_end, growth=growth, penalty_weight=penalty_weight,
                             penalty_start=penalty_start, harden_threshold=harden_threshold,
-                            harden_at=harden_at, sinkhorn_iterations=sinkhorn_iterations, seed=seed)
+                            harden_at=harden_at, sinkhorn_iterations=sinkhorn_iterations, anneal=anneal, seed=seed)
         self.total_steps, self.update_every, self.growth = total_steps, update_every, growth
         self.drop_fraction, self.seed = drop_fraction, seed
         self.end_step = int(t_end * total_steps)
         self.harden_step = int(harden_at * total_steps)
         self.penalty_weight, self.penalty_start = penalty_weight, penalty_start
         self.harden_threshold, self.sinkhorn_iterations = harden_threshold, sinkhorn_iterations
+        self.anneal = anneal
+        self.reselect_steps = {round(self.harden_step * fraction) for fraction in RESELECT_AT} - {0}
         self.step_count = 0
         self._arm_gradient_capture()
 
@@ -95,6 +98,22 @@ class DSTScheduler:
         for _, layer in self.layers:
             if layer.soft and layer.soft_perm is not None:
                 project_to_birkhoff_(layer.soft_perm, self.sinkhorn_iterations)
+
+    def _anneal_warmups(self) -> None:
+        """During the dense warm-up, re-choose learned permutations a few times and (with
+        ``anneal``) shrink the weights outside the structure so that what is left of them
+        falls as ``1 - (t / T)**3`` to zero at the hardening step ``T``: slowly at first, while
+        the dense weight still decides which units matter, fully by the end, so hardening
+        changes the function little."""
+        if self.step_count >= self.harden_step:
+            return
+        left = lambda step: 1 - (step / self.harden_step) ** 3  # noqa: E731
+        keep = left(self.step_count) / left(self.step_count - 1)
+        for _, layer in self.layers:
+            if self.step_count in self.reselect_steps:
+                layer.reselect_permutation()
+            if self.anneal:
+                layer.anneal_toward_structure(keep)
 
     @torch.no_grad()
     def _harden_due(self) -> None:
@@ -174,6 +193,7 @@ class DSTScheduler:
         """Advance one training step; call right after ``optimizer.step()``."""
         self.step_count += 1
         self._keep_soft_permutations_feasible()
+        self._anneal_warmups()
         was_warming_up = {name for name, layer in self.layers if layer.warming_up}
         self._harden_due()
         if self._update_due(self.step_count):

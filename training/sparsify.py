@@ -12,7 +12,7 @@ from tabulate import tabulate
 from torch import nn
 
 from padst_compiler.kernels.structures import Structure, Unstructured, check_sparsity
-from padst_compiler.training.layer import PADSTLinear
+from padst_compiler.training.layer import PADSTLinear, check_permutation_options
 
 
 @dataclass(frozen=True)
@@ -70,7 +70,7 @@ def erk_densities(shapes: dict[str, tuple[int, int]], sparsity: float) -> dict[s
 def sparsify(model: nn.Module, structure: Structure, sparsity: float, *, permutation: str = "learned",
              side: str = "auto", include: Iterable[str] | None = None, exclude: Iterable[str] | None = None,
              strict: bool = False, distribution: str = "uniform", seed: int = 0, soft_noise: float = 0.5,
-             verbose: bool = False) -> nn.Module:
+             dense_warmup: bool | None = None, verbose: bool = False) -> nn.Module:
     """Replace linear layers by ``PADSTLinear`` in place and return the model.
 
     Every ``nn.Linear`` (and transposed-weight ``Conv1D``) is converted, except layers
@@ -80,8 +80,11 @@ def sparsify(model: nn.Module, structure: Structure, sparsity: float, *, permuta
     are listed in one warning and left dense, or raise with ``strict=True``.
     ``distribution="erk"`` spreads the sparsity Erdős–Rényi-Kernel style (unstructured
     baselines only; structured layers keep a uniform sparsity so their invariant holds).
+    ``dense_warmup`` (default: only for ``permutation="learned"``, which needs it) trains each
+    layer dense until the scheduler hardens it, then fits the structure to that weight.
     """
     check_sparsity(sparsity)
+    check_permutation_options(permutation, side, dense_warmup, "sparsify")
     if distribution not in ("uniform", "erk"):
         raise ValueError(f"distribution must be 'uniform' or 'erk', got {distribution!r}")
     if distribution == "erk" and not isinstance(structure, Unstructured):
@@ -109,7 +112,7 @@ def sparsify(model: nn.Module, structure: Structure, sparsity: float, *, permuta
             layer = PADSTLinear.from_dense(
                 candidate.weight.detach(), None if candidate.bias is None else candidate.bias.detach(),
                 structure, sparsities[candidate.name], permutation=permutation, side=side,
-                name=candidate.name, soft_noise=soft_noise, seed=seed + position)
+                name=candidate.name, soft_noise=soft_noise, seed=seed + position, dense_warmup=dense_warmup)
         except ValueError as error:
             rejected.append(str(error))
             continue
@@ -178,7 +181,7 @@ def check_checkpoint_matches(module, state_dict, prefix, local_metadata, strict,
                 raise ValueError(f"checkpoint does not match layer {owner!r}: its {key} is a "
                                  f"{type(theirs).__name__}, not a PADSTLinear state; nothing was loaded")
             mine = layers[owner].get_extra_state()
-            for field in ("structure", "sparsity", "permutation", "side"):
+            for field in ("structure", "sparsity", "permutation", "side", "dense_warmup"):
                 if theirs.get(field) != mine[field]:
                     raise ValueError(f"checkpoint does not match layer {owner!r}: it was saved with "
                                      f"{field}={theirs.get(field)!r}, the model has {mine[field]!r}; "

@@ -25,7 +25,7 @@ def build():
 
 def train(model, wrapped, rank=0, world=1):
     optimizer = torch.optim.Adam(wrapped.parameters(), lr=1e-2)
-    sched = DSTScheduler(wrapped, optimizer, total_steps=STEPS, update_every=3, harden_at=0.5,
+    sched = DSTScheduler(wrapped, optimizer, total_steps=STEPS, update_every=3, harden_at=0.5, t_end=1.0,
                          harden_threshold=0.0)
     shard = GLOBAL_BATCH // world
     for step in range(STEPS):
