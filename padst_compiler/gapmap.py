@@ -39,7 +39,7 @@ class Method:
     description: str
     permutation: str = "none"
     dense_warmup: bool | None = None
-    harden_at: float | None = None
+    schedule: tuple[tuple[str, object], ...] = ()  # DSTScheduler options
     growth: str = "rigl"
 
 
@@ -53,7 +53,8 @@ METHODS = {
     "random": Method("structure, fixed random permutation"),
     "learned": Method("structure, learned permutation (the default recipe)", permutation="learned"),
     "birkhoff": Method("structure, the paper's recipe (soft Birkhoff matrix, l1-l2 penalty, threshold 0.22, "
-                       "Hungarian, soft phase half of training)", permutation="birkhoff", harden_at=0.5),
+                       "Hungarian, soft phase half of training)", permutation="birkhoff",
+                       schedule=(("harden_at", 0.5),)),
 }
 
 
@@ -108,7 +109,7 @@ def run_config(cell: Cell, seed: int, settings: TaskSettings | None = None):
     model = GPTConfig(n_layer=cell.depth) if cell.task == "gpt" else MLPConfig(hidden=64, n_layer=cell.depth)
     structure = None if cell.method == "dense" else _structure(cell.structure or "unstructured")
     return RunConfig(structure=structure, sparsity=cell.sparsity or 0.0, permutation=method.permutation,
-                     dense_warmup=method.dense_warmup, harden_at=method.harden_at, growth=method.growth,
+                     dense_warmup=method.dense_warmup, schedule=dict(method.schedule), growth=method.growth,
                      steps=settings.steps, batch_size=settings.batch_size, lr=settings.lr,
                      eval_every=settings.steps, seed=seed, model=model)
 

@@ -28,7 +28,7 @@ class RunConfig:
     sparsity: float = 0.9
     permutation: str = "learned"
     dense_warmup: bool | None = None  # None: the permutation mode's default (on for "learned" only)
-    harden_at: float | None = None  # None: the scheduler's default
+    schedule: dict = field(default_factory=dict)  # DSTScheduler options beyond the defaults
     growth: str = "rigl"
     distribution: str = "uniform"
     steps: int = 300
@@ -160,8 +160,7 @@ def train(config: RunConfig, corpus: ByteCorpus | None = None, progress: bool = 
     sched = None
     if config.structure is not None:
         sched = DSTScheduler(model, optimizer, total_steps=config.steps, growth=config.growth,
-                             update_every=config.update_every, seed=config.seed,
-                             **({} if config.harden_at is None else {"harden_at": config.harden_at}))
+                             update_every=config.update_every, seed=config.seed, **config.schedule)
     gen = torch.Generator().manual_seed(config.seed + 1)
     curve = [(0, evaluate(model, task, config)["loss"])]
     start = time.perf_counter()

@@ -28,6 +28,7 @@ from padst_compiler.training import permutation as perm
 
 PERMUTATION_MODES = ("learned", "birkhoff", "random", "none")
 SIDES = ("input", "output", "auto")
+WARMUP_TENSORS = ("dense_weight_proxy", "dense_weight_average")  # full while warming up, emptied after
 
 
 def check_permutation_options(permutation: str, side: str, dense_warmup: bool | None,
@@ -90,6 +91,10 @@ class PADSTLinear(nn.Module):
             if permutation == "birkhoff" else None
         self.register_parameter("soft_perm", None if soft is None else nn.Parameter(soft))
         self.register_parameter("dense_weight_proxy", nn.Parameter(dense) if dense_warmup else None)
+        # running mean of the warm-up weight over the warm-up's second half: the permutation is
+        # chosen from it, so optimizer jitter around small weights does not decide it
+        self.register_buffer("dense_weight_average", dense.clone() if dense_warmup else None)
+        self.averaged_steps = 0
 
     # ------------------------------------------------------------------ construction
 
@@ -106,6 +111,7 @@ class PADSTLinear(nn.Module):
             layer.index.copy_(projected.index)
             if layer.dense_weight_proxy is not None:
                 layer.dense_weight_proxy.copy_(weight)
+                layer.dense_weight_average.copy_(weight)
             if bias is not None:
                 layer.bias.copy_(bias)
         return layer
@@ -185,6 +191,13 @@ class PADSTLinear(nn.Module):
         return perm.permutation_penalty(self.soft_perm)
 
     @torch.no_grad()
+    def average_warmup_weight(self, count: int) -> None:
+        """Fold the warm-up weight into its running mean as the ``count``-th sample (1: restart)."""
+        if self.warming_up:
+            self.dense_weight_average.lerp_(self.dense_weight_proxy.detach(), 1 / count)
+            self.averaged_steps = count
+
+    @torch.no_grad()
     def reselect_permutation(self) -> None:
         """Re-choose a learned layer's permutation from its dense warm-up weight as it is now."""
         if self.warming_up and self.permutation == "learned":
@@ -219,7 +232,8 @@ class PADSTLinear(nn.Module):
         starts = [self.perm_index]
         if self.permuted_features <= 256:  # small layers: a second start is cheap and avoids local optima
             starts.append(perm.random_permutation(self.permuted_features, torch.Generator().manual_seed(self.seed)))
-        return perm.select_permutation(self.dense_weight_proxy, self.structure, self.sparsity, self.side, starts)
+        source = self.dense_weight_average if self.averaged_steps else self.dense_weight_proxy
+        return perm.select_permutation(source, self.structure, self.sparsity, self.side, starts)
 
     @torch.no_grad()
     def harden(self) -> None:
@@ -267,6 +281,7 @@ class PADSTLinear(nn.Module):
                 learned.requires_grad_(False)
         if self.dense_weight_proxy is not None:  # not needed any more: keep only the sparse weight
             self.dense_weight_proxy.data = self.dense_weight_proxy.new_empty(0)
+            self.dense_weight_average = self.dense_weight_average.new_empty(0)
         self.hard = True
 
     # ------------------------------------------------------------------- checkpoints
@@ -274,21 +289,24 @@ class PADSTLinear(nn.Module):
     def get_extra_state(self) -> dict:
         return {"structure": repr(self.structure), "sparsity": self.sparsity, "permutation": self.permutation,
                 "side": self.side, "dense_warmup": self.dense_weight_proxy is not None, "hard": self.hard,
-                "seed": self.seed}
+                "seed": self.seed, "averaged_steps": self.averaged_steps}
 
     def set_extra_state(self, state: dict) -> None:
         self.hard = bool(state["hard"])
         self.seed = int(state.get("seed", self.seed))  # hardening's random restarts follow the checkpoint
+        self.averaged_steps = int(state.get("averaged_steps", 0))
         for learned in (self.soft_perm, self.dense_weight_proxy):
             if learned is not None:
                 learned.requires_grad_(not self.hard)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # a hardened layer saves its dense warm-up weight emptied, a warming-up one in full: take
-        # the checkpoint's (sparsify's checkpoint guard has checked it is one of the two)
-        key = prefix + "dense_weight_proxy"
-        if self.dense_weight_proxy is not None and torch.is_tensor(state_dict.get(key)):
-            self.dense_weight_proxy.data = self.dense_weight_proxy.new_empty(state_dict[key].shape)
+        # a hardened layer saves its dense warm-up weight (and its mean) emptied, a warming-up one in
+        # full: take the checkpoint's (sparsify's checkpoint guard has checked it is one of the two)
+        if self.dense_weight_proxy is not None:
+            for name in WARMUP_TENSORS:
+                theirs = state_dict.get(prefix + name)
+                if torch.is_tensor(theirs):
+                    getattr(self, name).data = getattr(self, name).new_empty(theirs.shape)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self) -> str:

@@ -5,10 +5,13 @@ Call order per step::
     loss = task_loss + sched.permutation_penalty()
     loss.backward(); optimizer.step(); sched.step()
 
-``step()`` keeps soft permutations in the Birkhoff polytope, hardens each one when its
-penalty falls under the threshold (or all of them at ``harden_at``), and every
-``update_every`` steps until ``t_end`` moves the sparse masks (drop by magnitude, grow by
-RigL or SET) without changing any shape.
+``step()`` ends the dense warm-up of ``"learned"`` layers at ``harden_at`` (10 % of
+training by default): their permutation is chosen from the warm-up weight and the
+structure fitted to it (``anneal=True`` first shrinks the weights outside the structure
+to zero over the warm-up). It keeps ``"birkhoff"`` soft matrices in the Birkhoff polytope
+and hardens each one when its penalty falls under the threshold or at ``harden_at`` (the
+paper's recipe uses 0.5). Every ``update_every`` steps until ``t_end`` it moves the sparse
+masks (drop by magnitude, grow by RigL or SET) without changing any shape.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from padst_compiler.training.permutation import project_to_birkhoff_
 from padst_compiler.training.sparsify import padst_layers
 
 GROWTH_MODES = ("rigl", "set")
-RESELECT_AT = (0.25, 0.5, 0.75)  # fractions of the dense warm-up at which learned permutations are re-chosen
+RESELECT_AT = (0.5, 0.75)  # fractions of the dense warm-up at which learned permutations are re-chosen
 
 
 def _distributed_world() -> int:
@@ -36,8 +39,8 @@ class DSTScheduler:
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, total_steps: int, *,
                  update_every: int = 100, drop_fraction: float = 0.3, t_end: float = 0.75,
                  growth: str = "rigl", penalty_weight: float = 1.0, penalty_start: float | None = None,
-                 harden_threshold: float = 0.22, harden_at: float = 0.5, sinkhorn_iterations: int = 10,
-                 anneal: bool = True, seed: int = 0):
+                 harden_threshold: float = 0.22, harden_at: float = 0.1, sinkhorn_iterations: int = 10,
+                 anneal: bool = False, seed: int = 0):
         if growth not in GROWTH_MODES:
             raise ValueError(f"growth must be one of {GROWTH_MODES}, got {growth!r}")
         for option, value in (("total_steps", total_steps), ("update_every", update_every)):
@@ -99,21 +102,27 @@ class DSTScheduler:
             if layer.soft and layer.soft_perm is not None:
                 project_to_birkhoff_(layer.soft_perm, self.sinkhorn_iterations)
 
-    def _anneal_warmups(self) -> None:
-        """During the dense warm-up, re-choose learned permutations a few times and (with
-        ``anneal``) shrink the weights outside the structure so that what is left of them
-        falls as ``1 - (t / T)**3`` to zero at the hardening step ``T``: slowly at first, while
-        the dense weight still decides which units matter, fully by the end, so hardening
-        changes the function little."""
-        if self.step_count >= self.harden_step:
+    def _warmup_step(self) -> None:
+        """During the dense warm-up (steps 1 to T, the hardening step): average each weight over
+        the second half (the permutation is chosen from that mean), re-choose learned
+        permutations at ``RESELECT_AT`` of T and, with ``anneal``, shrink the weights outside
+        the structure so that what is left of them falls as ``1 - (t / T)**3`` to zero at T:
+        slowly at first, while the dense weight still decides which units matter, fully by
+        the end, so hardening changes the function little."""
+        step, end = self.step_count, self.harden_step
+        if step > end:
             return
-        left = lambda step: 1 - (step / self.harden_step) ** 3  # noqa: E731
-        keep = left(self.step_count) / left(self.step_count - 1)
+        sample = step - end // 2
+        left = lambda t: 1 - (t / end) ** 3  # noqa: E731
         for _, layer in self.layers:
-            if self.step_count in self.reselect_steps:
+            if sample >= 1:
+                layer.average_warmup_weight(sample)
+            if step == end:
+                continue
+            if step in self.reselect_steps:
                 layer.reselect_permutation()
             if self.anneal:
-                layer.anneal_toward_structure(keep)
+                layer.anneal_toward_structure(left(step) / left(step - 1))
 
     @torch.no_grad()
     def _harden_due(self) -> None:
@@ -193,7 +202,7 @@ class DSTScheduler:
         """Advance one training step; call right after ``optimizer.step()``."""
         self.step_count += 1
         self._keep_soft_permutations_feasible()
-        self._anneal_warmups()
+        self._warmup_step()
         was_warming_up = {name for name, layer in self.layers if layer.warming_up}
         self._harden_due()
         if self._update_due(self.step_count):

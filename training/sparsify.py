@@ -12,7 +12,7 @@ from tabulate import tabulate
 from torch import nn
 
 from padst_compiler.kernels.structures import Structure, Unstructured, check_sparsity
-from padst_compiler.training.layer import PADSTLinear, check_permutation_options
+from padst_compiler.training.layer import WARMUP_TENSORS, PADSTLinear, check_permutation_options
 
 
 @dataclass(frozen=True)
@@ -186,7 +186,7 @@ def check_checkpoint_matches(module, state_dict, prefix, local_metadata, strict,
                     raise ValueError(f"checkpoint does not match layer {owner!r}: it was saved with "
                                      f"{field}={theirs.get(field)!r}, the model has {mine[field]!r}; "
                                      "nothing was loaded")
-        elif key.endswith("dense_weight_proxy") and owner in layers and torch.is_tensor(theirs) \
+        elif key.rpartition(".")[2] in WARMUP_TENSORS and owner in layers and torch.is_tensor(theirs) \
                 and theirs.shape in (torch.Size([0]), torch.Size([layers[owner].out_features,
                                                                   layers[owner].in_features])):
             continue  # the dense warm-up weight: full while warming up, emptied once hardened
