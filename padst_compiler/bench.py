@@ -12,7 +12,7 @@ from tabulate import tabulate
 from torch import nn
 
 from padst_compiler.kernels import set_checks
-from padst_compiler.kernels.structures import Block
+from padst_compiler.kernels.structures import NM, Block, Diagonal, Structure
 from padst_compiler.timing import interleaved_medians
 
 
@@ -120,3 +120,52 @@ def model_speed(layers: int = 2, tokens: int = 4096, sequence: int = 512, sparsi
         Path(out).write_text(json.dumps({"tokens": tokens, "sequence": sequence, "layers": layers,
                                          "sparsity": sparsity, "rows": rows}, indent=2))
     return rows
+
+
+def hardening_speed(structures: tuple[Structure, ...] = (Block(32, 32), Block(64, 64), NM(32), Diagonal()), layers: int = 12,
+                    tokens: int = 4096, repeats: int = 5, out: str | None = None) -> dict:
+    """What the learned permutation costs: hardening time of one 768 -> 3072 layer and of a
+    GPT-2-small-shaped stack (``layers`` blocks of qkv 768->2304, proj 768->768, fc 768->3072,
+    proj 3072->768) per structure, and the price of the dense warm-up against the hard layer:
+    one forward+backward at ``tokens`` tokens (median of interleaved repeats) and the bytes of
+    weights plus Adam moments."""
+    import time
+
+    from padst_compiler.training import PADSTLinear, harden_permutations, sparsify
+
+    shapes = {"qkv": (768, 2304), "proj": (768, 768), "fc": (768, 3072), "fc_proj": (3072, 768)}
+    rows = []
+    for structure in structures:
+        torch.manual_seed(0)
+        layer = PADSTLinear(768, 3072, structure, 0.9, permutation="learned")
+        start = time.perf_counter()
+        layer.harden()
+        one_layer = time.perf_counter() - start
+        stack = nn.Sequential(*(nn.Linear(*shapes[kind]) for _ in range(layers) for kind in shapes))
+        sparsify(stack, structure, 0.9, permutation="learned")
+        start = time.perf_counter()
+        harden_permutations(stack)
+        whole_stack = time.perf_counter() - start
+
+        warm, hard = (PADSTLinear(768, 3072, structure, 0.9, permutation=mode) for mode in ("learned", "random"))
+        x = torch.randn(tokens, 768, requires_grad=True)
+        with set_checks(False):
+            times = interleaved_medians({"warm-up": lambda: warm(x).sum().backward(),
+                                         "hard": lambda: hard(x).sum().backward()}, repeats=repeats)
+
+        def trained_bytes(module):  # trainable tensors, each with two Adam moments
+            return 3 * sum(p.numel() * p.element_size() for p in module.parameters() if p.requires_grad) + \
+                sum(b.numel() * b.element_size() for b in module.buffers() if b is not None)
+
+        rows.append({"structure": str(structure), "harden_768x3072_s": one_layer, "harden_stack_s": whole_stack,
+                     "warmup_step_ms": times["warm-up"] * 1e3, "hard_step_ms": times["hard"] * 1e3,
+                     "warmup_mib": trained_bytes(warm) / 2 ** 20, "hard_mib": trained_bytes(hard) / 2 ** 20})
+    print(tabulate([(r["structure"], f"{r['harden_768x3072_s']:.2f}", f"{r['harden_stack_s']:.1f}",
+                     f"{r['warmup_step_ms']:.1f} / {r['hard_step_ms']:.1f}",
+                     f"{r['warmup_mib']:.1f} / {r['hard_mib']:.1f}") for r in rows],
+                   headers=["structure", "harden 768->3072 s", f"harden {layers}-layer stack s",
+                            f"fwd+bwd {tokens} tok ms: warm-up / hard", "weights+Adam MiB: warm-up / hard"],
+                   disable_numparse=True))
+    if out:
+        Path(out).write_text(json.dumps({"layers": layers, "tokens": tokens, "rows": rows}, indent=2))
+    return {"rows": rows}

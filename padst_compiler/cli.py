@@ -75,11 +75,19 @@ def build_parser() -> argparse.ArgumentParser:
                                   "write runs.jsonl (resumable), gapmap.json and gapmap.png to --out. The full "
                                   "map takes about 1.5 h on 2 cores, --quick about 6 min.")
     accuracy.add_argument("--quick", action="store_true", help="one depth, one sparsity, two structures per task")
-    accuracy.add_argument("--tasks", nargs="+", choices=["gpt", "digits"], default=["gpt", "digits"])
+    accuracy.add_argument("--tasks", nargs="+", choices=["digits", "gpt"], default=["digits", "gpt"])
     accuracy.add_argument("--workers", type=_positive_int, help="training processes (default: one per core)")
     accuracy.add_argument("--out", default="padst_gapmap", metavar="DIR",
                           help="directory for runs.jsonl, gapmap.json and gapmap.png (default padst_gapmap); "
                                "runs already there are not trained again")
+    harden = benches.add_parser("harden", help="what a learned permutation costs: hardening time, warm-up step "
+                                "and memory", description="Hardening time of a 768->3072 layer and of a "
+                                "GPT-2-small-shaped stack of learned layers, per structure, and one forward+backward "
+                                "and the weight+Adam bytes of a layer in its dense warm-up against the hard layer.")
+    harden.add_argument("--structures", nargs="+", type=_structure, default=None,
+                        help="structures to time (default block32 block64 nm32 diagonal)")
+    harden.add_argument("--layers", type=_positive_int, default=12, help="transformer blocks in the stack (default 12)")
+    harden.add_argument("--out", help="also write the results as JSON here")
     model = benches.add_parser("model", help="inference and training-step speed of a compiled GPT-2-sized stack",
                                description="PA-DST (padst backend) against the dense model compiled with Inductor "
                                            "and against PA-DST without permutations, CPU, medians of repeats.")
@@ -116,6 +124,9 @@ def main(argv: list[str] | None = None) -> int:
             except ValueError as error:  # runs of other settings in --out
                 print(f"padst bench accuracy: error: {error}", file=sys.stderr)
                 return 2
+        elif args.bench == "harden":
+            chosen = {} if args.structures is None else {"structures": tuple(args.structures)}
+            bench.hardening_speed(**chosen, layers=args.layers, out=args.out)
         elif args.bench == "model":
             if args.tokens % args.sequence:
                 parser.error(f"--tokens {args.tokens} is not a multiple of --sequence {args.sequence}")

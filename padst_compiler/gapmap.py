@@ -50,7 +50,7 @@ METHODS = {
     "none": Method("structure, no permutation"),
     "none+warmup": Method("structure, no permutation, dense warm-up (ablation: the warm-up alone)",
                           dense_warmup=True),
-    "random": Method("structure, fixed random permutation"),
+    "random": Method("structure, fixed random permutation", permutation="random"),
     "learned": Method("structure, learned permutation (the default recipe)", permutation="learned"),
     "birkhoff": Method("structure, the paper's recipe (soft Birkhoff matrix, l1-l2 penalty, threshold 0.22, "
                        "Hungarian, soft phase half of training)", permutation="birkhoff",
@@ -71,8 +71,8 @@ class TaskSettings:
 
 
 TASKS = {
-    "gpt": TaskSettings(steps=400, batch_size=8, lr=1e-3, seeds=3, depths=(2, 4), metric="val loss"),
     "digits": TaskSettings(steps=1500, batch_size=64, lr=1e-3, seeds=5, depths=(2, 4), metric="test error %"),
+    "gpt": TaskSettings(steps=400, batch_size=8, lr=1e-3, seeds=3, depths=(2, 4), metric="val loss"),
 }
 
 
@@ -184,8 +184,10 @@ def run(cells: list[Cell], out: Path, workers: int | None = None, progress: bool
             raise ValueError(f"{log} holds runs trained with other settings ({record['settings']}); "
                              "use another --out directory")
     done = {(r["cell"], r["seed"]) for r in records}
-    jobs = [(cell, seed) for seed in range(max(TASKS[c.task].seeds for c in cells)) for cell in cells
-            if seed < TASKS[cell.task].seeds and (cell.key, seed) not in done]
+    # cheapest task and shallowest model first, every seed of a cell together: a map stopped
+    # part-way has whole cells (mean and deviation), and resuming it trains only what is missing
+    order = sorted(cells, key=lambda cell: (list(TASKS).index(cell.task), cell.depth))
+    jobs = [(cell, seed) for cell in order for seed in range(TASKS[cell.task].seeds) if (cell.key, seed) not in done]
     workers = workers or os.cpu_count() or 1
     if progress:
         print(f"gap map: {len(cells)} cells, {len(jobs)} runs to train ({len(done)} already in {log}), "
