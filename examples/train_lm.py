@@ -18,7 +18,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--structure", choices=STRUCTURES, default="block")
     parser.add_argument("--sparsity", type=float, default=0.9)
-    parser.add_argument("--permutation", choices=["learned", "random", "none"], default="learned")
+    parser.add_argument("--permutation", choices=["learned", "birkhoff", "random", "none"], default="learned")
     parser.add_argument("--growth", choices=["rigl", "set"], default="rigl")
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--d-model", type=int, default=128)

@@ -115,16 +115,20 @@ def run_config(cell: Cell, seed: int, settings: TaskSettings | None = None):
 
 
 def feasible(cell: Cell) -> bool:
-    """Whether every layer the task sparsifies can take the cell's structure at its sparsity."""
+    """Whether every layer the task sparsifies takes the cell's structure at exactly its
+    sparsity (a structure that has to round its kept units would make the row another density)."""
     if cell.structure is None:
         return True
     from padst_compiler.recipe import build_model
+    from padst_compiler.training import padst_layers
 
     try:
-        build_model(replace(run_config(cell, 0), permutation="none", dense_warmup=None))
+        model = build_model(replace(run_config(cell, 0), permutation="none", dense_warmup=None))
     except ValueError:
         return False
-    return True
+    return all(math.isclose(layer.structure.kept_count(layer.values, layer.index),
+                            (1 - cell.sparsity) * layer.in_features * layer.out_features)
+               for _, layer in padst_layers(model))
 
 
 def grid(quick: bool = False, tasks: tuple[str, ...] = tuple(TASKS)) -> list[Cell]:
@@ -161,13 +165,16 @@ def run_one(cell: Cell, seed: int, settings: TaskSettings) -> dict:
 
     from padst_compiler.kernels import set_checks
     from padst_compiler.recipe import train
+    from padst_compiler.training import padst_layers
 
     config = run_config(cell, seed, settings)
     with set_checks(False), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         result = train(config, progress=False)
     metric = result.final["error"] * 100 if settings.metric == "test error %" else result.final["loss"]
-    density = 1.0 if result.scheduler is None else float(result.scheduler.progress_postfix()["density"])
+    layers = [layer for _, layer in padst_layers(result.model)]
+    density = sum(layer.structure.kept_count(layer.values, layer.index) for layer in layers) / \
+        sum(layer.in_features * layer.out_features for layer in layers) if layers else 1.0
     return {"cell": cell.key, **asdict(cell), "seed": seed, "metric": metric, "loss": result.final["loss"],
             "seconds": result.seconds, "density": density}
 
@@ -177,7 +184,7 @@ def run(cells: list[Cell], out: Path, workers: int | None = None, progress: bool
     holds) in ``workers`` processes; returns all records."""
     out.mkdir(parents=True, exist_ok=True)
     log = out / "runs.jsonl"
-    settings = {task: asdict(TASKS[task]) for task in {cell.task for cell in cells}}
+    settings = json.loads(json.dumps({task: asdict(TASKS[task]) for task in {cell.task for cell in cells}}))
     records = [json.loads(line) for line in log.read_text().splitlines() if line.strip()] if log.exists() else []
     for record in records:
         if record.get("settings") and record["settings"] != settings.get(record["task"], record["settings"]):
