@@ -1,13 +1,15 @@
-"""``padst demo``: the main job, end to end on the embedded corpus.
+"""``padst demo``: the main job, end to end on the embedded data.
 
-1. Train the small GPT three ways with the same steps and seed (``recipe``): dense,
-   structured sparse without a permutation, and PA-DST (learned permutations, hardened
-   during training).
-2. Compile the PA-DST model with ``torch.compile(..., backend="padst")`` for a few more
-   training steps and with ``optimize`` for inference; check both against eager.
-3. Time the compiled PA-DST model against the dense model compiled with Inductor.
-4. Print one table; write ``results.json``, the validation-loss plot and the graph-diff
-   report (``padst diff``'s records and one HTML page) under the output directory.
+1. Accuracy: one cell of the gap map where the learned permutation helps (``demo_accuracy``):
+   the MLP on the 8x8 digits, dense / unstructured RigL / the structure without a
+   permutation / PA-DST with learned permutations, several seeds each, and the share of
+   the structure's gap the permutation closes.
+2. Train a small GPT with PA-DST on the standard library's source (``recipe``), compile it
+   with ``torch.compile(..., backend="padst")`` for a few more training steps and with
+   ``optimize`` for inference; check both against eager.
+3. Time the compiled PA-DST GPT against the dense GPT compiled with Inductor.
+4. Print one table; write ``results.json``, the accuracy plot and the graph-diff report
+   (``padst diff``'s records and one HTML page) under the output directory.
 """
 
 from __future__ import annotations
@@ -26,14 +28,14 @@ import torch
 from tabulate import tabulate
 from torch import nn
 
-from padst_compiler import debug
+from padst_compiler import debug, demo_accuracy
 from padst_compiler.api import optimize
 from padst_compiler.bench import speed_medians
 from padst_compiler.data import ByteCorpus, stdlib_corpus
-from padst_compiler.demo_plot import plot_validation_curves
+from padst_compiler.demo_plot import plot_accuracy
 from padst_compiler.kernels.structures import NM, Block, Diagonal, Structure
 from padst_compiler.models import GPT, GPTConfig
-from padst_compiler.recipe import RunConfig, RunResult, batch, train
+from padst_compiler.recipe import RunConfig, batch, build_model, train
 from padst_compiler.training import padst_layers
 
 COMPILED_TRAINING_STEPS = 3
@@ -136,15 +138,6 @@ def _describe_gathers(counts: dict[str, int]) -> str:
     return f"{counts['before']} -> {counts['after']} standalone gathers ({counts['fused']} fused into structured ops)"
 
 
-def train_three_ways(base: RunConfig, structure: Structure, corpus: ByteCorpus) -> dict[str, RunResult]:
-    configs = {"dense": replace(base, structure=None),
-               f"{structure} {base.sparsity}, no permutation": replace(base, structure=structure, permutation="none"),
-               f"PA-DST {structure} {base.sparsity}, learned permutation": replace(base, structure=structure,
-                                                                                   permutation="learned")}
-    return {name: train(config, corpus, description=f"{position}/3 {name}")
-            for position, (name, config) in enumerate(configs.items(), 1)}
-
-
 def inference_check(model: GPT, idx: torch.Tensor, debug_dir: Path) -> tuple[Match, nn.Module]:
     """``optimize`` a copy of ``model`` for inference (recording the passes in ``debug_dir``) and
     compare its output with eager; returns the match and the optimized module."""
@@ -163,14 +156,16 @@ def _compile_workers(device: str):
 
 
 def run(*, structure: Structure, sparsity: float, steps: int, device: str, out: str | Path,
-        model: GPTConfig | None = None, batch_size: int = 16) -> dict:
+        model: GPTConfig | None = None, batch_size: int = 16, seeds: int = 3) -> dict:
     """Run the demo (its defaults are the command line's); returns what ``results.json`` holds,
-    ``"passed"`` saying whether every check held. ``model`` and ``batch_size`` let tests run tiny."""
+    ``"passed"`` saying whether every check held. ``model``, ``batch_size`` and ``seeds`` let
+    tests run tiny."""
     if device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: no CUDA device is available to this torch build")
-    base = RunConfig(sparsity=sparsity, steps=steps, device=device, batch_size=batch_size,
+    base = RunConfig(structure=structure, sparsity=sparsity, steps=steps, device=device, batch_size=batch_size,
                      eval_every=max(1, steps // 8), model=model or GPTConfig())
     check_structure_fits(structure, sparsity, base.model)
+    demo_accuracy.check_fits(structure, sparsity)
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out}: exists and is not a directory")
@@ -178,12 +173,20 @@ def run(*, structure: Structure, sparsity: float, steps: int, device: str, out: 
     for folder in (training_debug, inference_debug):  # a rerun must not count the last run's graphs
         shutil.rmtree(folder, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
+
+    print(f"padst demo 1/2, accuracy: an MLP on scikit-learn's 8x8 digits, its hidden layers {structure} at "
+          f"{sparsity} (the first reads raw pixels), {seeds} seeds of dense, unstructured RigL, no permutation "
+          f"and learned permutations", flush=True)
+    figures = demo_accuracy.compare(structure, sparsity, seeds)
+    closed = demo_accuracy.gap_closed(figures)
+
     corpus = ByteCorpus(stdlib_corpus(base.corpus_bytes))
-    print(f"padst demo: a {base.model.n_layer}-layer GPT (d {base.model.d_model}) on {base.corpus_bytes / 1e6:g} MB "
-          f"of the Python standard library's source, byte level; {steps} steps, batch {batch_size} x "
-          f"{base.model.block_size}, seed {base.seed}, {device}", flush=True)
-    results = train_three_ways(base, structure, corpus)
-    dense, padst = results["dense"].model, list(results.values())[-1].model
+    print(f"padst demo 2/2, compiler: a {base.model.n_layer}-layer GPT (d {base.model.d_model}) on "
+          f"{base.corpus_bytes / 1e6:g} MB of the Python standard library's source, byte level, PA-DST "
+          f"{structure} {sparsity}; {steps} steps, batch {batch_size} x {base.model.block_size}, {device}", flush=True)
+    trained = train(base, corpus, description="PA-DST GPT")
+    padst = trained.model
+    dense = build_model(replace(base, structure=None))  # timing only: its weights do not matter
     layers = padst_layers(padst)
     hard = sum(not layer.soft for _, layer in layers)
     idx, _ = batch(corpus, "validation", base, torch.Generator().manual_seed(base.seed))
@@ -203,12 +206,18 @@ def run(*, structure: Structure, sparsity: float, steps: int, device: str, out: 
 
     html_report = out / "graph_diff.html"
     html_report.write_text(debug.render_html(debug.load_runs(inference_debug)))
-    plot = plot_validation_curves({name: r.curve for name, r in results.items()}, out / "validation_loss.png")
+    plot = plot_accuracy({demo_accuracy.LABELS[m].format(structure=structure): f.values for m, f in figures.items()},
+                         f"digits MLP, {structure} {sparsity}: {demo_accuracy.describe_gap(closed)}",
+                         out / "accuracy.png")
     summary = {
         "settings": {"structure": str(structure), "sparsity": sparsity, "steps": steps, "device": device,
-                     "batch_size": batch_size, "model": vars(base.model), "seed": base.seed},
-        "runs": [{"name": name, "validation_loss": r.validation_loss, "perplexity": r.perplexity,
-                  "train_seconds": r.seconds, "curve": r.curve} for name, r in results.items()],
+                     "batch_size": batch_size, "model": vars(base.model), "seed": base.seed, "seeds": seeds},
+        "accuracy": {"task": "digits MLP (gap map settings)", "metric": "test error %",
+                     "runs": {m: list(f.values) for m, f in figures.items()},
+                     "mean": {m: f.mean for m, f in figures.items()}, "std": {m: f.std for m, f in figures.items()},
+                     "gap_closed": closed},
+        "gpt": {"validation_loss": trained.validation_loss, "perplexity": trained.perplexity,
+                "train_seconds": trained.seconds, "curve": trained.curve},
         "hardened_layers": hard, "padst_layers": len(layers),
         "compiled_training_matches_eager": vars(training_match),
         "inference_matches_eager": vars(inference_match),
@@ -228,9 +237,15 @@ def run(*, structure: Structure, sparsity: float, steps: int, device: str, out: 
 def results_table(summary: dict) -> str:
     infer, step, gathers, files = (summary["inference_ms"], summary["train_step_ms"], summary["gathers"],
                                    summary["files"])
-    rows = [(f"validation loss (perplexity): {r['name']}", f"{r['validation_loss']:.4f} ({r['perplexity']:.2f})")
-            for r in summary["runs"]]
+    settings, accuracy = summary["settings"], summary["accuracy"]
+    cell = f"{settings['structure']} {settings['sparsity']}"
+    rows = [(f"digits test error % ({settings['seeds']} seeds): {demo_accuracy.LABELS[m].format(structure=cell)}",
+             f"{accuracy['mean'][m]:.2f} ± {accuracy['std'][m]:.2f}") for m in demo_accuracy.METHODS]
     rows += [
+        ("share of the structure's gap to RigL closed by learning the permutation",
+         demo_accuracy.describe_gap(accuracy["gap_closed"])),
+        (f"GPT PA-DST {cell}: validation loss (perplexity)",
+         f"{summary['gpt']['validation_loss']:.4f} ({summary['gpt']['perplexity']:.2f})"),
         ("learned permutations hardened", f"{summary['hardened_layers']} of {summary['padst_layers']} layers"),
         (f"compiled training (padst) matches eager, {COMPILED_TRAINING_STEPS} steps",
          Match(**summary["compiled_training_matches_eager"]).describe()),
@@ -242,7 +257,7 @@ def results_table(summary: dict) -> str:
         ("permutations, training graph", _describe_gathers(gathers["training"])),
         ("permutations, inference graph", _describe_gathers(gathers["inference"])),
         ("graph-diff report", f"{files['debug_dir']} (padst diff {files['debug_dir']}), {files['html_report']}"),
-        ("validation-loss plot", files["plot"]),
+        ("accuracy plot", files["plot"]),
         ("results as JSON", files["results"]),
     ]
     return tabulate(rows, headers=["result", "value"], disable_numparse=True)

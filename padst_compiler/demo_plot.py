@@ -1,25 +1,26 @@
-"""The demo's validation-loss plot, drawn without a display (matplotlib's Agg canvas)."""
+"""The demo's plots, drawn without a display (matplotlib's Agg canvas)."""
 
 from __future__ import annotations
 
+import statistics
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from matplotlib.figure import Figure
 
 
-def plot_validation_curves(curves: Mapping[str, Sequence[tuple[int, float]]], path: str | Path) -> Path:
-    """One line per run, validation loss against training step, saved as a small PNG."""
-    figure = Figure(figsize=(6.4, 4), dpi=100)  # a bare Figure never touches pyplot's global backend
+def plot_accuracy(errors: Mapping[str, Sequence[float]], title: str, path: str | Path) -> Path:
+    """One bar per method: mean test error with one standard deviation, every seed as a dot."""
+    figure = Figure(figsize=(7.2, 4), dpi=100)
     axes = figure.subplots()
-    for name, curve in curves.items():
-        steps, losses = zip(*curve)
-        axes.plot(steps, losses, marker=".", label=name)
-    axes.set_xlabel("training step")
-    axes.set_ylabel("validation loss (nats per byte)")
-    axes.set_title("padst demo: validation loss")
-    axes.grid(alpha=0.3)
-    axes.legend()
+    for position, (name, values) in enumerate(errors.items()):
+        spread = statistics.stdev(values) if len(values) > 1 else 0.0
+        axes.bar(position, statistics.fmean(values), yerr=spread, capsize=4, alpha=0.7)
+        axes.plot([position] * len(values), values, "k.", alpha=0.6)
+    axes.set_xticks(range(len(errors)), list(errors), rotation=12, fontsize=8)
+    axes.set_ylabel("test error % (mean, std, seeds)")
+    axes.set_title(title, fontsize=9)
+    axes.grid(alpha=0.3, axis="y")
     figure.tight_layout()
     figure.savefig(path)
     return Path(path)

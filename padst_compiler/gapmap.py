@@ -95,21 +95,30 @@ def _structure(name: str | None):
     from padst_compiler.kernels.structures import NM, Block, Diagonal, Unstructured
 
     known = {"Block(4x4)": Block(4, 4), "Block(8x8)": Block(8, 8), "NM(m=32)": NM(32), "Diagonal()": Diagonal(),
-             "unstructured": Unstructured()}
+             "unstructured": Unstructured()}  # RigL / SET cells have no structure name
     return known[name]
 
 
 def run_config(cell: Cell, seed: int, settings: TaskSettings | None = None):
     """The ``RunConfig`` of one cell and seed."""
+    structure = None if cell.method == "dense" else _structure(cell.structure or "unstructured")
+    return method_config(cell.task, cell.depth, cell.method, structure, cell.sparsity or 0.0, seed, settings)
+
+
+def method_config(task: str, depth: int, method: str, structure, sparsity: float, seed: int,
+                  settings: TaskSettings | None = None):
+    """A ``RunConfig`` that trains ``method`` (a key of ``METHODS``) on ``task`` with the map's
+    settings; ``structure`` is ignored for dense and replaced by ``Unstructured()`` for RigL / SET."""
+    from padst_compiler.kernels.structures import Unstructured
     from padst_compiler.models import GPTConfig, MLPConfig
     from padst_compiler.recipe import RunConfig
 
-    settings = settings or TASKS[cell.task]
-    method = METHODS[cell.method]
-    model = GPTConfig(n_layer=cell.depth) if cell.task == "gpt" else MLPConfig(hidden=64, n_layer=cell.depth)
-    structure = None if cell.method == "dense" else _structure(cell.structure or "unstructured")
-    return RunConfig(structure=structure, sparsity=cell.sparsity or 0.0, permutation=method.permutation,
-                     dense_warmup=method.dense_warmup, schedule=dict(method.schedule), growth=method.growth,
+    settings = settings or TASKS[task]
+    chosen = METHODS[method]
+    model = GPTConfig(n_layer=depth) if task == "gpt" else MLPConfig(hidden=64, n_layer=depth)
+    structure = None if method == "dense" else Unstructured() if method in REFERENCES else structure
+    return RunConfig(structure=structure, sparsity=sparsity, permutation=chosen.permutation,
+                     dense_warmup=chosen.dense_warmup, schedule=dict(chosen.schedule), growth=chosen.growth,
                      steps=settings.steps, batch_size=settings.batch_size, lr=settings.lr,
                      eval_every=settings.steps, seed=seed, model=model)
 

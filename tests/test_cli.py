@@ -14,21 +14,24 @@ TINY_GPT = GPTConfig(block_size=32, n_layer=1, n_head=2, d_model=64)
 
 @pytest.mark.slow
 def test_tiny_demo_prints_the_table_and_writes_the_report(tmp_path, capsys):
-    summary = demo.run(structure=Block(8, 8), sparsity=0.9, steps=4, device="cpu", out=tmp_path,
-                       model=TINY_GPT, batch_size=4)
+    summary = demo.run(structure=Block(8, 8), sparsity=0.875, steps=4, device="cpu", out=tmp_path,
+                       model=TINY_GPT, batch_size=4, seeds=2)
     out = capsys.readouterr().out
     assert summary["passed"], out
-    for row in ("validation loss (perplexity): dense", "Block(8x8) 0.9, no permutation",
-                "PA-DST Block(8x8) 0.9, learned permutation", "learned permutations hardened 4 of 4 layers",
+    for row in ("digits test error % (2 seeds): dense", "unstructured RigL", "Block(8x8) 0.875, no permutation",
+                "Block(8x8) 0.875, learned permutation", "share of the structure's gap to RigL closed",
+                "GPT PA-DST Block(8x8) 0.875: validation loss", "learned permutations hardened 4 of 4 layers",
                 "compiled training (padst) matches eager, 3 steps yes", "optimize() inference matches eager",
                 "inference ms: PA-DST (padst) / dense (Inductor)", "permutations, inference graph",
                 str(tmp_path / "graph_diff.html")):
         assert row in " ".join(out.split()), row
     results = json.loads((tmp_path / "results.json").read_text())
-    assert [len(run["curve"]) for run in results["runs"]] == [5, 5, 5]  # step 0 and every step of 4
+    assert all(len(runs) == 2 for runs in results["accuracy"]["runs"].values())
+    assert set(results["accuracy"]["gap_closed"]) == {"gap", "real", "share", "learned_minus_none"}
+    assert len(results["gpt"]["curve"]) == 5  # step 0 and every step of 4
     assert results["gathers"]["inference"]["before"] == 4  # one hardened permutation per layer
     assert results["gathers"]["inference"]["after"] <= results["gathers"]["inference"]["before"]
-    assert (tmp_path / "validation_loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (tmp_path / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "padst graph diff" in (tmp_path / "graph_diff.html").read_text()
     assert [p.name for p in debug.load_runs(tmp_path / "padst_debug")[0].passes][0] == "canonicalize"
 
@@ -69,8 +72,12 @@ def test_bad_options_give_a_one_line_error(argv, message, capsys):
 
 
 @pytest.mark.parametrize("argv,message", [
-    (["demo", "--structure", "block32"], "layer 'blocks.0.attn.qkv' of shape 384x128 (out x in) cannot take "
-                                         "Block(32x32): sparsity 0.9 keeps no block of the 4 in a block-row"),
+    (["demo", "--structure", "block64"], "layer 'blocks.0.attn.qkv' of shape 384x128 (out x in) cannot take "
+                                         "Block(64x64): sparsity 0.875 keeps no block of the 2 in a block-row"),
+    (["demo", "--structure", "block32"], "layer 'hidden.0' of shape 64x64 (out x in) cannot take Block(32x32): "
+                                         "sparsity 0.875 keeps no block of the 2 in a block-row"),
+    (["demo", "--structure", "nm32", "--sparsity", "0.9"], "layer 'hidden.0' of the digits MLP (64x64) keeps "
+                                                           "0.0938 of its weights with NM(m=32), not 1 - 0.9"),
     (["demo", "--structure", "nm3"], "m = 3 does not divide in_features 128"),
     (["demo", "--out", __file__], "exists and is not a directory"),
     pytest.param(["demo", "--device", "cuda"], "no CUDA device is available",
