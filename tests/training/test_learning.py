@@ -62,5 +62,8 @@ def test_learned_permutation_beats_no_permutation_at_every_scale(structure, scal
     with set_checks(False):
         unpermuted, _ = train_student(structure, "none", scale, finite)
         learned, (before, after) = train_student(structure, "learned", scale, finite)
+    print(f"{structure} scale {scale} {'4096 samples' if finite else 'fresh samples'}: relative error none "
+          f"{unpermuted:.2e}, learned {learned:.2e} ({unpermuted / learned:.3g}x lower); loss at hardening "
+          f"{before:.3g} -> {after:.3g}")  # the README's figures: pytest tests/training/test_learning.py -s
     assert learned * 5 <= unpermuted, (learned, unpermuted)
     assert after <= 1.5 * before + 1e-6 * scale ** 2, (before, after)  # hardening keeps what the warm-up learned
