@@ -210,12 +210,16 @@ class DSTScheduler:
         self._arm_gradient_capture()
 
     def progress_postfix(self) -> dict[str, str]:
-        """Figures for a progress bar: kept fraction, soft layers left, mean penalty."""
+        """Figures for a progress bar: kept fraction, layers still in their dense warm-up, soft
+        (Birkhoff) layers left and their mean penalty."""
         kept = sum(layer.structure.kept_count(layer.values, layer.index) for _, layer in self.layers)
         total = sum(layer.in_features * layer.out_features for _, layer in self.layers)
+        warming = sum(layer.warming_up for _, layer in self.layers)
         with torch.no_grad():
-            soft = [float(layer.penalty()) for _, layer in self.layers if layer.soft]
+            soft = [float(layer.penalty()) for _, layer in self.layers if layer.soft and layer.soft_perm is not None]
         postfix = {"density": f"{kept / total:.3f}"}
+        if warming:
+            postfix["warm-up"] = str(warming)
         if soft:
             postfix.update(soft=str(len(soft)), penalty=f"{sum(soft) / len(soft):.3f}")
         return postfix
