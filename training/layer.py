@@ -242,10 +242,10 @@ class PADSTLinear(nn.Module):
         After a dense warm-up, ``S = project(W[:, p])`` and the dense copy is freed; ``p`` is,
         for ``"learned"``, the permutation under which the structure keeps the most of ``W``
         (started from the current order and, for small layers, a random one), and the fixed
-        one (or none) otherwise. ``"birkhoff"``: the assignment
-        problem on the soft matrix (grouped by the structure's interchangeable positions), then
-        ``S`` re-fitted to ``W_eff = S M`` so the hard layer stays as close as the structure
-        allows to what training found.
+        one (or none) otherwise. ``"birkhoff"``: the assignment problem on the soft matrix
+        (grouped by the structure's interchangeable positions), then ``S`` re-fitted to
+        ``W_eff = S M`` so the hard layer stays as close as the structure allows to what
+        training found.
         """
         if not self.soft:
             return
@@ -261,11 +261,9 @@ class PADSTLinear(nn.Module):
                 index = inverse_permutation(index)
             if bias is not None and self.side == "output":
                 bias = self.soft_perm @ bias
-        if index is None:
-            pass
-        elif self.side == "input":
+        if index is not None and self.side == "input":
             weight = weight[:, index]
-        else:
+        elif index is not None:
             inverse = inverse_permutation(index)
             weight = weight[inverse]
             bias = None if bias is None else bias[inverse]
