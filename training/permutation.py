@@ -197,7 +197,7 @@ def _refine_by_swaps(energy: Tensor, structure: Structure, sparsity: float, side
 
 def select_permutation(weight: Tensor, structure: Structure, sparsity: float, side: str,
                        starts: list[Tensor],
-                       sharpness_schedule: tuple[float, ...] | None = None, swap_budget: float = 2e8) -> Tensor:
+                       sharpness_schedule: tuple[float, ...] | None = None, swap_budget: float = 5e7) -> Tensor:
     """The permutation under which ``structure`` keeps the most energy of the dense ``weight``.
 
     ``weight`` is the layer's dense ``[out, in]`` matrix in feature order. Returned as the

@@ -203,3 +203,23 @@ def test_penalty_weight_zero_means_no_penalty_and_other_options_are_checked():
         DSTScheduler(model, optimizer, total_steps=10, harden_threshold=2)
     with pytest.raises(ValueError, match="total_steps must be a positive integer"):
         DSTScheduler(model, optimizer, total_steps=True)
+
+
+def test_a_model_hundreds_of_layers_deep_warms_up_hardens_and_trains_on():
+    """256 learned layers: every one hardens at its step, frees its dense copy and its optimizer
+    state, and training goes on sparse with moving masks."""
+    torch.manual_seed(0)
+    model = nn.Sequential(*[module for _ in range(256) for module in (nn.Linear(64, 64), nn.Tanh())])
+    sparsify(model, Block(8, 8), 0.875)  # permutation="learned" by default
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    sched = DSTScheduler(model, optimizer, total_steps=20, update_every=2)  # warm-up: 2 steps
+    x = torch.randn(8, 64)
+    initial = [layer.index.clone() for _, layer in sched.layers]
+    for step in range(6):
+        one_step(model, optimizer, sched, x)
+        assert all(layer.soft for _, layer in sched.layers) == (step < 1)
+    layers = [layer for _, layer in sched.layers]
+    assert len(layers) == 256 and all(layer.dense_weight_proxy.numel() == 0 for layer in layers)
+    assert not any(param.numel() == 0 for param in optimizer.state)
+    assert sum(not torch.equal(layer.index, start) for layer, start in zip(layers, initial)) > 128
+    assert torch.isfinite(model(x)).all()
