@@ -15,7 +15,6 @@ from padst_compiler import gapmap
 from padst_compiler.kernels import set_checks
 from padst_compiler.kernels.structures import Structure
 from padst_compiler.recipe import build_model, train
-from padst_compiler.training import padst_layers
 
 METHODS = ("dense", "RigL", "none", "learned")
 LABELS = {"dense": "dense", "RigL": "unstructured RigL", "none": "{structure}, no permutation",
@@ -46,13 +45,11 @@ def check_fits(structure: Structure, sparsity: float, depth: int = 2) -> None:
     widths = [config.model.inputs] + [config.model.hidden] * depth
     for position, (inputs, outputs) in enumerate(zip(widths[:-1], widths[1:])):
         structure.kept_units(outputs, inputs, sparsity, layer=f"hidden.{position}")  # the structure's own error
-    model = build_model(config)
-    for name, layer in padst_layers(model):
-        kept = layer.structure.kept_count(layer.values, layer.index) / (layer.in_features * layer.out_features)
-        if not math.isclose(kept, 1 - sparsity):
-            raise ValueError(f"layer {name!r} of the digits MLP ({layer.out_features}x{layer.in_features}) keeps "
-                             f"{kept:.4f} of its weights with {structure}, not 1 - {sparsity}: pick a sparsity "
-                             "this structure takes exactly (e.g. 0.875, 0.9375)")
+    inexact = gapmap.inexact_layer(build_model(config), sparsity)
+    if inexact:
+        name, kept = inexact
+        raise ValueError(f"layer {name!r} of the digits MLP keeps {kept:.4f} of its weights with {structure}, "
+                         f"not 1 - {sparsity}: pick a sparsity this structure takes exactly (e.g. 0.875, 0.9375)")
 
 
 def compare(structure: Structure, sparsity: float, seeds: int, depth: int = 2,

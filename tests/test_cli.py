@@ -76,8 +76,8 @@ def test_bad_options_give_a_one_line_error(argv, message, capsys):
                                          "Block(64x64): sparsity 0.875 keeps no block of the 2 in a block-row"),
     (["demo", "--structure", "block32"], "layer 'hidden.0' of shape 64x64 (out x in) cannot take Block(32x32): "
                                          "sparsity 0.875 keeps no block of the 2 in a block-row"),
-    (["demo", "--structure", "nm32", "--sparsity", "0.9"], "layer 'hidden.0' of the digits MLP (64x64) keeps "
-                                                           "0.0938 of its weights with NM(m=32), not 1 - 0.9"),
+    (["demo", "--structure", "nm32", "--sparsity", "0.9"], "layer 'hidden.0' of the digits MLP keeps 0.0938 of "
+                                                           "its weights with NM(m=32), not 1 - 0.9"),
     (["demo", "--structure", "nm3"], "m = 3 does not divide in_features 128"),
     (["demo", "--out", __file__], "exists and is not a directory"),
     pytest.param(["demo", "--device", "cuda"], "no CUDA device is available",
