@@ -329,10 +329,12 @@ def plot(summary: dict, path: Path) -> Path:
             for method, entry in [("RigL", row.get("rigl"))] + list(row["rows"].items()):
                 if entry:
                     series[method].append((1 - row["sparsity"], entry["mean"], entry["std"]))
-        for method, points in series.items():
+        for offset, (method, points) in enumerate(series.items()):
             if points:
                 points.sort()
-                axis.errorbar(*zip(*points), marker="o", capsize=3, label=method,
+                density, mean, std = zip(*points)
+                shifted = [d * 2 ** (0.06 * (offset - len(series) / 2)) for d in density]  # bars side by side
+                axis.errorbar(shifted, mean, std, marker="o", capsize=3, label=method,
                               linestyle="--" if method == "RigL" else "-")
         axis.set_xscale("log", base=2)
         axis.set_title(f"{task}, {depth} layers, {structure}", fontsize=9)
