@@ -87,3 +87,14 @@ def test_summary_table_lists_layers_and_state():
     table = sparsity_summary(model)
     assert "blocks.0.mlp.fc" in table and "128x32" in table and "Block(8x8)" in table and "soft" in table
     assert table.splitlines()[-1].startswith("8 PA-DST layers keep")
+
+
+def test_contradictory_permutation_options_are_refused_before_any_layer_changes():
+    model = nn.Sequential(nn.Linear(32, 32), nn.Linear(32, 32))
+    before = {name: value.clone() for name, value in model.state_dict().items()}
+    with pytest.raises(ValueError, match="permutation='learned' is chosen from the dense warm-up weight"):
+        sparsify(model, Block(4, 4), 0.5, permutation="learned", dense_warmup=False)
+    with pytest.raises(ValueError, match="permutation='birkhoff' learns its soft matrix"):
+        sparsify(model, Block(4, 4), 0.5, permutation="birkhoff", dense_warmup=True)
+    assert all(isinstance(layer, nn.Linear) for layer in model)
+    assert all(torch.equal(before[name], value) for name, value in model.state_dict().items())
