@@ -16,7 +16,7 @@ regime:
 
 Permutations are fused: ``in_index`` goes into the columns a kernel reads, ``out_index``
 into where it writes. Everything derived from indices alone is memoized per index version
-(:mod:`index_cache`), so a training step pays for it once per DST update, not per call.
+(:mod:`derived`), so a training step pays for it once per DST update, not per call.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from padst_compiler.kernels import native, select
-from padst_compiler.kernels.index_cache import memoize
+from padst_compiler.kernels.derived import memoize
 from padst_compiler.kernels.permutation import inverse_permutation
 
 Tensor = torch.Tensor

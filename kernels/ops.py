@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from padst_compiler.kernels import checks, cpu, inductor_lowering, inductor_visibility, native, select
-from padst_compiler.kernels.index_cache import memoize
+from padst_compiler.kernels.derived import memoize
 from padst_compiler.kernels.permutation import inverse_permutation
 
 try:

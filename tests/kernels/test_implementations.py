@@ -185,21 +185,6 @@ def test_switched_off_says_nothing(tmp_path):
     subprocess.run([sys.executable, "-c", code], env=env, check=True, timeout=120)
 
 
-def test_memoize_keeps_one_entry_per_tensor_and_sees_in_place_changes():
-    from padst_compiler.kernels import index_cache
-
-    t = torch.zeros(3)
-    calls = []
-
-    def cached_sum():
-        return index_cache.memoize("test sum", (t,), lambda: calls.append(1) or float(t.sum()))
-
-    assert cached_sum() == 0 and cached_sum() == 0 and len(calls) == 1
-    t.add_(1)  # bumps the version: computed again, and the old entry is replaced
-    assert cached_sum() == 3 and len(calls) == 2
-    assert sum(1 for key in index_cache._entries if key[0] == "test sum") == 1
-
-
 def test_diagonal_expand_stays_differentiable_after_a_no_grad_call():
     weight = Diagonal().project(torch.randn(32, 64), 0.5)
     values = weight.values.clone().requires_grad_()
