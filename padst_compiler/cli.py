@@ -103,6 +103,17 @@ def build_parser() -> argparse.ArgumentParser:
                        help="tokens per sequence (1 with --tokens 1 times one decoding step)")
     model.add_argument("--repeats", type=_positive_int, default=5)
     model.add_argument("--out", help="also write the results as JSON here")
+    depth = benches.add_parser("depth", help="per-layer forward time from 50 to 500 layers (no slowdown with depth)",
+                               description="A stack of N sparsified nn.Linear layers (Block 16x16 at 0.9, hardened "
+                                           "random permutations), eager without autograd and compiled with optimize, "
+                                           "beside the dense stack eagerly; per-layer medians and their spread "
+                                           "across depths.")
+    depth.add_argument("--layers", type=_positive_int, nargs="+", default=[50, 120, 200, 500])
+    depth.add_argument("--widths", type=_positive_int, nargs="+", default=[256, 1024])
+    depth.add_argument("--tokens", type=_positive_int, nargs="+", default=[16, 512])
+    depth.add_argument("--eager-only", action="store_true", help="skip the compiled stacks (they take minutes)")
+    depth.add_argument("--repeats", type=_positive_int, default=5)
+    depth.add_argument("--out", help="also write the results as JSON here")
     kernels = benches.add_parser("kernels", help="every structured op against the dense op",
                                  description="Forward, forward with a fused in_index, and forward+backward of "
                                              "each structure against F.linear, for 768->3072 and 3072->768 at "
@@ -138,6 +149,11 @@ def main(argv: list[str] | None = None) -> int:
                 parser.error(f"--tokens {args.tokens} is not a multiple of --sequence {args.sequence}")
             bench.model_speed(layers=args.layers, tokens=args.tokens, sequence=args.sequence, repeats=args.repeats,
                               out=args.out)
+        elif args.bench == "depth":
+            from padst_compiler import bench_depth
+
+            bench_depth.depth_sweep(depths=tuple(args.layers), widths=tuple(args.widths), tokens=tuple(args.tokens),
+                                    compiled=not args.eager_only, repeats=args.repeats, out=args.out)
         else:
             return _bench_kernels(args)
     if args.command == "demo":

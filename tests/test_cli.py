@@ -97,6 +97,7 @@ def test_what_the_model_or_machine_cannot_take_is_refused_before_training(argv, 
     (["bench", "model", "--layers", "x"], "not an integer: 'x'"),
     (["bench", "model", "--tokens", "100"], "--tokens 100 is not a multiple of --sequence 512"),
     (["bench", "speed"], "invalid choice: 'speed'"),
+    (["bench", "depth", "--widths", "0"], "must be at least 1"),
 ])
 def test_bench_options_are_checked_before_anything_runs(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
@@ -114,3 +115,16 @@ def test_kernel_benchmark_prints_ratios_and_writes_json(tmp_path, capsys):
     assert "fwd vs dense" in printed and "Block(32x32)" in printed and "Diagonal()" in printed
     rows = json.loads(out.read_text())
     assert len(rows) == 8 and all(r["forward_speedup"] > 0 and r["train_speedup"] > 0 for r in rows)
+
+
+def test_depth_benchmark_prints_per_layer_times_and_their_spread(tmp_path, capsys):
+    import json
+
+    out = tmp_path / "depth.json"
+    assert cli.main(["bench", "depth", "--layers", "2", "3", "--widths", "160", "--tokens", "4", "--repeats", "1",
+                     "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "padst optimize us/layer" in printed and "slowest / fastest per-layer time across depths" in printed
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["depth"], r["tokens"]) for r in rows] == [(2, 4), (3, 4)]
+    assert all(r["padst eager us/layer"] > 0 and r["padst optimize us/layer"] > 0 and r["compile_s"] > 0 for r in rows)
