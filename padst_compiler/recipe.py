@@ -34,6 +34,7 @@ class RunConfig:
     steps: int = 300
     batch_size: int = 16
     lr: float = 1e-3
+    lr_warmup: float = 0.0  # fraction of the steps over which the learning rate ramps linearly up to ``lr``
     eval_every: int = 50
     eval_batches: int = 8
     seed: int = 0
@@ -157,6 +158,9 @@ def train(config: RunConfig, corpus: ByteCorpus | None = None, progress: bool = 
     task = task or default_task(config, corpus)
     model = build_model(config, task)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+    warmup_steps = config.lr_warmup * config.steps
+    lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup_steps)) \
+        if warmup_steps >= 1 else None
     sched = None
     if config.structure is not None:
         sched = DSTScheduler(model, optimizer, total_steps=config.steps, growth=config.growth,
@@ -174,6 +178,8 @@ def train(config: RunConfig, corpus: ByteCorpus | None = None, progress: bool = 
         optimizer.zero_grad(set_to_none=True)
         total.backward()
         optimizer.step()
+        if lr_schedule:
+            lr_schedule.step()
         if sched:
             sched.step()
         if step % config.eval_every == 0 or step == config.steps:
