@@ -1,9 +1,12 @@
 """Input validation for the padst ops.
 
 Shape checks are cheap and always run (also at trace time, from the fake
-implementations). Checks that read index *values* (is this a permutation? are block
-indices in range?) cost a pass over the index and a host sync on a GPU, so each runs
-once per index tensor and version, and they can be switched off altogether.
+implementations). Checks that read index *values* cost a pass over the index and a host
+sync on a GPU, so each runs once per index tensor and version. The range checks (every
+index value inside the tensor it addresses) always run: no input may make a kernel read
+or write outside its tensors. The semantic checks (is this a permutation? is a unit kept
+twice?) can be switched off (``PADST_CHECKS=0``, :func:`set_checks`); a wrong input then
+gives a wrong result, never a crash.
 """
 
 from __future__ import annotations
@@ -36,9 +39,14 @@ def set_checks(enabled: bool) -> Iterator[None]:
         _checks_enabled = previous
 
 
+def _has_values(index: torch.Tensor) -> bool:
+    """Real tensors only: fake (tracing) and meta tensors have no data."""
+    return index.numel() > 0 and not is_fake(index) and index.device.type != "meta"
+
+
 def _reads_values(index: torch.Tensor) -> bool:
-    """Value checks run on real tensors only: fake (tracing) tensors have no data."""
-    return _checks_enabled and index.numel() > 0 and not is_fake(index) and index.device.type != "meta"
+    """Whether the semantic checks (a permutation, no unit kept twice) run on ``index``."""
+    return _checks_enabled and _has_values(index)
 
 
 def _check_once(index: torch.Tensor, check: tuple, run) -> None:
@@ -66,13 +74,14 @@ def check_index_tensor(op: str, name: str, index: torch.Tensor, shape: tuple[int
 
 
 def check_permutation(op: str, name: str, index: torch.Tensor, length: int) -> None:
-    """``index`` must be a permutation of ``range(length)``."""
+    """``index`` must be a permutation of ``range(length)``: in range always, every value
+    once while checks are on."""
     check_index_tensor(op, name, index, (length,))
+    check_in_range(op, name, index, length)
     if not _reads_values(index):
         return
 
     def run():
-        _fail_outside(op, name, index, length)
         counts = torch.bincount(index, minlength=length)
         if bool((counts != 1).any()):
             repeated = int(torch.nonzero(counts > 1)[0])
@@ -83,8 +92,9 @@ def check_permutation(op: str, name: str, index: torch.Tensor, length: int) -> N
 
 
 def check_in_range(op: str, name: str, index: torch.Tensor, bound: int) -> None:
-    """Every value of ``index`` lies in ``[0, bound)``."""
-    if not _reads_values(index):
+    """Every value of ``index`` lies in ``[0, bound)``. The kernels read and write through
+    these values, so this check runs whatever :func:`set_checks` says (once per version)."""
+    if not _has_values(index):
         return
 
     _check_once(index, ("range", bound), lambda: _fail_outside(op, name, index, bound))

@@ -115,6 +115,21 @@ def _check_call(op, kernels, x, values, index, out_features, bias, in_index, out
         checks.check_permutation(op, "out_index", out_index, out_features)
 
 
+def _check_grad_call(op, kernels, grad, values, index, in_features, in_index, out_index, x=None):
+    """The checks of the forward call the backward ops stand for (they are public ops too,
+    and their kernels read through the same indices), plus ``x`` matching ``grad`` row for row."""
+    if grad.dim() == 0:
+        checks.fail(op, "grad must have a feature axis, got a 0-d tensor")
+    if x is not None:
+        if x.dim() == 0 or x.shape[:-1] != grad.shape[:-1]:
+            checks.fail(op, f"x of shape {tuple(x.shape)} does not match grad of shape {tuple(grad.shape)} "
+                            "in its leading dimensions")
+        if x.dtype != grad.dtype:
+            checks.fail(op, f"x has dtype {x.dtype} but grad has {grad.dtype}")
+    _check_call(op, kernels, grad.new_empty(0, in_features) if x is None else x, values, index, grad.shape[-1],
+                None, in_index, out_index)
+
+
 def _flat(t: Tensor) -> Tensor:
     return t.reshape(-1, t.shape[-1])
 
@@ -146,6 +161,7 @@ def define_structured_op(kernels: StructuredKernels):
         return x.new_empty(*x.shape[:-1], out_features)
 
     def compute_grad_input(grad, values, index, in_features, in_index, out_index):
+        _check_grad_call(f"{qualname}_grad_input", kernels, grad, values, index, in_features, in_index, out_index)
         dx = kernels.for_device(grad.device).grad_input(_flat(grad), values, index, in_features, in_index, out_index)
         return dx.view(*grad.shape[:-1], in_features)
 
@@ -154,9 +170,12 @@ def define_structured_op(kernels: StructuredKernels):
 
     @grad_input.register_fake
     def _(grad, values, index, in_features, in_index, out_index):
+        _check_grad_call(f"{qualname}_grad_input", kernels, grad, values, index, in_features, in_index, out_index)
         return grad.new_empty(*grad.shape[:-1], in_features)
 
     def compute_grad_values(grad, x, values, index, in_index, out_index):
+        _check_grad_call(f"{qualname}_grad_values", kernels, grad, values, index, x.shape[-1] if x.dim() else 0,
+                         in_index, out_index, x)
         # contiguous: the fake implementation promises the layout of empty_like(values)
         return kernels.for_device(grad.device).grad_values(_flat(grad), _flat(x), values, index, in_index,
                                                            out_index).contiguous()
@@ -166,6 +185,8 @@ def define_structured_op(kernels: StructuredKernels):
 
     @grad_values.register_fake
     def _(grad, x, values, index, in_index, out_index):
+        _check_grad_call(f"{qualname}_grad_values", kernels, grad, values, index, x.shape[-1] if x.dim() else 0,
+                         in_index, out_index, x)
         return torch.empty_like(values)
 
     def setup_context(ctx, inputs, output):
