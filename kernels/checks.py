@@ -41,7 +41,11 @@ def set_checks(enabled: bool) -> Iterator[None]:
 
 def _has_values(index: torch.Tensor) -> bool:
     """Real tensors only: fake (tracing) and meta tensors have no data."""
-    return index.numel() > 0 and not is_fake(index) and index.device.type != "meta"
+    if index.numel() == 0 or index.device.type == "meta":
+        return False
+    if type(index) is torch.Tensor and not torch._is_functional_tensor(index):
+        return True  # the common case, without is_fake's unwrapping
+    return not is_fake(index)
 
 
 def _reads_values(index: torch.Tensor) -> bool:

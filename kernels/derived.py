@@ -87,13 +87,12 @@ def memoize(name: str, tensors: tuple[torch.Tensor | None, ...], compute: Callab
         return compute()
     key = (name, extra, tuple(None if t is None else id(t) for t in tensors[1:]))
     stamps = tuple(map(_stamp, tensors))
-    with _lock:
-        owned = _owned.get(id(owner))
-        hit = None if owned is None or owned.owner() is not owner else owned.entries.get(key)
-        # a partner's id can be reused by a new tensor once the old one is gone: the weak references tell
-        if hit is not None and hit[0] == stamps and \
-                all(r is None if t is None else r() is t for r, t in zip(hit[1], tensors[1:])):
-            return hit[2]
+    owned = _owned.get(id(owner))  # reads need no lock: a dict lookup is atomic
+    hit = None if owned is None or owned.owner() is not owner else owned.entries.get(key)
+    # a partner's id can be reused by a new tensor once the old one is gone: the weak references tell
+    if hit is not None and hit[0] == stamps and \
+            all(r is None if t is None else r() is t for r, t in zip(hit[1], tensors[1:])):
+        return hit[2]
     result = compute()
     _computed[name] = _computed.get(name, 0) + 1
     if any(result is t for t in tensors):  # filing it would keep its owner alive forever

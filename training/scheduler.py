@@ -24,7 +24,6 @@ from padst_compiler.training.permutation import project_to_birkhoff_
 from padst_compiler.training.sparsify import padst_layers
 
 GROWTH_MODES = ("rigl", "set")
-RESELECT_AT = (0.5, 0.75)  # fractions of the dense warm-up at which learned permutations are re-chosen
 
 
 def _distributed_world() -> int:
@@ -40,7 +39,7 @@ class DSTScheduler:
                  update_every: int = 100, drop_fraction: float = 0.3, t_end: float = 0.75,
                  growth: str = "rigl", penalty_weight: float = 1.0, penalty_start: float | None = None,
                  harden_threshold: float = 0.22, harden_at: float = 0.1, sinkhorn_iterations: int = 10,
-                 anneal: bool = False, seed: int = 0):
+                 anneal: bool = False, reselect_at: tuple[float, ...] = (0.5, 0.75), seed: int = 0):
         if growth not in GROWTH_MODES:
             raise ValueError(f"growth must be one of {GROWTH_MODES}, got {growth!r}")
         for option, value in (("total_steps", total_steps), ("update_every", update_every)):
@@ -60,6 +59,8 @@ class DSTScheduler:
         for option, value in (("drop_fraction", drop_fraction), ("t_end", t_end), ("harden_at", harden_at)):
             if not 0 <= value <= 1:
                 raise ValueError(f"{option} must be in [0, 1], got {value!r}")
+        if not all(0 < fraction < 1 for fraction in reselect_at):
+            raise ValueError(f"reselect_at must hold fractions of the warm-up in (0, 1), got {reselect_at!r}")
         self.layers = padst_layers(model)
         if not self.layers:
             raise ValueError("the model has no PADSTLinear layer: call sparsify(model, ...) first")
@@ -67,7 +68,8 @@ class DSTScheduler:
         self.options = dict(total_steps=total_steps, update_every=update_every, drop_fraction=drop_fraction,
                             t_end=t_end, growth=growth, penalty_weight=penalty_weight,
                             penalty_start=penalty_start, harden_threshold=harden_threshold,
-                            harden_at=harden_at, sinkhorn_iterations=sinkhorn_iterations, anneal=anneal, seed=seed)
+                            harden_at=harden_at, sinkhorn_iterations=sinkhorn_iterations, anneal=anneal,
+                            reselect_at=tuple(reselect_at), seed=seed)
         self.total_steps, self.update_every, self.growth = total_steps, update_every, growth
         self.drop_fraction, self.seed = drop_fraction, seed
         self.end_step = int(t_end * total_steps)
@@ -75,7 +77,7 @@ class DSTScheduler:
         self.penalty_weight, self.penalty_start = penalty_weight, penalty_start
         self.harden_threshold, self.sinkhorn_iterations = harden_threshold, sinkhorn_iterations
         self.anneal = anneal
-        self.reselect_steps = {round(self.harden_step * fraction) for fraction in RESELECT_AT} - {0}
+        self.reselect_steps = {round(self.harden_step * fraction) for fraction in reselect_at} - {0}
         self.step_count = 0
         self._arm_gradient_capture()
 
@@ -105,7 +107,8 @@ class DSTScheduler:
     def _warmup_step(self) -> None:
         """During the dense warm-up (steps 1 to T, the hardening step): average each weight over
         the second half (the permutation is chosen from that mean), re-choose learned
-        permutations at ``RESELECT_AT`` of T and, with ``anneal``, shrink the weights outside
+        permutations at the ``reselect_at`` fractions of T (each
+        selection starts from the one before) and, with ``anneal``, shrink the weights outside
         the structure so that what is left of them falls as ``1 - (t / T)**3`` to zero at T:
         slowly at first, while the dense weight still decides which units matter, fully by
         the end, so hardening changes the function little."""

@@ -150,6 +150,7 @@ def test_scheduler_hardens_at_the_configured_fraction_and_penalty_vanishes():
     ({"growth": "random"}, "growth must be one of"),
     ({"update_every": 0}, "update_every must be a positive integer"),
     ({"t_end": 1.5}, r"t_end must be in \[0, 1\]"),
+    ({"reselect_at": (0.5, 1.0)}, r"reselect_at must hold fractions of the warm-up in \(0, 1\)"),
 ])
 def test_scheduler_rejects_bad_options(options, message):
     model = make_layer(Block(4, 4))
@@ -223,3 +224,20 @@ def test_a_model_hundreds_of_layers_deep_warms_up_hardens_and_trains_on():
     assert not any(param.numel() == 0 for param in optimizer.state)
     assert sum(not torch.equal(layer.index, start) for layer, start in zip(layers, initial)) > 128
     assert torch.isfinite(model(x)).all()
+
+
+@pytest.mark.parametrize("reselect_at,expected", [((0.5, 0.75), [5, 8]), ((), [])])
+def test_learned_permutations_are_reselected_at_the_chosen_fractions_of_the_warm_up(monkeypatch, reselect_at,
+                                                                                      expected):
+    from padst_compiler.training import PADSTLinear
+
+    model = make_layer(Block(4, 4), permutation="learned")
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    sched = DSTScheduler(model, optimizer, total_steps=100, reselect_at=reselect_at)  # warm-up: 10 steps
+    steps = []
+    original = PADSTLinear.reselect_permutation
+    monkeypatch.setattr(PADSTLinear, "reselect_permutation", lambda layer: steps.append(sched.step_count)
+                        or original(layer))
+    for _ in range(12):
+        one_step(model, optimizer, sched, torch.randn(8, 32))
+    assert steps == expected
