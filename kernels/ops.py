@@ -148,6 +148,8 @@ def define_structured_op(kernels: StructuredKernels):
 
     def compute_forward(x, values, index, out_features, bias=None, in_index=None, out_index=None):
         _check_call(qualname, kernels, x, values, index, out_features, bias, in_index, out_index)
+        if x.numel() == 0:  # no token: no kernel (their tilings and timings assume at least one)
+            return x.new_empty(*x.shape[:-1], out_features)
         y = kernels.for_device(x.device).forward(_flat(x), values, index, out_features, bias, in_index, out_index)
         return y.view(*x.shape[:-1], out_features)
 
@@ -162,6 +164,8 @@ def define_structured_op(kernels: StructuredKernels):
 
     def compute_grad_input(grad, values, index, in_features, in_index, out_index):
         _check_grad_call(f"{qualname}_grad_input", kernels, grad, values, index, in_features, in_index, out_index)
+        if grad.numel() == 0:
+            return grad.new_empty(*grad.shape[:-1], in_features)
         dx = kernels.for_device(grad.device).grad_input(_flat(grad), values, index, in_features, in_index, out_index)
         return dx.view(*grad.shape[:-1], in_features)
 
@@ -176,6 +180,8 @@ def define_structured_op(kernels: StructuredKernels):
     def compute_grad_values(grad, x, values, index, in_index, out_index):
         _check_grad_call(f"{qualname}_grad_values", kernels, grad, values, index, x.shape[-1] if x.dim() else 0,
                          in_index, out_index, x)
+        if grad.numel() == 0 or x.numel() == 0:
+            return torch.zeros_like(values, memory_format=torch.contiguous_format)
         # contiguous: the fake implementation promises the layout of empty_like(values)
         return kernels.for_device(grad.device).grad_values(_flat(grad), _flat(x), values, index, in_index,
                                                            out_index).contiguous()

@@ -133,6 +133,9 @@ class PADSTLinear(nn.Module):
     # ----------------------------------------------------------------------- forward
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 0:
+            raise ValueError(f"{self.name or 'PADSTLinear'}: expected inputs with {self.in_features} features "
+                             "in the last dimension, got a 0-d tensor")
         features = x.shape[-1]
         if isinstance(features, int) and features != self.in_features:  # (a Proxy under fx tracing)
             raise ValueError(f"{self.name or 'PADSTLinear'}: expected inputs with {self.in_features} features "

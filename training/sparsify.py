@@ -90,14 +90,26 @@ def sparsify(model: nn.Module, structure: Structure, sparsity: float, *, permuta
     if distribution == "erk" and not isinstance(structure, Unstructured):
         raise ValueError(f"distribution='erk' needs Unstructured(), got {structure}: a structured layer "
                          "keeps the same count per group, so its sparsity stays uniform")
+    if not isinstance(structure, Structure):
+        raise TypeError(f"sparsify: structure must be a Structure such as Block(8, 8), NM(32), Diagonal() or "
+                        f"Unstructured(), got {structure!r}")
+
+    def selected(name: str) -> bool:
+        return (include is None or _matches(name, include)) and not _matches(name, exclude)
+
+    for name, module in model.named_modules():
+        if isinstance(module, PADSTLinear) and selected(name):
+            raise ValueError(f"sparsify: layer {name!r} is already sparsified ({module.structure}); nothing was "
+                             "changed. Sparsify each layer once (include / exclude pick the layers still dense)")
     tied = _shared_parameter_ids(model)
     candidates = []
     for name, module in model.named_modules():
         linear = _as_linear(module)
-        if linear is None or id(getattr(module, "weight")) in tied:
+        if linear is None or id(getattr(module, "weight")) in tied or not selected(name):
             continue
-        if (include is not None and not _matches(name, include)) or _matches(name, exclude):
-            continue
+        if not name:
+            raise ValueError("sparsify replaces layers inside a model; the model itself is a linear layer: "
+                             "wrap it in a container (e.g. nn.Sequential) or use PADSTLinear.from_dense")
         candidates.append(_Candidate(name, module, *linear))
 
     if distribution == "erk":
@@ -106,25 +118,23 @@ def sparsify(model: nn.Module, structure: Structure, sparsity: float, *, permuta
     else:
         sparsities = {c.name: sparsity for c in candidates}
 
-    rejected = []
+    # every layer is built before any is swapped in: a refusal leaves the model as it was
+    layers, rejected = {}, []
     for position, candidate in enumerate(candidates):
         try:
-            layer = PADSTLinear.from_dense(
+            layers[candidate.name] = PADSTLinear.from_dense(
                 candidate.weight.detach(), None if candidate.bias is None else candidate.bias.detach(),
                 structure, sparsities[candidate.name], permutation=permutation, side=side,
                 name=candidate.name, soft_noise=soft_noise, seed=seed + position, dense_warmup=dense_warmup)
         except ValueError as error:
             rejected.append(str(error))
-            continue
-        if not candidate.name:
-            raise ValueError("sparsify replaces layers inside a model; the model itself is a linear layer: "
-                             "wrap it in a container (e.g. nn.Sequential) or use PADSTLinear.from_dense")
-        model.set_submodule(candidate.name, layer)
     if rejected:
         message = f"sparsify: {len(rejected)} layer(s) left dense:\n  " + "\n  ".join(rejected)
         if strict:
-            raise ValueError(message)
+            raise ValueError(message + "\nnothing was changed (strict=True)")
         warnings.warn(message, stacklevel=2)
+    for name, layer in layers.items():
+        model.set_submodule(name, layer)
     if not getattr(model, "_padst_checkpoint_guard", False):
         model.register_load_state_dict_pre_hook(check_checkpoint_matches)
         model._padst_checkpoint_guard = True

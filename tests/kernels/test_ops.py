@@ -268,3 +268,15 @@ def test_repeated_eager_calls_replay_the_kernel_and_follow_every_change(monkeypa
         select.clear()  # forgotten choices: prepared again
         check(x)
         assert len(calls) == 10
+
+
+@pytest.mark.parametrize("structure,op", [(Block(4, 8), "block_linear"), (NM(4), "nm_linear"),
+                                         (Diagonal(), "diag_linear")], ids=str)
+@pytest.mark.parametrize("batch_shape", [(0,), (2, 0)], ids=str)
+def test_a_batch_without_tokens_gives_empty_outputs_and_zero_weight_gradients(structure, op, batch_shape):
+    weight, x, bias, in_index, out_index = make_case(structure, 32, 32, 0.5, batch_shape, dtype=torch.float32)
+    values, x, bias = weight.values.requires_grad_(), x.requires_grad_(), bias.requires_grad_()
+    y = getattr(torch.ops.padst, op)(x, values, weight.index, 32, bias, in_index, out_index)
+    assert y.shape == (*batch_shape, 32)
+    y.sum().backward()  # under the default implementation choice, which times candidates
+    assert x.grad.shape == x.shape and not values.grad.any() and not bias.grad.any()

@@ -145,3 +145,5 @@ def test_inputs_of_the_wrong_width_are_refused_by_name():
     layer = PADSTLinear(16, 8, NM(4), 0.5, name="mlp.fc")
     with pytest.raises(ValueError, match=r"mlp.fc: expected inputs with 16 features .* got shape \(2, 32\)"):
         layer(torch.randn(2, 32))
+    with pytest.raises(ValueError, match=r"mlp.fc: expected inputs with 16 features .* got a 0-d tensor"):
+        layer(torch.tensor(1.0))

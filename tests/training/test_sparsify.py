@@ -59,8 +59,10 @@ def test_layers_the_structure_cannot_take_are_listed_in_one_warning():
     with pytest.warns(UserWarning, match=r"2 layer\(s\) left dense:\n  layer '1' of shape 30x32.*\n  layer '2'"):
         sparsify(model, Block(4, 4), 0.5)
     assert isinstance(model[0], PADSTLinear) and isinstance(model[1], nn.Linear)
-    with pytest.raises(ValueError, match="layer '1' of shape 30x32"):
-        sparsify(nn.Sequential(nn.Linear(32, 32), nn.Linear(32, 30)), Block(4, 4), 0.5, strict=True)
+    strict = nn.Sequential(nn.Linear(32, 32), nn.Linear(32, 30))
+    with pytest.raises(ValueError, match=r"layer '1' of shape 30x32(.|\n)*nothing was changed \(strict=True\)"):
+        sparsify(strict, Block(4, 4), 0.5, strict=True)
+    assert all(type(layer) is nn.Linear for layer in strict)  # the layer that fits was not converted either
 
 
 def test_bare_linear_and_bad_distribution_are_explained():
@@ -98,3 +100,16 @@ def test_contradictory_permutation_options_are_refused_before_any_layer_changes(
         sparsify(model, Block(4, 4), 0.5, permutation="birkhoff", dense_warmup=True)
     assert all(isinstance(layer, nn.Linear) for layer in model)
     assert all(torch.equal(before[name], value) for name, value in model.state_dict().items())
+
+
+def test_a_layer_is_sparsified_once_and_the_structure_must_be_a_structure():
+    model = nn.Sequential(nn.Linear(32, 32), nn.Linear(32, 32))
+    sparsify(model, Block(4, 4), 0.5, include=["0"])
+    first = model[0]
+    with pytest.raises(ValueError, match=r"layer '0' is already sparsified \(Block\(4x4\)\); nothing was changed"):
+        sparsify(model, NM(4), 0.5)
+    assert model[0] is first and type(model[1]) is nn.Linear
+    sparsify(model, NM(4), 0.5, include=["1"])  # the layers still dense can be sparsified
+    assert isinstance(model[1], PADSTLinear) and model[1].structure == NM(4)
+    with pytest.raises(TypeError, match="structure must be a Structure such as Block\\(8, 8\\).*got 'block8'"):
+        sparsify(nn.Sequential(nn.Linear(32, 32)), "block8", 0.5)
