@@ -282,6 +282,7 @@ class PADSTLinear(nn.Module):
                 learned.requires_grad_(False)
         if self.dense_weight_proxy is not None:  # not needed any more: keep only the sparse weight
             self.dense_weight_proxy.data = self.dense_weight_proxy.new_empty(0)
+            self.dense_weight_proxy.grad = None  # a stale full-size gradient would break the next optimizer step
             self.dense_weight_average = self.dense_weight_average.new_empty(0)
         self.hard = True
 

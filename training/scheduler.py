@@ -160,56 +160,78 @@ class DSTScheduler:
             if not capture:
                 layer.dense_grad = None
 
-    def _grow_scores(self, position: int, name: str, layer, mask_shape) -> torch.Tensor:
+    def _grow_scores(self, position: int, layer, mask_shape) -> torch.Tensor:
         if self.growth == "set":
             gen = torch.Generator().manual_seed(hash((self.seed, self.step_count, position)) & 0x7FFFFFFF)
             return torch.rand(mask_shape, generator=gen).to(layer.values.device)
-        if layer.dense_grad is None:
-            raise RuntimeError(f"layer {name!r}: no dense gradient was captured for the RigL update at step "
-                               f"{self.step_count}; call sched.step() once after every optimizer.step(), "
-                               "with a backward pass through the model in between")
         grad = layer.dense_grad
         if _distributed_world() > 1:  # every rank must grow the same units
             torch.distributed.all_reduce(grad)
             grad = grad / _distributed_world()
         return layer.structure.unit_scores(grad.float().square())
 
+    def _drop_counts(self, step: int, skip: set[str]) -> dict[str, int]:
+        """Units each layer drops at ``step`` (layers in ``skip`` and layers dropping none left out)."""
+        fraction = dst.drop_fraction_at(step, self.drop_fraction, self.end_step)
+        counts = {}
+        for name, layer in self.layers:
+            if name not in skip:
+                kept = int(layer.structure.index_to_units(layer.index, layer.out_features, layer.in_features).sum())
+                if round(fraction * kept):
+                    counts[name] = round(fraction * kept)
+        return counts
+
+    def _check_update_inputs(self, drop_counts: dict[str, int]) -> None:
+        """Refuse an update that cannot run before anything (masks, step count) has moved."""
+        if self.growth != "rigl":
+            return
+        for name, layer in self.layers:
+            if name in drop_counts and layer.dense_grad is None:
+                raise RuntimeError(f"layer {name!r}: no dense gradient was captured for the RigL update at step "
+                                   f"{self.step_count + 1}; call sched.step() once after every optimizer.step(), "
+                                   "with a backward pass through the model in between. Nothing was changed")
+
     @torch.no_grad()
-    def _update_masks(self, skip: set[str]) -> None:
-        """Drop and grow units in every layer except ``skip`` (layers whose sparse weight was not
-        in use during this step: it was fitted to the warm-up weight just now, or not yet)."""
-        fraction = dst.drop_fraction_at(self.step_count, self.drop_fraction, self.end_step)
+    def _update_masks(self, drop_counts: dict[str, int]) -> None:
+        """Drop and grow ``drop_counts[name]`` units in each layer named there: every new mask
+        is planned before any layer, its values or its optimizer state is moved."""
+        planned = []
         for position, (name, layer) in enumerate(self.layers):
-            if name in skip:
+            if name not in drop_counts:
                 continue
             structure, out_features, in_features = layer.structure, layer.out_features, layer.in_features
-            mask = structure.index_to_units(layer.index, out_features, in_features)
-            drop_count = round(fraction * int(mask.sum()))
-            if drop_count == 0:
-                continue
-            scores = self._grow_scores(position, name, layer, mask.shape)
-            layer.dense_grad = None  # consumed: the next update captures afresh
+            scores = self._grow_scores(position, layer, structure.index_to_units(
+                layer.index, out_features, in_features).shape)
             new_mask, survivors = dst.plan_update(structure, layer.values, layer.index, out_features,
-                                                  in_features, drop_count, scores)
+                                                  in_features, drop_counts[name], scores)
             new_index = structure.units_to_index(new_mask, out_features, in_features)
             keep = structure.units_to_dense(survivors, out_features, in_features)
             moved = [layer.values] + [state for state in self.optimizer.state.get(layer.values, {}).values()
                                       if torch.is_tensor(state) and state.shape == layer.values.shape]
-            for tensor in moved:
-                tensor.copy_(dst.remap(structure, tensor, layer.index, new_index, keep, out_features, in_features))
+            planned.append((layer, new_index, [(tensor, dst.remap(structure, tensor, layer.index, new_index, keep,
+                                                                  out_features, in_features)) for tensor in moved]))
+        for layer, new_index, remapped in planned:
+            for tensor, value in remapped:
+                tensor.copy_(value)
             layer.index.copy_(new_index)
+            layer.dense_grad = None  # consumed: the next update captures afresh
 
     # ------------------------------------------------------------------------ step
 
     def step(self) -> None:
         """Advance one training step; call right after ``optimizer.step()``."""
+        # layers whose sparse weight was not in use during this step (fitted to the warm-up
+        # weight just now, or not yet) keep their masks
+        was_warming_up = {name for name, layer in self.layers if layer.warming_up}
+        update = self._update_due(self.step_count + 1)
+        drop_counts = self._drop_counts(self.step_count + 1, was_warming_up) if update else {}
+        self._check_update_inputs(drop_counts)
         self.step_count += 1
         self._keep_soft_permutations_feasible()
         self._warmup_step()
-        was_warming_up = {name for name, layer in self.layers if layer.warming_up}
         self._harden_due()
-        if self._update_due(self.step_count):
-            self._update_masks(skip=was_warming_up)
+        if update:
+            self._update_masks(drop_counts)
         self._arm_gradient_capture()
 
     def progress_postfix(self) -> dict[str, str]:

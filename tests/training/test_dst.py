@@ -126,12 +126,40 @@ def test_set_growth_is_seeded():
     assert not torch.equal(final_index(0), final_index(1))
 
 
-def test_rigl_without_a_backward_pass_is_explained():
-    model = make_layer(Block(4, 4))
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    sched = DSTScheduler(model, optimizer, total_steps=10, update_every=1, t_end=1.0)
-    with pytest.raises(RuntimeError, match="layer '0': no dense gradient was captured for the RigL update at step 1"):
+def _snapshot(model, optimizer, sched):
+    tensors = {name: t.clone() for name, t in (*model.named_parameters(), *model.named_buffers())}
+    moments = [(id(p), key, v.clone() if torch.is_tensor(v) else v)
+               for p, state in optimizer.state.items() for key, v in state.items()]
+    return tensors, moments, sched.step_count
+
+
+def _same(a, b) -> bool:
+    (tensors_a, moments_a, step_a), (tensors_b, moments_b, step_b) = a, b
+    return step_a == step_b and tensors_a.keys() == tensors_b.keys() \
+        and all(torch.equal(tensors_a[k], tensors_b[k]) for k in tensors_a) and len(moments_a) == len(moments_b) \
+        and all(x[:2] == y[:2] and (torch.equal(x[2], y[2]) if torch.is_tensor(x[2]) else x[2] == y[2])
+                for x, y in zip(moments_a, moments_b))
+
+
+def test_rigl_without_a_backward_pass_is_explained_and_changes_nothing():
+    """The second layer lacks its gradient: the first layer's mask must not have moved, nor
+    the step count, and the step runs once the gradient is there."""
+    torch.manual_seed(0)
+    model = nn.Sequential(PADSTLinear(32, 32, Block(4, 4), 0.5), PADSTLinear(32, 16, Block(4, 4), 0.5))
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.1)
+    sched = DSTScheduler(model, optimizer, total_steps=10, update_every=2, t_end=1.0)
+    x = torch.randn(8, 32)
+    one_step(model, optimizer, sched, x)  # step 1; step 2 updates the masks
+    model(x).sum().backward()
+    optimizer.step()
+    model[1].dense_grad = None
+    before = _snapshot(model, optimizer, sched)
+    with pytest.raises(RuntimeError, match="layer '1': no dense gradient was captured for the RigL update at step 2"):
         sched.step()
+    assert _same(before, _snapshot(model, optimizer, sched))
+    model(x).sum().backward()
+    sched.step()
+    assert sched.step_count == 2 and not torch.equal(before[0]["0.index"], model[0].index)
 
 
 def test_scheduler_hardens_at_the_configured_fraction_and_penalty_vanishes():
