@@ -9,8 +9,8 @@ if __name__ != "padst_compiler.kernels":  # pragma: no cover - exercised in a su
         "install the project (pip install -e .) and import it through padst_compiler"
     )
 
-from padst_compiler.kernels import ops  # noqa: F401  (registers torch.ops.padst.*)
-from padst_compiler.kernels.checks import checks_enabled, set_checks
+from padst_compiler.kernels.ops import registry  # noqa: F401  (registers torch.ops.padst.*)
+from padst_compiler.kernels.ops.checks import checks_enabled, set_checks
 from padst_compiler.kernels.structures import (
     NM,
     Block,

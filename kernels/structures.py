@@ -23,7 +23,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from padst_compiler.kernels.cpu import (
+from padst_compiler.kernels.eager.dispatch import structured_linear
+from padst_compiler.kernels.implementations import (
     TransposedRows,
     block_to_rows,
     diagonal_columns,
@@ -32,7 +33,6 @@ from padst_compiler.kernels.cpu import (
     nm_to_rows,
     transpose_rows,
 )
-from padst_compiler.kernels.ops import structured_linear
 
 Tensor = torch.Tensor
 

@@ -6,7 +6,7 @@ and forward+backward (gradients of input, kept values and bias), each against
 ``F.linear`` with a dense weight of the same shape. The forward is timed as inference
 runs it, on frozen values (as ``optimize`` leaves them, so value repackings are kept
 between calls); forward+backward on trainable values, as a training step runs it. The implementation each op ran (as
-picked by measurement, see ``kernels/select.py``) is printed alongside, and the results can
+picked by measurement, see ``kernels/eager/select.py``) is printed alongside, and the results can
 be written as JSON.
 """
 
@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 from tabulate import tabulate
 
-from padst_compiler.kernels import NM, Block, Diagonal, Structure, select, set_checks
+from padst_compiler.kernels import NM, Block, Diagonal, Structure, set_checks
+from padst_compiler.kernels.eager import select
 from padst_compiler.timing import interleaved_medians
 
 STRUCTURES: tuple[Structure, ...] = (Block(32, 32), Block(64, 64), NM(32), Diagonal())

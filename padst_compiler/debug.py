@@ -61,8 +61,8 @@ _choice_dirs: set[Path] = set()
 
 
 def write_kernel_choices(directory: str | Path) -> Path:
-    """Store the implementation picked for every op and shape regime so far (see ``kernels/select.py``)."""
-    from padst_compiler.kernels import select
+    """Store the implementation picked for every op and shape regime so far (see ``kernels/eager/select.py``)."""
+    from padst_compiler.kernels.eager import select
 
     path = Path(directory) / KERNEL_CHOICES
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -22,7 +22,7 @@ _PACKETS = {torch.ops.padst.permute: PERMUTE, torch.ops.padst.block_linear: torc
             torch.ops.padst.nm_linear: torch.ops.padst.nm_linear.default,
             torch.ops.padst.diag_linear: torch.ops.padst.diag_linear.default}
 
-# Positional layout of every structured op (kernels/ops.py, one schema for all).
+# Positional layout of every structured op (kernels/ops/registry.py, one schema for all).
 X, VALUES, INDEX, OUT_FEATURES, BIAS, IN_INDEX, OUT_INDEX = range(7)
 _STRUCTURED_ARG_NAMES = ("x", "values", "index", "out_features", "bias", "in_index", "out_index")
 

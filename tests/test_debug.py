@@ -132,7 +132,7 @@ def test_the_html_report_renders_in_headless_chromium(recorded, tmp_path):
 
 @pytest.mark.slow
 def test_kernel_choices_are_written_and_shown_by_padst_diff(recorded, tmp_path, capsys):
-    from padst_compiler.kernels import select
+    from padst_compiler.kernels.eager import select
 
     directory = tmp_path / "debug"
     shutil.copytree(recorded, directory)

@@ -38,7 +38,7 @@ def test_wheel_holds_only_the_padst_compiler_package(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     top_level = {name.split("/")[0] for name in names}
     assert {t for t in top_level if not t.endswith(".dist-info")} == {"padst_compiler"}
-    for module in ("kernels/ops.py", "kernels/structures.py", "kernels/native.cpp", "passes/__init__.py",
+    for module in ("kernels/ops/registry.py", "kernels/structures.py", "kernels/cpu/native.cpp", "passes/__init__.py",
                    "training/__init__.py"):  # native.cpp: the source the CPU kernels are built from
         assert f"padst_compiler/{module}" in names
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
@@ -51,3 +51,14 @@ def test_console_script_is_installed():
     padst = Path(sys.executable).parent / "padst"
     result = subprocess.run([str(padst), "demo", "--help"], capture_output=True, text=True, check=True)
     assert "--sparsity" in result.stdout
+
+
+def test_the_kernels_and_the_training_package_import_without_the_compiler():
+    """Dependencies point one way: kernels <- training <- compiler (passes, backend, api)."""
+    code = ("import sys, padst_compiler.training\n"
+            "compiler = {'padst_compiler.api', 'padst_compiler.backend', 'padst_compiler.pipeline'}\n"
+            "loaded = sorted(m for m in sys.modules if m in compiler or m.startswith('padst_compiler.passes'))\n"
+            "assert not loaded, loaded\n"
+            "import padst_compiler\n"
+            "assert padst_compiler.optimize.__module__ == 'padst_compiler.api'\n")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

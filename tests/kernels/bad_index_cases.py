@@ -7,7 +7,8 @@ import sys
 
 import torch
 
-from padst_compiler.kernels import NM, Block, Diagonal, select, set_checks
+from padst_compiler.kernels import NM, Block, Diagonal, set_checks
+from padst_compiler.kernels.eager import select
 
 OUT, IN, TOKENS = 64, 64, (1, 5, 33)
 OPS = {"block": torch.ops.padst.block_linear, "nm": torch.ops.padst.nm_linear, "diag": torch.ops.padst.diag_linear}

@@ -10,7 +10,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from padst_compiler.kernels import inductor_lowering
+from padst_compiler.kernels.inductor import lowering as inductor_lowering
 
 # Target -> the most shared memory one block may opt in to (cudaDevAttrMaxSharedMemoryPerBlockOptin),
 # the limit Triton checks before it launches: 227 KiB on H100 (sm_90), 163 KiB on A100 (sm_80).

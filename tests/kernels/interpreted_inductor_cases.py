@@ -18,7 +18,8 @@ import torch
 from torch._inductor.utils import run_and_get_code
 from torch.testing import FileCheck
 
-from padst_compiler.kernels import NM, Block, Diagonal, inductor_lowering
+from padst_compiler.kernels import NM, Block, Diagonal
+from padst_compiler.kernels.inductor import lowering as inductor_lowering
 
 from .reference import dense_reference
 from .test_ops import make_case

@@ -41,14 +41,14 @@ def test_inductor_on_the_cpu_calls_the_ops_as_extern_kernels_that_replay(monkeyp
     compile caches carry the lowering's tag, so no graph compiled without it is reused."""
     from torch._inductor.utils import run_and_get_code
 
-    from padst_compiler.kernels import ops, select
+    from padst_compiler.kernels.eager import dispatch, select
 
     structure = Block(8, 8)
     weight = structure.project(torch.randn(64, 32, generator=torch.Generator().manual_seed(0)), 0.5)
     bias, in_index = torch.randn(64), torch.randperm(32)
-    direct = ops._DIRECT_FORWARD[structure.op]
+    direct = dispatch.DIRECT_FORWARD[structure.op]
     calls = []
-    monkeypatch.setitem(ops._DIRECT_FORWARD, structure.op, lambda *args: calls.append(1) or direct(*args))
+    monkeypatch.setitem(dispatch.DIRECT_FORWARD, structure.op, lambda *args: calls.append(1) or direct(*args))
 
     def model(x):
         return torch.relu(structure.op(x, weight.values, weight.index, 64, bias, in_index))

@@ -9,7 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from padst_compiler.kernels import NM, Block, Diagonal, derived
+from padst_compiler.kernels import NM, Block, Diagonal
+from padst_compiler.kernels.eager import derived
 from padst_compiler.training import harden_permutations, sparsify
 
 

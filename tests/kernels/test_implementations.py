@@ -10,7 +10,9 @@ import sys
 import pytest
 import torch
 
-from padst_compiler.kernels import NM, Block, Diagonal, native, select
+from padst_compiler.kernels import NM, Block, Diagonal
+from padst_compiler.kernels.cpu import native
+from padst_compiler.kernels.eager import select
 from .reference import dense_reference
 
 needs_native = pytest.mark.skipif(native.library() is None, reason="no C++ compiler: native kernels not built")
@@ -154,7 +156,7 @@ def test_without_autotune_the_preferred_implementation_runs():
 
 @needs_native
 def test_a_fresh_cache_directory_builds_the_library(tmp_path):
-    code = ("from padst_compiler.kernels import native; import sys; "
+    code = ("from padst_compiler.kernels.cpu import native; import sys; "
             "sys.exit(0 if native.library() is not None else 1)")
     env = {**os.environ, "PADST_CACHE_DIR": str(tmp_path)}
     subprocess.run([sys.executable, "-c", code], env=env, check=True, timeout=120)
@@ -164,7 +166,7 @@ def test_a_fresh_cache_directory_builds_the_library(tmp_path):
 
 def test_missing_compiler_falls_back_with_one_warning(tmp_path):
     code = ("import warnings, torch\n"
-            "from padst_compiler.kernels import NM, native\n"
+            "from padst_compiler.kernels import NM\nfrom padst_compiler.kernels.cpu import native\n"
             "with warnings.catch_warnings(record=True) as caught:\n"
             "    warnings.simplefilter('always')\n"
             "    w = NM(4).project(torch.randn(8, 8), 0.5)\n"
@@ -179,7 +181,7 @@ def test_missing_compiler_falls_back_with_one_warning(tmp_path):
 
 def test_switched_off_says_nothing(tmp_path):
     code = ("import warnings; warnings.simplefilter('error')\n"
-            "from padst_compiler.kernels import native\n"
+            "from padst_compiler.kernels.cpu import native\n"
             "assert native.library() is None\n")
     env = {**os.environ, "PADST_NATIVE": "0"}
     subprocess.run([sys.executable, "-c", code], env=env, check=True, timeout=120)

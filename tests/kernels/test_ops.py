@@ -5,7 +5,9 @@ import itertools
 import pytest
 import torch
 
-from padst_compiler.kernels import NM, Block, Diagonal, Unstructured, native, select, set_checks
+from padst_compiler.kernels import NM, Block, Diagonal, Unstructured, set_checks
+from padst_compiler.kernels.cpu import native
+from padst_compiler.kernels.eager import select
 from padst_compiler.kernels.permutation import inverse_permutation
 
 from .reference import dense_reference
@@ -185,11 +187,11 @@ def test_value_checks_run_again_after_an_index_changes_in_place():
 
 def _count_direct_calls(monkeypatch, op):
     """Wrap the implementation ``structured_linear`` calls without the dispatcher."""
-    from padst_compiler.kernels import ops
+    from padst_compiler.kernels.eager import dispatch
 
     calls = []
-    direct = ops._DIRECT_FORWARD[op]
-    monkeypatch.setitem(ops._DIRECT_FORWARD, op, lambda *args: calls.append(1) or direct(*args))
+    direct = dispatch.DIRECT_FORWARD[op]
+    monkeypatch.setitem(dispatch.DIRECT_FORWARD, op, lambda *args: calls.append(1) or direct(*args))
     return calls
 
 

@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from padst_compiler.kernels import NM, Block, Diagonal, inductor_lowering, inductor_visibility
+from padst_compiler.kernels import NM, Block, Diagonal
+from padst_compiler.kernels.inductor import lowering as inductor_lowering
+from padst_compiler.kernels.inductor import visibility as inductor_visibility
 
 from . import gpu_compile
 from .test_ops import make_case, run_with_grads

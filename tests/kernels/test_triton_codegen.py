@@ -19,7 +19,8 @@ pytest.importorskip("triton.backends.nvidia.compiler", reason="needs Triton's NV
 from triton.compiler import ASTSource, make_backend  # noqa: E402  (after the backend check)
 from triton.runtime.jit import create_function_from_signature  # noqa: E402
 
-from padst_compiler.kernels import NM, Block, Diagonal, triton_kernels  # noqa: E402
+from padst_compiler.kernels import NM, Block, Diagonal  # noqa: E402
+from padst_compiler.kernels.triton import kernels as triton_kernels  # noqa: E402
 
 from . import gpu_compile  # noqa: E402
 from .triton_inputs import BIAS, IN, OUT, case_id, kernel_results, make_inputs  # noqa: E402

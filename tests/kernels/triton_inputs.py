@@ -4,7 +4,7 @@ the launches and compiles what they would run)."""
 
 import torch
 
-from padst_compiler.kernels import triton_kernels
+from padst_compiler.kernels.triton import kernels as triton_kernels
 
 BIAS, IN, OUT = "bias", "in", "out"
 

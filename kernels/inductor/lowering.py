@@ -3,11 +3,11 @@
 Where Inductor emits Triton (CUDA tensors, and CPU tensors under ``cpu_backend="triton"``),
 ``padst::<structure>_linear`` lowers to a choice between Triton templates of its forward
 kernel, one per tile configuration, and the opaque op (the tuned kernel of
-:mod:`triton_kernels`). Inductor's autotuner measures them. A template stores its output
+:mod:`..triton.kernels`). Inductor's autotuner measures them. A template stores its output
 through Inductor's own store, so an elementwise consumer (an activation, a residual add, a
 cast) fuses into the kernel instead of re-reading the output from memory.
 
-The backward ops keep the user-kernel decomposition of :mod:`inductor_visibility`: their
+The backward ops keep the user-kernel decomposition of :mod:`.visibility`: their
 transposed structure is prepared by host code, which a template cannot hold.
 
 This uses Inductor's private lowering API. It is gated on the torch versions it was written
@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from padst_compiler.kernels import inductor_visibility
+from padst_compiler.kernels.inductor import visibility
 
 log = logging.getLogger(__name__)
 
@@ -176,7 +176,7 @@ class _BlockTemplate(_Template):
     name, source = "block", BLOCK_SOURCE
 
     def constants(self, values, index, in_features, out_features):
-        from padst_compiler.kernels import triton_kernels
+        from padst_compiler.kernels.triton import kernels as triton_kernels
 
         _, kept, block_rows, block_cols = _sizes(values)
         return dict(KEPT=kept, **triton_kernels.block_tile(block_rows, block_cols))
@@ -285,7 +285,7 @@ class _Lowering:
     def __init__(self, op_name: str):
         from torch._inductor.select_algorithm import ExternKernelChoice, SymbolicGridFn, TritonTemplate
 
-        from padst_compiler.kernels.ops import structured_linear  # (ops imports this module)
+        from padst_compiler.kernels.eager.dispatch import structured_linear  # (lazy: the registry imports this module)
 
         self.op = getattr(torch.ops.padst, op_name).default
         self.structure = _TEMPLATES[op_name]
@@ -352,14 +352,14 @@ class _Lowering:
 
     def _configs(self) -> list[dict]:
         """Tile configurations to measure; the interpreter runs one (it would time Python)."""
-        from padst_compiler.kernels import triton_kernels
+        from padst_compiler.kernels.triton import kernels as triton_kernels
 
         configs = self.structure.configs()
         return configs[:1] if triton_kernels.INTERPRETED else configs
 
     @staticmethod
     def _dot_precision(dtype) -> str:
-        from padst_compiler.kernels import triton_kernels
+        from padst_compiler.kernels.triton import kernels as triton_kernels
 
         return repr(triton_kernels.dot_precision(dtype))
 
@@ -389,7 +389,7 @@ _lock = threading.Lock()
 def supported() -> bool:
     """Whether this torch gets the template lowerings (the forward ops then skip the
     user-kernel decomposition, which would hide them from these lowerings)."""
-    return inductor_visibility.torch_version_tested()
+    return visibility.torch_version_tested()
 
 
 def ensure_registered() -> None:

@@ -11,10 +11,11 @@ uniform schema lets compiler passes treat all structures alike. Each op comes wi
 backward ops (``*_grad_input`` and ``*_grad_values``), so Dynamo, AOTAutograd and
 Inductor see opaque, correctly typed nodes in forward and backward graphs alike.
 
-CUDA tensors run the Triton kernels of :mod:`triton_kernels`; every other device runs
-:mod:`cpu`. Under Inductor on CUDA the forward ops lower to Triton templates that take an
-elementwise epilogue (:mod:`inductor_lowering`) and the backward ops are traced into their
-Triton kernels (:mod:`inductor_visibility`).
+CUDA tensors run the Triton kernels of :mod:`..triton.kernels`; every other device (and
+CUDA without Triton) runs :mod:`..implementations`. Under Inductor on CUDA the forward ops
+lower to Triton templates that take an elementwise epilogue (:mod:`..inductor.lowering`)
+and the backward ops are traced into their Triton kernels (:mod:`..inductor.visibility`).
+Plain eager calls skip the dispatcher (:mod:`..eager.dispatch`).
 """
 
 from __future__ import annotations
@@ -24,12 +25,15 @@ from dataclasses import dataclass
 
 import torch
 
-from padst_compiler.kernels import checks, cpu, inductor_lowering, inductor_visibility, native, select
-from padst_compiler.kernels.derived import memoize
+from padst_compiler.kernels import implementations
+from padst_compiler.kernels.eager import dispatch
+from padst_compiler.kernels.inductor import lowering as inductor_lowering
+from padst_compiler.kernels.inductor import visibility as inductor_visibility
+from padst_compiler.kernels.ops import checks
 from padst_compiler.kernels.permutation import inverse_permutation
 
 try:
-    from padst_compiler.kernels import triton_kernels
+    from padst_compiler.kernels.triton import kernels as triton_kernels
 except ImportError:  # no Triton on this platform: CUDA tensors take the PyTorch implementation
     triton_kernels = None
 
@@ -87,14 +91,14 @@ class StructuredKernels:
 
     name: str
     check_format: Callable[[str, int, Tensor, Tensor, int], None]
-    pytorch: Implementation
+    portable: Implementation  # any device: native C++ on CPU, vectorised PyTorch, dense
     triton: Implementation | None
 
     def for_device(self, device: torch.device) -> Implementation:
         """The one place that picks a backend: Triton for CUDA tensors, PyTorch elsewhere."""
         if device.type == "cuda" and self.triton is not None:
             return self.triton
-        return self.pytorch
+        return self.portable
 
 
 def _check_call(op, kernels, x, values, index, out_features, bias, in_index, out_index):
@@ -154,7 +158,7 @@ def define_structured_op(kernels: StructuredKernels):
         return y.view(*x.shape[:-1], out_features)
 
     forward = torch.library.custom_op(qualname, compute_forward, mutates_args=(), schema=_FORWARD_SCHEMA)
-    _DIRECT_FORWARD[getattr(torch.ops.padst, kernels.name)] = compute_forward
+    dispatch.DIRECT_FORWARD[getattr(torch.ops.padst, kernels.name)] = compute_forward
 
     @forward.register_fake
     def _(x, values, index, out_features, bias=None, in_index=None, out_index=None):
@@ -249,59 +253,6 @@ def define_structured_op(kernels: StructuredKernels):
     return forward, grad_input, grad_values
 
 
-# ------------------------------------------------------------------ eager calls
-
-# ``torch.ops.padst.<name>`` -> the function its forward runs, for :func:`structured_linear`.
-_DIRECT_FORWARD: dict[object, Callable] = {}
-_PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
-
-
-def _dispatcher_needed(*tensors: Tensor | None) -> bool:
-    """Whether a call must go through the dispatcher: anything tracing, transforming,
-    profiling or differentiating it, or a tensor that is not a plain CPU/CUDA tensor."""
-    if torch.compiler.is_compiling() or torch._C._get_tracing_state() is not None \
-            or torch._C._len_torch_dispatch_stack() or torch._C._is_torch_function_mode_enabled() \
-            or torch._C._functorch.maybe_current_level() is not None or torch._C._autograd._profiler_enabled():
-        return True
-    grad = torch.is_grad_enabled()
-    return any(t is not None and (type(t) not in _PLAIN_TENSORS or (grad and t.requires_grad)) for t in tensors)
-
-
-def structured_linear(op, x, values, index, out_features, bias=None, in_index=None, out_index=None) -> Tensor:
-    """``op(x, values, index, ...)`` for a structured op. A plain eager call that needs no
-    gradient runs the op's implementation directly: the dispatcher and the custom-op layers
-    cost about 25 µs a call, most of the time of a one-token forward. Where that call ends
-    in a native kernel on x, the next calls with the same layer tensors (same objects and
-    versions), input shape and implementation choice replay the kernel call alone: the
-    checks, the choice and the argument preparation are another 40-60 µs of Python. Each
-    layer keeps the call of its latest input shape (decoding repeats one), as a trainable
-    layer's call holds a copy of its weights."""
-    if _dispatcher_needed(x, values, index, bias, in_index, out_index):
-        return op(x, values, index, out_features, bias, in_index, out_index)
-    direct = _DIRECT_FORWARD[op]
-    if x.dim() == 0 or x.device.type != "cpu" or native.library() is None:
-        return direct(x, values, index, out_features, bias, in_index, out_index)
-    x2 = x.reshape(-1, x.shape[-1])
-    layer = memoize("direct forward", (values, index, bias, in_index, out_index), dict, op, x2.dtype,
-                    out_features, checks.checks_enabled(), select.state())
-    shape = (x2.shape, x2.stride())
-    recorded = layer.get("replay")  # (shape, call); one dict operation at a time, safe across threads
-    if recorded is not None and recorded[0] == shape:
-        y = x2.new_empty(x2.shape[0], out_features)
-        recorded[1].replay(x2, y)
-        return y.view(*x.shape[:-1], out_features)
-    with native.recording() as last:
-        y = direct(x, values, index, out_features, bias, in_index, out_index)
-    layer.pop("replay", None)
-    if last and x2.stride(-1) == 1:
-        call, x_read, y_written = last[0]  # the call that wrote y (a first call may have measured others)
-        if x_read.data_ptr() == x2.data_ptr() and x_read.stride(0) == x2.stride(0) \
-                and y_written.data_ptr() == y.data_ptr() and y_written.shape == (x2.shape[0], out_features) \
-                and y_written.is_contiguous():
-            layer["replay"] = (shape, call)
-    return y
-
-
 # ---------------------------------------------------------------- format checks
 
 
@@ -350,14 +301,14 @@ def _check_diag_format(op, in_features, values, offsets, out_features):
 
 
 def _implementation(module, prefix: str) -> Implementation:
-    """``<prefix>_forward``, ``_grad_input`` and ``_grad_values`` of a backend module (``cpu`` and
-    ``triton_kernels`` name their functions alike)."""
+    """``<prefix>_forward``, ``_grad_input`` and ``_grad_values`` of a backend module
+    (``implementations`` and ``triton.kernels`` name their functions alike)."""
     return Implementation(*(getattr(module, f"{prefix}_{part}") for part in ("forward", "grad_input", "grad_values")))
 
 
 def _structure(name: str, check_format, prefix: str) -> StructuredKernels:
     triton = None if triton_kernels is None else _implementation(triton_kernels, prefix)
-    return StructuredKernels(name, check_format, _implementation(cpu, prefix), triton)
+    return StructuredKernels(name, check_format, _implementation(implementations, prefix), triton)
 
 
 block_linear, block_linear_grad_input, block_linear_grad_values = define_structured_op(

@@ -1,7 +1,7 @@
 """Triton kernels for the structured linear ops (design section 4) and their launchers.
 
 The launchers take the same flattened ``[tokens, features]`` arguments as the functions
-in :mod:`cpu`, so the op definition can swap one set for the other. Both permutations
+in :mod:`..implementations`, so the op definition can swap one set for the other. Both permutations
 are fused into the kernels: ``in_index`` is an indexed load of ``x`` (and an indexed
 store of ``dx``), ``out_index`` an indexed store of ``y`` through its inverse (and an
 indexed load of the incoming gradient). Every kernel accumulates in fp32 and writes each
@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from padst_compiler.kernels import cpu
+from padst_compiler.kernels import implementations
 from padst_compiler.kernels.permutation import inverse_permutation
 
 # The interpreter runs the kernels in Python: one configuration keeps it fast and skips
@@ -223,7 +223,7 @@ def block_grad_input(grad, values, col_blocks, in_features, in_index, out_index)
     n_rows, kept, block_rows, block_cols = values.shape
     n_tokens, out_features = grad.shape
     kept_ids = torch.arange(n_rows * kept, device=col_blocks.device).view(n_rows, kept)
-    readers = cpu.transpose_rows(col_blocks, kept_ids, in_features // block_cols)
+    readers = implementations.transpose_rows(col_blocks, kept_ids, in_features // block_cols)
     dx = grad.new_empty(n_tokens, in_features)
     in_map, out_pos, has_in, has_out = _index_maps(in_index, out_index, col_blocks)
     grid = lambda meta: (triton.cdiv(n_tokens, meta["BLOCK_T"]), in_features // block_cols)  # noqa: E731
@@ -358,7 +358,7 @@ def ell_forward(x, cols, vals, bias, in_index, out_index):
 def ell_grad_input(grad, cols, vals, in_features, in_index, out_index):
     grad = grad.contiguous()
     n_tokens, out_features = grad.shape
-    readers = cpu.transpose_rows(cols, vals, in_features)
+    readers = implementations.transpose_rows(cols, vals, in_features)
     dx = grad.new_empty(n_tokens, in_features)
     in_map, out_pos, has_in, has_out = _index_maps(in_index, out_index, cols)
     grid = lambda meta: (triton.cdiv(n_tokens, meta["BLOCK_T"]), triton.cdiv(in_features, meta["BLOCK_I"]))  # noqa: E731
@@ -384,32 +384,32 @@ def ell_grad_values(grad, x, cols, in_index, out_index):
 
 # ------------------------------------------------------ N:M and diagonal as ELL
 
-# The structures' own row layouts come from cpu.py; only the kernels differ.
+# The structures' own row layouts come from implementations.py; only the kernels differ.
 
 
 def nm_forward(x, values, positions, out_features, bias, in_index, out_index):
-    return ell_forward(x, *cpu.nm_to_rows(values, positions, x.shape[1]), bias, in_index, out_index)
+    return ell_forward(x, *implementations.nm_to_rows(values, positions, x.shape[1]), bias, in_index, out_index)
 
 
 def nm_grad_input(grad, values, positions, in_features, in_index, out_index):
-    return ell_grad_input(grad, *cpu.nm_to_rows(values, positions, in_features), in_features, in_index, out_index)
+    return ell_grad_input(grad, *implementations.nm_to_rows(values, positions, in_features), in_features, in_index, out_index)
 
 
 def nm_grad_values(grad, x, values, positions, in_index, out_index):
-    return ell_grad_values(grad, x, cpu.nm_columns(positions, x.shape[1]), in_index, out_index)
+    return ell_grad_values(grad, x, implementations.nm_columns(positions, x.shape[1]), in_index, out_index)
 
 
 def diag_forward(x, values, offsets, out_features, bias, in_index, out_index):
-    return ell_forward(x, *cpu.diagonal_to_rows(values, offsets, out_features, x.shape[1]), bias, in_index,
+    return ell_forward(x, *implementations.diagonal_to_rows(values, offsets, out_features, x.shape[1]), bias, in_index,
                        out_index)
 
 
 def diag_grad_input(grad, values, offsets, in_features, in_index, out_index):
-    cols, vals = cpu.diagonal_to_rows(values, offsets, grad.shape[1], in_features)
+    cols, vals = implementations.diagonal_to_rows(values, offsets, grad.shape[1], in_features)
     return ell_grad_input(grad, cols, vals, in_features, in_index, out_index)
 
 
 def diag_grad_values(grad, x, values, offsets, in_index, out_index):
-    cols = cpu.diagonal_columns(offsets, grad.shape[1], x.shape[1])
+    cols = implementations.diagonal_columns(offsets, grad.shape[1], x.shape[1])
     row_grads = ell_grad_values(grad, x, cols, in_index, out_index)
-    return cpu.diagonal_values_from_rows(row_grads, values.shape[0], grad.shape[1])
+    return implementations.diagonal_values_from_rows(row_grads, values.shape[0], grad.shape[1])

@@ -1,10 +1,11 @@
-"""CPU implementations of the structured linear ops.
+"""The portable implementations of the structured linear ops: every device but CUDA with
+Triton (:mod:`.triton.kernels`) runs these.
 
 Every function works on inputs flattened to ``[tokens, features]``. Each op has up to
-three implementations, and :mod:`select` runs the one that measures fastest per shape
-regime:
+three implementations, and :mod:`.eager.select` runs the one that measures fastest per
+shape regime:
 
-- ``native``: the C++ kernels of ``native.cpp`` (fp32). Block weights run a block-sparse
+- ``native``: the C++ kernels of :mod:`.cpu.native` (fp32 CPU tensors). Block weights run a block-sparse
   times dense kernel (forward, and the transposed structure for the input gradient) and
   an SDDMM for the value gradient; N:M and diagonal weights, which have a constant number
   of kept values per output row, run a row-sparse ("ELL") kernel with tokens in the
@@ -16,7 +17,7 @@ regime:
 
 Permutations are fused: ``in_index`` goes into the columns a kernel reads, ``out_index``
 into where it writes. Everything derived from indices alone is memoized per index version
-(:mod:`derived`), so a training step pays for it once per DST update, not per call.
+(:mod:`.eager.derived`), so a training step pays for it once per DST update, not per call.
 """
 
 from __future__ import annotations
@@ -26,8 +27,9 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from padst_compiler.kernels import native, select
-from padst_compiler.kernels.derived import memoize
+from padst_compiler.kernels.cpu import native
+from padst_compiler.kernels.eager import select
+from padst_compiler.kernels.eager.derived import memoize
 from padst_compiler.kernels.permutation import inverse_permutation
 
 Tensor = torch.Tensor

@@ -5,7 +5,7 @@ AOTAutograd functionalizes the graph: the traced graph then calls the kernels th
 ``wrap_triton`` and Inductor compiles them as user-defined Triton kernels. A ``triton_op``
 has no opaque CPU path, though (Inductor then analyses the kernels on the CPU), so the
 ``padst`` ops stay plain custom ops and get that decomposition only for CUDA tensors (the
-backward ops, and the forward ops on a torch without :mod:`inductor_lowering`'s templates).
+backward ops, and the forward ops on a torch without :mod:`.lowering`'s templates).
 Every other device, ``torch.export``, and any torch whose private pieces used here are
 missing or behave differently keep the opaque op, which is always correct.
 """

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 import torch
 from torch._subclasses.fake_tensor import is_fake
 
-from padst_compiler.kernels.derived import memoize
+from padst_compiler.kernels.eager.derived import memoize
 
 _checks_enabled = os.environ.get("PADST_CHECKS", "1") != "0"
 

@@ -1,0 +1,1 @@
+"""The native C++ kernels (fp32, CPU) and their ctypes calls."""

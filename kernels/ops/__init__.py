@@ -1,0 +1,1 @@
+"""The ``padst`` operator set: schemas, fake implementations, autograd and argument checks."""
