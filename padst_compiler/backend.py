@@ -11,10 +11,11 @@ Options (``torch.compile(..., options={...})``):
 - ``check``: compare each pass's outputs with the original graph's on the example inputs; a
   pass that changes them beyond 1e-4 is reported in the fallback warning (the graph is
   then compiled unmodified).
+- ``strict``: raise instead of falling back (for tests and for debugging a pass).
 
 Any failure in the passes falls back to Inductor on the unmodified graph, and a failure
-in Inductor to eager execution, each with a warning that says why: training never
-crashes because of the backend.
+in Inductor to eager execution, each with a warning that names the graph, the pass and
+the exception: training never crashes because of the backend.
 """
 
 from __future__ import annotations
@@ -42,14 +43,15 @@ class BackendConfig:
     disable: tuple[str, ...] = ()
     debug_dir: str | None = None
     check: bool = False
+    strict: bool = False
 
     @classmethod
     def from_options(cls, options: dict | None) -> BackendConfig:
         options = dict(options or {})
-        unknown = set(options) - {"mode", "disable", "debug_dir", "check"}
+        unknown = set(options) - {"mode", "disable", "debug_dir", "check", "strict"}
         if unknown:
             raise ValueError(f"padst backend: unknown option(s) {sorted(unknown)}; "
-                             "known: mode, disable, debug_dir, check")
+                             "known: mode, disable, debug_dir, check, strict")
         mode = options.get("mode", "training")
         if mode not in MODES:
             raise ValueError(f"padst backend: mode must be one of {MODES}, got {mode!r}")
@@ -59,7 +61,10 @@ class BackendConfig:
             raise ValueError(f"padst backend: cannot disable unknown pass(es) {sorted(set(disable) - set(PASS_NAMES))};"
                              f" the passes are {list(PASS_NAMES)}")
         debug_dir = options.get("debug_dir") or os.environ.get("PADST_DEBUG_DIR") or None
-        return cls(mode, disable, debug_dir, bool(options.get("check", False)))
+        for flag in ("check", "strict"):
+            if not isinstance(options.get(flag, False), bool):
+                raise TypeError(f"padst backend: {flag} must be True or False, got {options[flag]!r}")
+        return cls(mode, disable, debug_dir, options.get("check", False), options.get("strict", False))
 
 
 def _module_state_kind(node: fx.Node) -> str | None:
@@ -143,7 +148,9 @@ def padst_backend(gm: fx.GraphModule, example_inputs: list, options: dict | None
     except RestartAnalysis:  # Dynamo's own control flow, not a failure
         raise
     except Exception as error:  # never let a pass failure crash the user's program
-        warnings.warn(f"padst: the passes failed on this graph ({type(error).__name__}: {error}); "
+        if config.strict:
+            raise
+        warnings.warn(f"padst: the passes failed on graph {_graph_name(gm)} ({type(error).__name__}: {error}); "
                       "compiling it with Inductor unchanged", stacklevel=2)
         optimized = gm
     from torch._inductor.compile_fx import compile_fx
@@ -153,6 +160,15 @@ def padst_backend(gm: fx.GraphModule, example_inputs: list, options: dict | None
     except RestartAnalysis:
         raise
     except Exception as error:
-        warnings.warn(f"padst: Inductor failed on this graph ({type(error).__name__}: {error}); "
+        if config.strict:
+            raise
+        warnings.warn(f"padst: Inductor failed on graph {_graph_name(gm)} ({type(error).__name__}: {error}); "
                       "running it eagerly", stacklevel=2)
         return optimized.forward
+
+
+def _graph_name(gm: fx.GraphModule) -> str:
+    """Dynamo's compile id (as ``TORCH_LOGS`` prints it) and the graph's size."""
+    compile_id = torch._guards.CompileContext.current_compile_id()
+    nodes = len(gm.graph.nodes)
+    return f"[{compile_id}] ({nodes} nodes)" if compile_id is not None else f"({nodes} nodes)"

@@ -131,6 +131,15 @@ def max_abs_diff(reference: list[torch.Tensor], outputs: list[torch.Tensor]) -> 
                 if r.numel()), default=0.0)
 
 
+class PassFailed(RuntimeError):
+    """A pass raised: names it and the passes that ran before it (the cause is chained)."""
+
+    def __init__(self, name: str, before: list[str], error: Exception):
+        after = f" after {', '.join(repr(n) for n in before)}" if before else " (the first pass)"
+        super().__init__(f"pass {name!r} failed{after}: {type(error).__name__}: {error}")
+        self.pass_name = name
+
+
 def run_pipeline(gm: fx.GraphModule, example_inputs: Sequence, ctx: PassContext,
                  disabled: Sequence[str] = (), record: bool = False,
                  numeric_inputs: Sequence | None = None) -> PipelineResult:
@@ -144,17 +153,22 @@ def run_pipeline(gm: fx.GraphModule, example_inputs: Sequence, ctx: PassContext,
     reference = _outputs(gm, numeric_inputs) if record and numeric_inputs is not None else None
     result = PipelineResult(gm)
     initial = node_counts(gm)["gathers"]
+    ran: list[str] = []
     for step in PASSES:
         if step.name in disabled or ctx.mode not in step.modes:
             continue
         before = node_counts(gm)
         code_before = gm.code if record else ""
         start = time.perf_counter()
-        changed = step.run(gm, ctx)
-        if changed:
-            gm.graph.lint()
-            gm.recompile()
-            refresh_meta(gm, fake_inputs)
+        try:
+            changed = step.run(gm, ctx)
+            if changed:
+                gm.graph.lint()
+                gm.recompile()
+                refresh_meta(gm, fake_inputs)
+        except Exception as error:
+            raise PassFailed(step.name, ran, error) from error
+        ran.append(step.name)
         seconds = time.perf_counter() - start
         after = node_counts(gm)
         if after["gathers"] > before["gathers"] and not step.unfuses:

@@ -160,9 +160,27 @@ def test_a_failing_pass_falls_back_to_inductor_with_a_warning(monkeypatch):
     monkeypatch.setattr(pipeline, "PASSES", (pipeline.Pass("broken", broken),) + pipeline.PASSES)
     model = small_gpt()
     idx = torch.randint(0, 256, (2, 16))
-    with pytest.warns(UserWarning, match="padst: the passes failed on this graph .*deliberately broken pass"):
+    with pytest.warns(UserWarning, match=r"padst: the passes failed on graph \[\d+/\d+\] \(\d+ nodes\) \(PassFailed: "
+                                         r"pass 'broken' failed \(the first pass\): RuntimeError: deliberately broken"):
         out = torch.compile(model, backend="padst")(idx)
     torch.testing.assert_close(out, model(idx), rtol=1e-5, atol=1e-5)
+
+
+def test_strict_raises_where_the_backend_would_fall_back_and_optimize_leaves_the_model_as_it_was(monkeypatch):
+    def broken(gm, ctx):
+        raise RuntimeError("deliberately broken pass")
+
+    monkeypatch.setattr(pipeline, "PASSES", pipeline.PASSES[:1] + (pipeline.Pass("broken", broken),)
+                        + pipeline.PASSES[1:])
+    torch._dynamo.reset()
+    model = small_gpt().train()
+    idx = torch.randint(0, 256, (2, 16))
+    with pytest.raises(Exception, match=f"pass 'broken' failed after '{pipeline.PASSES[0].name}'"):
+        padst_compiler.optimize(model, [idx], strict=True)
+    assert model.training and all(module.training for module in model.modules())
+    assert all(param.requires_grad for param in model.parameters())
+    with pytest.raises(TypeError, match="strict must be True or False, got 'yes'"):
+        BackendConfig.from_options({"strict": "yes"})
 
 
 def test_bad_options_are_named():
