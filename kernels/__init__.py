@@ -9,6 +9,7 @@ if __name__ != "padst_compiler.kernels":  # pragma: no cover - exercised in a su
         "install the project (pip install -e .) and import it through padst_compiler"
     )
 
+from padst_compiler.kernels.eager import derived, select
 from padst_compiler.kernels.ops import registry  # noqa: F401  (registers torch.ops.padst.*)
 from padst_compiler.kernels.ops.checks import checks_enabled, set_checks
 from padst_compiler.kernels.structures import (
@@ -29,4 +30,19 @@ __all__ = [
     "SparseWeight",
     "checks_enabled",
     "set_checks",
+    "cache_summary",
+    "clear_caches",
 ]
+
+
+def cache_summary() -> dict:
+    """What the kernels keep between calls: results derived from live tensors, by kind (they
+    are freed with their tensors), and the implementation chosen per op and shape regime
+    (the only process-wide decision, a few entries per shape)."""
+    return {"derived": derived.summary(), "implementation_choices": select.choices()}
+
+
+def clear_caches() -> None:
+    """Forget both (a benchmark that must start cold; the next calls recompute and re-measure)."""
+    derived.clear()
+    select.clear()

@@ -99,3 +99,15 @@ def test_deleting_a_model_frees_what_was_derived_from_it(structure):
     gc.collect()
     assert all(ref() is None for ref in tensors)
     assert sum(derived.summary().values()) == baseline
+
+
+def test_the_caches_can_be_inspected_and_cleared():
+    from padst_compiler.kernels import cache_summary, clear_caches
+
+    model = _deep_model(Block(8, 8), 2).requires_grad_(False)
+    with torch.no_grad():
+        model(torch.randn(4, 64))
+    summary = cache_summary()
+    assert summary["derived"].get("direct forward", 0) >= 2 and isinstance(summary["implementation_choices"], list)
+    clear_caches()
+    assert cache_summary() == {"derived": {}, "implementation_choices": []}
