@@ -3,17 +3,20 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Mapping
-from pathlib import Path
 
 import torch
 from tabulate import tabulate
 from torch import nn
 
+from padst_compiler import outputs
 from padst_compiler.kernels import set_checks
 from padst_compiler.kernels.structures import NM, Block, Diagonal, Structure
 from padst_compiler.timing import interleaved_medians
+
+# the keys of the JSON results (--out FILE), by which an earlier result is told from another file
+MODEL_RESULT_KEYS = ("tokens", "sequence", "layers", "sparsity", "rows")
+HARDEN_RESULT_KEYS = ("layers", "tokens", "rows")
 
 
 def _cold_compile_caches():
@@ -63,6 +66,9 @@ def model_speed(layers: int = 2, tokens: int = 4096, sequence: int = 512, sparsi
     import time
 
     from padst_compiler.api import optimize
+
+    if out:  # refused now, not after minutes of timing
+        outputs.check_file(out, "a padst bench model result", outputs.json_with_keys(MODEL_RESULT_KEYS))
     from padst_compiler.models import GPT, GPTConfig
     from padst_compiler.training import sparsify
 
@@ -117,8 +123,8 @@ def model_speed(layers: int = 2, tokens: int = 4096, sequence: int = 512, sparsi
     print(f"permutation tax: inference {tax * 100:+.1f} %, training step "
           f"{(train_times['PA-DST (padst)'] / train_times['PA-DST no permutation (padst)'] - 1) * 100:+.1f} %")
     if out:
-        Path(out).write_text(json.dumps({"tokens": tokens, "sequence": sequence, "layers": layers,
-                                         "sparsity": sparsity, "rows": rows}, indent=2))
+        outputs.write_json(out, {"tokens": tokens, "sequence": sequence, "layers": layers, "sparsity": sparsity,
+                                 "rows": rows})
     return rows
 
 
@@ -133,6 +139,8 @@ def hardening_speed(structures: tuple[Structure, ...] = (Block(32, 32), Block(64
 
     from padst_compiler.training import PADSTLinear, harden_permutations, sparsify
 
+    if out:  # refused now, not after minutes of timing
+        outputs.check_file(out, "a padst bench harden result", outputs.json_with_keys(HARDEN_RESULT_KEYS))
     shapes = {"qkv": (768, 2304), "proj": (768, 768), "fc": (768, 3072), "fc_proj": (3072, 768)}
     rows = []
     for structure in structures:
@@ -167,5 +175,5 @@ def hardening_speed(structures: tuple[Structure, ...] = (Block(32, 32), Block(64
                             f"fwd+bwd {tokens} tok ms: warm-up / hard", "weights+Adam MiB: warm-up / hard"],
                    disable_numparse=True))
     if out:
-        Path(out).write_text(json.dumps({"layers": layers, "tokens": tokens, "rows": rows}, indent=2))
+        outputs.write_json(out, {"layers": layers, "tokens": tokens, "rows": rows})
     return {"rows": rows}

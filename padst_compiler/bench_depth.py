@@ -10,17 +10,18 @@ stack of the same depth, and reports the spread of the per-layer time over the d
 from __future__ import annotations
 
 import contextlib
-import json
 import time
-from pathlib import Path
 
 import torch
 from tabulate import tabulate
 from torch import nn
 
+from padst_compiler import outputs
 from padst_compiler.kernels import Block, set_checks
 from padst_compiler.kernels.structures import Structure
 from padst_compiler.timing import interleaved_medians
+
+RESULT_KEYS = ("structure", "sparsity", "rows")  # the keys of the JSON result (--out FILE)
 
 
 def _stack(depth: int, width: int, structure: Structure | None, sparsity: float) -> nn.Sequential:
@@ -40,6 +41,8 @@ def depth_sweep(depths=(50, 120, 200, 500), widths=(256, 1024), tokens=(16, 512)
     ``optimize``, and of the dense stack eagerly, for every depth, width and token count;
     all depths of one width are timed interleaved, so that the spread printed at the end
     (slowest over fastest per-layer time across depths) compares like with like."""
+    if out:  # refused now, not after minutes of timing
+        outputs.check_file(out, "a padst bench depth result", outputs.json_with_keys(RESULT_KEYS))
     rows = []
     with set_checks(False), _flushed_denormals():  # hundreds of layers shrink activations into denormals
         for width in widths:
@@ -62,7 +65,7 @@ def depth_sweep(depths=(50, 120, 200, 500), widths=(256, 1024), tokens=(16, 512)
             del models
     _report(rows)
     if out:
-        Path(out).write_text(json.dumps({"structure": str(structure), "sparsity": sparsity, "rows": rows}, indent=2))
+        outputs.write_json(out, {"structure": str(structure), "sparsity": sparsity, "rows": rows})
     return rows
 
 

@@ -12,14 +12,13 @@ be written as JSON.
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import asdict, dataclass, fields
 
 import torch
 import torch.nn.functional as F
 from tabulate import tabulate
 
+from padst_compiler import outputs
 from padst_compiler.kernels import NM, Block, Diagonal, Structure, set_checks
 from padst_compiler.kernels.eager import select
 from padst_compiler.timing import interleaved_medians
@@ -52,6 +51,10 @@ class KernelResult:
     @property
     def train_speedup(self) -> float:
         return self.dense_train_ms / self.train_ms
+
+
+_RATIOS = ("forward_speedup", "train_speedup")  # written to JSON beside the fields
+RESULT_KEYS = (*(field.name for field in fields(KernelResult)), *_RATIOS)  # of each row of the JSON result (--out)
 
 
 def measure(structure: Structure, in_features: int, out_features: int, tokens: int, sparsity: float,
@@ -97,6 +100,8 @@ def measure(structure: Structure, in_features: int, out_features: int, tokens: i
 
 def run(structures=STRUCTURES, shapes=SHAPES, tokens=TOKENS, sparsities=SPARSITIES, device: str = "cpu",
         repeats: int = 7, out: str | None = None, progress: bool = True) -> list[KernelResult]:
+    if out:  # refused now, not after minutes of timing
+        outputs.check_file(out, "a padst bench kernels result", outputs.json_with_keys(RESULT_KEYS))
     dense_name = "F.linear fp32" if device == "cpu" else "F.linear (cuBLAS)"
     print(f"padst bench kernels: structured ops vs {dense_name} on {device} "
           f"({torch.get_num_threads()} threads); medians of {repeats} interleaved runs\n", flush=True)
@@ -114,9 +119,7 @@ def run(structures=STRUCTURES, shapes=SHAPES, tokens=TOKENS, sparsities=SPARSITI
     print()
     print(table(results))
     if out:
-        Path(out).write_text(json.dumps([{**asdict(r), "forward_speedup": r.forward_speedup,
-                                          "train_speedup": r.train_speedup}
-                                         for r in results], indent=2))
+        outputs.write_json(out, [{**asdict(r), **{ratio: getattr(r, ratio) for ratio in _RATIOS}} for r in results])
         print(f"\nresults written to {out}")
     return results
 

@@ -1,9 +1,19 @@
-"""The ``padst`` command line."""
+"""The ``padst`` command line.
+
+A user error (an option the machine cannot take, a file it cannot read, an output it must
+not overwrite, see ``outputs``) is one line on stderr, ``padst COMMAND: error: ...``, and
+exit status 2, as argparse's own usage errors.
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
+
+from padst_compiler import outputs
+
+JSON_OUT_HELP = "also write the results as JSON to FILE (refused if FILE exists and is not a result of this benchmark)"
 
 
 def _sparsity(text: str) -> float:
@@ -61,13 +71,16 @@ def build_parser() -> argparse.ArgumentParser:
                       help="training steps of the PA-DST GPT (default 300)")
     demo.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where to train and run (default cpu)")
     demo.add_argument("--out", default="padst_demo_out", metavar="DIR",
-                      help="directory for results.json, the plot and the graph-diff report (default padst_demo_out)")
+                      help="directory for results.json, the plot and the graph-diff report (default padst_demo_out); "
+                           "it must be new, empty or written by an earlier padst demo (it holds a .padst-output "
+                           "file), whose results are then replaced")
     diff = commands.add_parser("diff", help="show what every padst pass did to each recorded graph",
                                description="padst diff DIR: per-pass summary, unified diffs and the first pass "
                                            "that changed the numbers, for a debug directory written with "
                                            "debug_dir=... or PADST_DEBUG_DIR. padst diff A.py B.py: diff two graphs.")
     diff.add_argument("paths", nargs="+", metavar="PATH", help="a debug directory, or two graph code files")
-    diff.add_argument("--html", metavar="FILE", help="also write one self-contained HTML report")
+    diff.add_argument("--html", metavar="FILE", help="also write one self-contained HTML report (refused if FILE "
+                      "exists and is not a padst graph-diff report)")
     diff.add_argument("--tolerance", type=float, default=1e-4, help="largest harmless output difference")
     diff.add_argument("--color", choices=["auto", "always", "never"], default="auto")
     bench = commands.add_parser("bench", help="benchmarks (ratios and tables, not tests)")
@@ -85,7 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     accuracy.add_argument("--workers", type=_positive_int, help="training processes (default: one per core)")
     accuracy.add_argument("--out", default="padst_gapmap", metavar="DIR",
                           help="directory for runs.jsonl, gapmap.json and gapmap.png (default padst_gapmap); "
-                               "runs already there are not trained again")
+                               "runs already there are not trained again. Refused if it holds other files or a "
+                               "runs.jsonl that is not padst's; a last line cut short by a killed run is dropped")
     harden = benches.add_parser("harden", help="what a learned permutation costs: hardening time, warm-up step "
                                 "and memory", description="Hardening time of a 768->3072 layer and of a "
                                 "GPT-2-small-shaped stack of learned layers, per structure, and one forward+backward "
@@ -93,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     harden.add_argument("--structures", nargs="+", type=_structure, default=None,
                         help="structures to time (default block32 block64 nm32 diagonal)")
     harden.add_argument("--layers", type=_positive_int, default=12, help="transformer blocks in the stack (default 12)")
-    harden.add_argument("--out", help="also write the results as JSON here")
+    harden.add_argument("--out", metavar="FILE", help=JSON_OUT_HELP)
     model = benches.add_parser("model", help="inference and training-step speed of a compiled GPT-2-sized stack",
                                description="PA-DST (padst backend) against the dense model compiled with Inductor "
                                            "and against PA-DST without permutations, CPU, medians of repeats.")
@@ -102,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--sequence", type=_positive_int, default=512,
                        help="tokens per sequence (1 with --tokens 1 times one decoding step)")
     model.add_argument("--repeats", type=_positive_int, default=5)
-    model.add_argument("--out", help="also write the results as JSON here")
+    model.add_argument("--out", metavar="FILE", help=JSON_OUT_HELP)
     depth = benches.add_parser("depth", help="per-layer forward time from 50 to 500 layers (no slowdown with depth)",
                                description="A stack of N sparsified nn.Linear layers (Block 16x16 at 0.9, hardened "
                                            "random permutations), eager without autograd and compiled with optimize, "
@@ -113,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     depth.add_argument("--tokens", type=_positive_int, nargs="+", default=[16, 512])
     depth.add_argument("--eager-only", action="store_true", help="skip the compiled stacks (they take minutes)")
     depth.add_argument("--repeats", type=_positive_int, default=5)
-    depth.add_argument("--out", help="also write the results as JSON here")
+    depth.add_argument("--out", metavar="FILE", help=JSON_OUT_HELP)
     kernels = benches.add_parser("kernels", help="every structured op against the dense op",
                                  description="Forward, forward with a fused in_index, and forward+backward of "
                                              "each structure against F.linear, for 768->3072 and 3072->768 at "
@@ -123,49 +137,62 @@ def build_parser() -> argparse.ArgumentParser:
     kernels.add_argument("--sparsity", type=_sparsity, nargs="+", default=[0.9, 0.95])
     kernels.add_argument("--repeats", type=_positive_int, default=7)
     kernels.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    kernels.add_argument("--out", help="also write the results as JSON here")
+    kernels.add_argument("--out", metavar="FILE", help=JSON_OUT_HELP)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.command == "diff":
-        return _diff(args)
-    if args.command == "bench":
-        from padst_compiler import bench, gapmap
+    if args.command == "bench" and args.bench == "model" and args.tokens % args.sequence:
+        parser.error(f"--tokens {args.tokens} is not a multiple of --sequence {args.sequence}")
+    try:
+        if args.command == "diff":
+            return _diff(args)
+        return _demo(args) if args.command == "demo" else _bench(args)
+    except outputs.PathError as error:  # a file or folder the command cannot read or must not write
+        return _error(args, error)
 
-        if args.bench == "accuracy":
-            try:
-                gapmap.gap_map(quick=args.quick, tasks=tuple(args.tasks), out=args.out, workers=args.workers)
-            except ValueError as error:  # runs of other settings in --out
-                print(f"padst bench accuracy: error: {error}", file=sys.stderr)
-                return 2
-        elif args.bench == "harden":
-            chosen = {} if args.structures is None else {"structures": tuple(args.structures)}
-            bench.hardening_speed(**chosen, layers=args.layers, out=args.out)
-        elif args.bench == "model":
-            if args.tokens % args.sequence:
-                parser.error(f"--tokens {args.tokens} is not a multiple of --sequence {args.sequence}")
-            bench.model_speed(layers=args.layers, tokens=args.tokens, sequence=args.sequence, repeats=args.repeats,
-                              out=args.out)
-        elif args.bench == "depth":
-            from padst_compiler import bench_depth
 
-            bench_depth.depth_sweep(depths=tuple(args.layers), widths=tuple(args.widths), tokens=tuple(args.tokens),
-                                    compiled=not args.eager_only, repeats=args.repeats, out=args.out)
-        else:
-            return _bench_kernels(args)
-    if args.command == "demo":
-        from padst_compiler import demo
+def _error(args, message) -> int:
+    """Print the one line of a user error and return its exit status."""
+    command = " ".join(["padst", args.command] + ([args.bench] if args.command == "bench" else []))
+    line = str(message).replace("\n", " ")  # one line even for a file name that holds a newline
+    print(f"{command}: error: {line}", file=sys.stderr)
+    return 2
 
-        try:
-            summary = demo.run(structure=args.structure, sparsity=args.sparsity, steps=args.steps,
-                               device=args.device, out=args.out, seeds=args.seeds)
-        except ValueError as error:  # a structure the model or sparsity cannot take, a missing device
-            print(f"padst demo: error: {error}", file=sys.stderr)
-            return 2
-        return 0 if summary["passed"] else 1
+
+def _demo(args) -> int:
+    from padst_compiler import demo
+
+    try:
+        summary = demo.run(structure=args.structure, sparsity=args.sparsity, steps=args.steps,
+                           device=args.device, out=args.out, seeds=args.seeds)
+    except ValueError as error:  # a structure the model or sparsity cannot take, a missing device, --out
+        return _error(args, error)
+    return 0 if summary["passed"] else 1
+
+
+def _bench(args) -> int:
+    from padst_compiler import bench
+
+    if args.bench == "accuracy":
+        from padst_compiler import gapmap
+
+        gapmap.gap_map(quick=args.quick, tasks=tuple(args.tasks), out=args.out, workers=args.workers)
+    elif args.bench == "harden":
+        chosen = {} if args.structures is None else {"structures": tuple(args.structures)}
+        bench.hardening_speed(**chosen, layers=args.layers, out=args.out)
+    elif args.bench == "model":
+        bench.model_speed(layers=args.layers, tokens=args.tokens, sequence=args.sequence, repeats=args.repeats,
+                          out=args.out)
+    elif args.bench == "depth":
+        from padst_compiler import bench_depth
+
+        bench_depth.depth_sweep(depths=tuple(args.layers), widths=tuple(args.widths), tokens=tuple(args.tokens),
+                                compiled=not args.eager_only, repeats=args.repeats, out=args.out)
+    else:
+        return _bench_kernels(args)
     return 0
 
 
@@ -175,37 +202,32 @@ def _bench_kernels(args) -> int:
     from padst_compiler import bench_kernels
 
     if args.device == "cuda" and not torch.cuda.is_available():
-        print("padst bench kernels: error: --device cuda but no CUDA GPU is available", file=sys.stderr)
-        return 2
+        return _error(args, "--device cuda but no CUDA GPU is available")
     bench_kernels.run(tokens=tuple(args.tokens), sparsities=tuple(args.sparsity), device=args.device,
                       repeats=args.repeats, out=args.out)
     return 0
 
 
 def _diff(args) -> int:
-    from pathlib import Path
-
     from padst_compiler import debug
 
     color = args.color == "always" or (args.color == "auto" and sys.stdout.isatty())
-    try:
-        if len(args.paths) == 2 and all(Path(p).is_file() for p in args.paths):
-            a, b = (Path(p).read_text() for p in args.paths)
-            print(debug.code_diff(a, b, color, tuple(args.paths)))
-            return 0
-        if len(args.paths) != 1:
-            print("padst diff: error: give one debug directory or two graph files", file=sys.stderr)
-            return 2
-        runs = debug.load_runs(args.paths[0])
-    except debug.DebugDirError as error:
-        print(f"padst diff: error: {error}", file=sys.stderr)
-        return 2
+    if len(args.paths) == 2 and not any(Path(path).is_dir() for path in args.paths):
+        if args.html:
+            return _error(args, "--html reports a debug directory, not two graph files")
+        a, b = (outputs.read_text(path) for path in args.paths)
+        print(debug.code_diff(a, b, color, tuple(args.paths)))
+        return 0
+    if len(args.paths) != 1:
+        return _error(args, "give one debug directory or two graph files")
+    if args.html:  # refused before the report is printed
+        outputs.check_file(args.html, "a padst graph-diff report", debug.is_html_report)
+    runs, choices = debug.load_runs(args.paths[0]), debug.kernel_choices_table(args.paths[0])
     print(debug.render_text(runs, color, args.tolerance))
-    choices = debug.kernel_choices_table(args.paths[0])
     if choices:
         print(f"\n== kernel implementations picked at run time ==\n{choices}")
     if args.html:
-        Path(args.html).write_text(debug.render_html(runs, args.tolerance))
+        outputs.write_text(args.html, debug.render_html(runs, args.tolerance))
         print(f"\nHTML report written to {args.html}")
     return 0
 

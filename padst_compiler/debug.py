@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import difflib
 import html
-import json
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -22,12 +21,19 @@ from pathlib import Path
 from tabulate import tabulate
 from torch._logging import trace_structured
 
+from padst_compiler import outputs
+
 DEFAULT_TOLERANCE = 1e-4
 COUNT_KEYS = ("permutes", "gathers", "fused_gathers", "nodes")
 
 
-class DebugDirError(ValueError):
+class DebugDirError(outputs.PathError):
     """A debug directory that is missing, empty or not written by padst."""
+
+
+def _unreadable(path: Path, what: str, error: Exception) -> DebugDirError:
+    detail = error if isinstance(error, outputs.PathError) else f"{type(error).__name__}: {error}"
+    return DebugDirError(f"{path} is not a readable {what} ({detail})")
 
 
 # ------------------------------------------------------------------------- writing
@@ -52,7 +58,7 @@ def write_run(directory: str | Path, result, original_code: str) -> Path:
         trace_structured("artifact", metadata_fn=lambda stem=stem: {"name": f"padst_{run.name}_{stem}",
                                                                      "encoding": "string"},
                          payload_fn=lambda record=record: record.code_after)
-    (run / "summary.json").write_text(json.dumps({"passes": passes}, indent=2))
+    outputs.write_json(run / "summary.json", {"passes": passes})  # last and whole: it vouches for the run
     return run
 
 
@@ -66,8 +72,7 @@ def write_kernel_choices(directory: str | Path) -> Path:
 
     path = Path(directory) / KERNEL_CHOICES
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(select.choices(), indent=2))
-    return path
+    return outputs.write_json(path, select.choices())
 
 
 def write_kernel_choices_at_exit(directory: str | Path) -> None:
@@ -85,9 +90,11 @@ def kernel_choices_table(directory: str | Path) -> str | None:
     path = Path(directory) / KERNEL_CHOICES
     if not path.is_file():
         return None
-    choices = json.loads(path.read_text())
-    rows = [(c["op"], " ".join(c["regime"]), c["chosen"], "  ".join(f"{n} {ms:.3f}" for n, ms in c["ms"].items()))
-            for c in choices]
+    try:
+        rows = [(c["op"], " ".join(c["regime"]), c["chosen"], "  ".join(f"{n} {ms:.3f}" for n, ms in c["ms"].items()))
+                for c in outputs.read_json(path)]
+    except (KeyError, TypeError, ValueError, AttributeError) as error:  # PathError is a ValueError
+        raise _unreadable(path, "padst kernel-choices file", error) from None
     return tabulate(rows, headers=["op", "regime (tokens bucket, features, dtype, shapes, in/out index)", "chosen",
                                    "measured ms"], disable_numparse=True)
 
@@ -118,14 +125,14 @@ def load_runs(directory: str | Path) -> list[Run]:
     if not root.is_dir():
         raise DebugDirError(f"{root} is not a directory")
     runs = []
-    for folder in sorted(root.glob("run-*")):
+    for folder in sorted(root / name for name in outputs.list_dir(root) if name.startswith("run-")):
         try:
-            summary = json.loads((folder / "summary.json").read_text())
+            summary = outputs.read_json(folder / "summary.json")
             passes = [PassView(p["name"], p["changed"], p["seconds"], p["counts_before"], p["counts_after"],
-                               p.get("max_abs_diff"), (folder / f"{p['file']}.before.py").read_text(),
-                               (folder / f"{p['file']}.after.py").read_text()) for p in summary["passes"]]
-        except (OSError, KeyError, TypeError, json.JSONDecodeError) as error:
-            raise DebugDirError(f"{folder} is not a readable padst run ({type(error).__name__}: {error})") from None
+                               p.get("max_abs_diff"), outputs.read_text(folder / f"{p['file']}.before.py"),
+                               outputs.read_text(folder / f"{p['file']}.after.py")) for p in summary["passes"]]
+        except (outputs.PathError, KeyError, TypeError, AttributeError) as error:
+            raise _unreadable(folder, "padst run", error) from None
         runs.append(Run(folder.name, passes))
     if not runs:
         raise DebugDirError(f"{root} holds no padst run (run-NNN folders); compile with "
@@ -200,6 +207,9 @@ details{margin:.6em 0;border:1px solid #ccc;padding:.3em} summary{cursor:pointer
 .diff_add{background:#cfc} .diff_chg{background:#ffc} .diff_sub{background:#fcc} td.diff_header{color:#999}"""
 
 
+_HTML_HEAD = "<!DOCTYPE html><html><head><meta charset='utf-8'><title>padst graph diff</title>"
+
+
 def render_html(runs: list[Run], tolerance: float = DEFAULT_TOLERANCE) -> str:
     """One self-contained page: summary per run, then each pass side by side, collapsible."""
     body = ["<h1>padst graph diff</h1>"]
@@ -220,5 +230,9 @@ def render_html(runs: list[Run], tolerance: float = DEFAULT_TOLERANCE) -> str:
             state = "changed" if view.changed else "unchanged"
             body.append(f'<details class="pass" data-pass="{html.escape(view.name)}"{" open" if view.changed else ""}>'
                         f"<summary>{html.escape(view.name)} ({state})</summary>{table}</details>")
-    return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>padst graph diff</title>"
-            f"<style>{_CSS}</style></head><body>{''.join(body)}</body></html>")
+    return f"{_HTML_HEAD}<style>{_CSS}</style></head><body>{''.join(body)}</body></html>"
+
+
+def is_html_report(text: str) -> bool:
+    """Whether ``text`` is a page ``render_html`` wrote (``padst diff --html`` may replace it)."""
+    return text.startswith(_HTML_HEAD)

@@ -9,14 +9,14 @@
    ``optimize`` for inference; check both against eager.
 3. Time the compiled PA-DST GPT against the dense GPT compiled with Inductor.
 4. Print one table; write ``results.json``, the accuracy plot and the graph-diff report
-   (``padst diff``'s records and one HTML page) under the output directory.
+   (``padst diff``'s records and one HTML page) under the output directory, a new or empty
+   one or an earlier demo's (``outputs.claim_directory``): nothing else is overwritten.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
-import json
 import os
 import re
 import shutil
@@ -28,7 +28,7 @@ import torch
 from tabulate import tabulate
 from torch import nn
 
-from padst_compiler import debug, demo_accuracy
+from padst_compiler import debug, demo_accuracy, outputs
 from padst_compiler.api import optimize
 from padst_compiler.bench import speed_medians
 from padst_compiler.data import ByteCorpus, stdlib_corpus
@@ -38,6 +38,10 @@ from padst_compiler.models import GPT, GPTConfig
 from padst_compiler.recipe import RunConfig, batch, build_model, train
 from padst_compiler.training import padst_layers
 
+COMMAND = "padst demo"
+# everything the demo writes in its output folder; the folders hold padst diff's records of the compiled graphs
+RESULTS, PLOT, HTML_REPORT = "results.json", "accuracy.png", "graph_diff.html"
+DEBUG, TRAINING_DEBUG = "padst_debug", "padst_debug_training"
 COMPILED_TRAINING_STEPS = 3
 TIMING_REPEATS = 5
 # compiled against eager on the same weights: Inductor reorders float sums, nothing more
@@ -166,13 +170,10 @@ def run(*, structure: Structure, sparsity: float, steps: int, device: str, out: 
                      eval_every=max(1, steps // 8), model=model or GPTConfig())
     check_structure_fits(structure, sparsity, base.model)
     demo_accuracy.check_fits(structure, sparsity)
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out}: exists and is not a directory")
-    training_debug, inference_debug = out / "padst_debug_training", out / "padst_debug"
-    for folder in (training_debug, inference_debug):  # a rerun must not count the last run's graphs
+    out = outputs.claim_directory(out, COMMAND, (RESULTS, PLOT, HTML_REPORT, DEBUG, TRAINING_DEBUG))
+    training_debug, inference_debug = out / TRAINING_DEBUG, out / DEBUG
+    for folder in (training_debug, inference_debug):  # an earlier demo's: a rerun must not count its graphs
         shutil.rmtree(folder, ignore_errors=True)
-    out.mkdir(parents=True, exist_ok=True)
 
     print(f"padst demo 1/2, accuracy: an MLP on scikit-learn's 8x8 digits, its hidden layers {structure} at "
           f"{sparsity} (the first reads raw pixels), {seeds} seeds of dense, unstructured RigL, no permutation "
@@ -204,11 +205,10 @@ def run(*, structure: Structure, sparsity: float, steps: int, device: str, out: 
             {"padst": (padst, lambda: padst_loss(x, y)), "dense": (dense, lambda: dense_loss(x, y))},
             TIMING_REPEATS)
 
-    html_report = out / "graph_diff.html"
-    html_report.write_text(debug.render_html(debug.load_runs(inference_debug)))
+    html_report = outputs.write_text(out / HTML_REPORT, debug.render_html(debug.load_runs(inference_debug)))
     plot = plot_accuracy({demo_accuracy.LABELS[m].format(structure=structure): f.values for m, f in figures.items()},
                          f"digits MLP, {structure} {sparsity}: {demo_accuracy.describe_gap(closed)}",
-                         out / "accuracy.png")
+                         out / PLOT)
     summary = {
         "settings": {"structure": str(structure), "sparsity": sparsity, "steps": steps, "device": device,
                      "batch_size": batch_size, "model": vars(base.model), "seed": base.seed, "seeds": seeds},
@@ -225,10 +225,10 @@ def run(*, structure: Structure, sparsity: float, steps: int, device: str, out: 
         "train_step_ms": {name: s * 1e3 for name, s in step_s.items()},
         "gathers": {"training": gather_counts(training_debug), "inference": gather_counts(inference_debug)},
         "files": {"debug_dir": str(inference_debug), "training_debug_dir": str(training_debug),
-                  "html_report": str(html_report), "plot": str(plot), "results": str(out / "results.json")},
+                  "html_report": str(html_report), "plot": str(plot), "results": str(out / RESULTS)},
     }
     summary["passed"] = training_match.matches and inference_match.matches and hard == len(layers)
-    (out / "results.json").write_text(json.dumps(summary, indent=2))
+    outputs.write_json(out / RESULTS, summary)
     print()
     print(results_table(summary))
     return summary

@@ -8,6 +8,8 @@ from pathlib import Path
 
 from matplotlib.figure import Figure
 
+from padst_compiler import outputs
+
 
 def plot_accuracy(errors: Mapping[str, Sequence[float]], title: str, path: str | Path) -> Path:
     """One bar per method: mean test error with one standard deviation, every seed as a dot."""
@@ -22,5 +24,4 @@ def plot_accuracy(errors: Mapping[str, Sequence[float]], title: str, path: str |
     axes.set_title(title, fontsize=9)
     axes.grid(alpha=0.3, axis="y")
     figure.tight_layout()
-    figure.savefig(path)
-    return Path(path)
+    return outputs.save_figure(figure, path)

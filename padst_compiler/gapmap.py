@@ -8,7 +8,8 @@ references; every cell trained with several seeds (same steps, batches and learn
 for every method of a task), reported as mean and standard deviation.
 
 Runs go to ``DIR/runs.jsonl`` as they finish, so an interrupted map resumes where it
-stopped; ``DIR/gapmap.json``, ``DIR/gapmap.png`` and the printed table summarise it.
+stopped; ``DIR/gapmap.json``, ``DIR/gapmap.png`` and the printed table summarise it. DIR
+holds nothing else (``outputs.claim_directory``): a folder with other files is refused.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import json
 import math
 import os
 import statistics
+import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import MISSING, asdict, dataclass, fields, replace
@@ -24,6 +26,11 @@ from multiprocessing import get_context
 from pathlib import Path
 
 from tabulate import tabulate
+
+from padst_compiler import outputs
+
+COMMAND = "padst bench accuracy"
+RUNS, SUMMARY, PLOT = "runs.jsonl", "gapmap.json", "gapmap.png"  # everything the map writes in its folder
 
 SPARSITIES = (0.875, 0.9375, 0.96875)  # 1/8, 1/16, 1/32 kept: what every structure can take exactly
 STRUCTURES = ("Block(4x4)", "Block(8x8)", "NM(m=32)", "Diagonal()")
@@ -209,17 +216,61 @@ def _same_settings(recorded: dict, current: dict | None) -> bool:
     return {**defaults, **recorded} == current
 
 
-def run(cells: list[Cell], out: Path, workers: int | None = None, progress: bool = True) -> list[dict]:
-    """Train every cell with every seed of its task (skipping runs ``out/runs.jsonl`` already
-    holds) in ``workers`` processes; returns all records."""
-    out.mkdir(parents=True, exist_ok=True)
-    log = out / "runs.jsonl"
-    settings = json.loads(json.dumps({task: asdict(TASKS[task]) for task in {cell.task for cell in cells}}))
-    records = [json.loads(line) for line in log.read_text().splitlines() if line.strip()] if log.exists() else []
+_RECORD_KEYS = {"cell", "task", "depth", "method", "structure", "sparsity", "seed", "metric", "seconds", "density"}
+
+
+def load_runs(log: Path) -> list[dict]:
+    """The run records in ``log`` (none if it is missing). A last line without its newline is
+    what a killed run leaves: it is dropped from the file, with a warning, and trained again;
+    any other line that is not a run record is refused, the file left as it is."""
+    if not log.exists():
+        return []
+    text = outputs.read_text(log)
+    complete, _, partial = text.rpartition("\n")
+    records = []
+    for number, line in enumerate(complete.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            record = None
+        if not (isinstance(record, dict) and _RECORD_KEYS <= record.keys()):
+            raise outputs.PathError(f"{log}: line {number} is not a padst run record; fix it or choose another "
+                                    "folder")
+        records.append(record)
+    if partial.strip():
+        print(f"{COMMAND}: warning: {log}: dropping its last line, cut short (a killed run); that run is trained "
+              "again", file=sys.stderr, flush=True)
+        outputs.write_text(log, text[:-len(partial)])
+    return records
+
+
+def _settings(tasks) -> dict:
+    """The settings of ``tasks`` as a run record holds them (JSON types)."""
+    return json.loads(json.dumps({task: asdict(TASKS[task]) for task in tasks}))
+
+
+def open_log(out: str | Path, tasks) -> tuple[Path, list[dict]]:
+    """The runs file of the map's folder ``out`` and its records. ``out`` is refused if it
+    holds anything but the map's files, or runs of ``tasks`` trained with other settings; a
+    folder from before padst marked its folders counts as the map's if it holds a runs file."""
+    out = outputs.claim_directory(out, COMMAND, (RUNS, SUMMARY, PLOT), adopt=lambda entries: RUNS in entries)
+    log, settings = out / RUNS, _settings(tasks)
+    records = load_runs(log)
     for record in records:
         if record.get("settings") and not _same_settings(record["settings"], settings.get(record["task"])):
-            raise ValueError(f"{log} holds runs trained with other settings ({record['settings']}); "
-                             "use another --out directory")
+            raise outputs.PathError(f"{log} holds runs trained with other settings ({record['settings']}); "
+                                    "use another --out directory")
+    return log, records
+
+
+def run(cells: list[Cell], out: str | Path, workers: int | None = None, progress: bool = True) -> list[dict]:
+    """Train every cell with every seed of its task (skipping runs ``out/runs.jsonl`` already
+    holds, see ``open_log``) in ``workers`` processes; returns all records."""
+    tasks = {cell.task for cell in cells}
+    log, records = open_log(out, tasks)
+    settings = _settings(tasks)
     done = {(r["cell"], r["seed"]) for r in records}
     # cheapest task and shallowest model first, every seed of a cell together: a map stopped
     # part-way has whole cells (mean and deviation), and resuming it trains only what is missing
@@ -356,7 +407,7 @@ def plot(summary: dict, path: Path) -> Path:
         axis.axis("off")
     axes.flat[0].legend(fontsize=7)
     figure.tight_layout()
-    figure.savefig(path, dpi=110)
+    outputs.save_figure(figure, path, dpi=110)
     plt.close(figure)
     return path
 
@@ -365,13 +416,13 @@ def gap_map(quick: bool = False, tasks: tuple[str, ...] = tuple(TASKS), out: str
             workers: int | None = None) -> dict:
     """Run (or resume) the map and write ``gapmap.json`` and ``gapmap.png`` under ``out``."""
     out = Path(out)
+    open_log(out, tasks)  # refuse a folder that is not the map's now, not once the grid is built (a minute)
     cells = grid(quick, tasks)
     records = run(cells, out, workers)
     wanted = {cell.key for cell in cells}
     summary = summarize([r for r in records if r["cell"] in wanted])
     summary["settings"] = {task: asdict(TASKS[task]) for task in tasks}
     summary["methods"] = {name: method.description for name, method in METHODS.items()}
-    (out / "gapmap.json").write_text(json.dumps(summary, indent=2))
     print(table(summary))
-    print(f"\nmap as JSON: {out / 'gapmap.json'}; plot: {plot(summary, out / 'gapmap.png')}")
+    print(f"\nmap as JSON: {outputs.write_json(out / SUMMARY, summary)}; plot: {plot(summary, out / PLOT)}")
     return summary

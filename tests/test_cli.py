@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from padst_compiler import cli, debug, demo
+from padst_compiler import bench_depth, bench_kernels, cli, debug, demo, outputs
 from padst_compiler.kernels import NM, Block, Diagonal
 from padst_compiler.models import GPTConfig
 
@@ -115,16 +115,150 @@ def test_kernel_benchmark_prints_ratios_and_writes_json(tmp_path, capsys):
     assert "fwd vs dense" in printed and "Block(32x32)" in printed and "Diagonal()" in printed
     rows = json.loads(out.read_text())
     assert len(rows) == 8 and all(r["forward_speedup"] > 0 and r["train_speedup"] > 0 for r in rows)
+    outputs.check_file(out, "a result", outputs.json_with_keys(bench_kernels.RESULT_KEYS))  # a rerun may replace it
 
 
 def test_depth_benchmark_prints_per_layer_times_and_their_spread(tmp_path, capsys):
     import json
 
     out = tmp_path / "depth.json"
-    assert cli.main(["bench", "depth", "--layers", "2", "3", "--widths", "160", "--tokens", "4", "--repeats", "1",
-                     "--out", str(out)]) == 0
+    argv = ["bench", "depth", "--layers", "2", "3", "--widths", "160", "--tokens", "4", "--repeats", "1",
+            "--out", str(out)]
+    assert cli.main(argv) == 0
     printed = capsys.readouterr().out
     assert "padst optimize us/layer" in printed and "slowest / fastest per-layer time across depths" in printed
     rows = json.loads(out.read_text())["rows"]
     assert [(r["depth"], r["tokens"]) for r in rows] == [(2, 4), (3, 4)]
     assert all(r["padst eager us/layer"] > 0 and r["padst optimize us/layer"] > 0 and r["compile_s"] > 0 for r in rows)
+    outputs.check_file(out, "a result", outputs.json_with_keys(bench_depth.RESULT_KEYS))  # a rerun may replace it
+
+
+# ------------------------------------------------- user errors: one line, exit 2, nothing touched
+
+
+def files_under(root):
+    """Bytes and modification time of every file under ``root``: what a refused command must leave."""
+    return {path: (path.read_bytes(), path.stat().st_mtime_ns) for path in sorted(root.rglob("*")) if path.is_file()}
+
+
+def refused(argv, command, capsys) -> str:
+    """Run the command line, expecting one error line on stderr and exit status 2; returns the line."""
+    assert cli.main(argv) == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"{command}: error: "), lines
+    return lines[0]
+
+
+@pytest.fixture
+def no_demo_training(monkeypatch):
+    def fail(*args, **kwargs):
+        raise AssertionError("the demo started training")
+
+    monkeypatch.setattr(demo.demo_accuracy, "compare", fail)
+
+
+def _foreign_folder(out):
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    (out / "padst_debug").mkdir()
+    (out / "padst_debug" / "keep.py").write_text("mine too")
+
+
+def _foreign_results(out):
+    out.mkdir()
+    (out / "results.json").write_text('{"mine": true}')
+
+
+def _another_commands_folder(out):
+    out.mkdir()
+    (out / outputs.MARKER).write_text("padst bench accuracy\n")
+    (out / "gapmap.json").write_text("{}")
+
+
+@pytest.mark.parametrize("make,message", [
+    (_foreign_folder, "holds notes.txt, which padst demo does not write"),
+    (_foreign_results, "is not empty and was not written by padst demo"),
+    (_another_commands_folder, "was written by 'padst bench accuracy', not by padst demo"),
+])
+def test_demo_refuses_an_output_folder_it_did_not_write_and_leaves_it_alone(make, message, tmp_path, capsys,
+                                                                            no_demo_training):
+    out = tmp_path / "out"
+    make(out)
+    before = files_under(out)
+    assert message in refused(["demo", "--out", str(out)], "padst demo", capsys)
+    assert files_under(out) == before
+
+
+def test_demo_replaces_what_an_earlier_demo_wrote(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / outputs.MARKER).write_text("padst demo\n")
+    (out / "padst_debug" / "run-001").mkdir(parents=True)
+    (out / "results.json").write_text("{}")
+
+    def stop(*args, **kwargs):
+        raise KeyboardInterrupt  # past the output checks: stop before training
+
+    monkeypatch.setattr(demo.demo_accuracy, "compare", stop)
+    with pytest.raises(KeyboardInterrupt):
+        cli.main(["demo", "--out", str(out)])
+    assert not (out / "padst_debug").exists() and (out / "results.json").exists()  # replaced at the end
+    assert capsys.readouterr().err == ""
+
+
+BENCH_JSON = {  # tiny settings: a check that does not refuse must not cost minutes
+    "harden": ["--structures", "block64", "--layers", "1"],
+    "model": ["--layers", "1", "--tokens", "1", "--sequence", "1", "--repeats", "1"],
+    "depth": ["--layers", "2", "--widths", "160", "--tokens", "4", "--repeats", "1", "--eager-only"],
+    "kernels": ["--tokens", "1", "--sparsity", "0.9", "--repeats", "1"],
+}
+
+
+ANOTHER_BENCHMARKS_RESULT = {
+    "harden": b'{"tokens": 1, "sequence": 1, "layers": 1, "sparsity": 0.9, "rows": []}',  # bench model's
+    "model": b'{"structure": "Block(16x16)", "sparsity": 0.9, "rows": []}',  # bench depth's
+    "depth": b'{"layers": 12, "tokens": 4096, "rows": []}',  # bench harden's
+    "kernels": b'{"layers": 12, "tokens": 4096, "rows": []}',
+}
+
+
+@pytest.mark.parametrize("name", list(BENCH_JSON))
+@pytest.mark.parametrize("content", [b'{"mine": [1, 2]}', None, b'{"tokens": 4096, "sequ', b"\x89PNG\r\n\x1a\n\xff"],
+                         ids=["foreign JSON", "another benchmark's result", "truncated", "binary"])
+def test_bench_json_out_refuses_a_file_it_did_not_write(name, content, tmp_path, capsys):
+    out = tmp_path / "results.json"
+    out.write_bytes(content or ANOTHER_BENCHMARKS_RESULT[name])
+    before = files_under(tmp_path)
+    line = refused(["bench", name, *BENCH_JSON[name], "--out", str(out)], f"padst bench {name}", capsys)
+    assert f"exists and is not a padst bench {name} result" in line
+    assert files_under(tmp_path) == before
+
+
+@pytest.mark.parametrize("name", list(BENCH_JSON))
+def test_bench_json_out_refuses_a_folder_or_a_missing_folder(name, tmp_path, capsys):
+    (tmp_path / "folder").mkdir()
+    argv = ["bench", name, *BENCH_JSON[name], "--out"]
+    assert "is a directory" in refused([*argv, str(tmp_path / "folder")], f"padst bench {name}", capsys)
+    assert "there is no folder" in refused([*argv, str(tmp_path / "missing" / "a.json")], f"padst bench {name}",
+                                           capsys)
+    assert not (tmp_path / "missing").exists() and list((tmp_path / "folder").iterdir()) == []
+
+
+def test_harden_benchmark_overwrites_its_own_earlier_result(tmp_path, monkeypatch, capsys):
+    from padst_compiler import bench, training
+
+    monkeypatch.setattr(training, "harden_permutations", lambda model: None)  # the file is the point, not timing
+    monkeypatch.setattr(training.PADSTLinear, "harden", lambda layer: None)
+    monkeypatch.setattr(bench, "interleaved_medians", lambda fns, repeats: {name: 1e-3 for name in fns})
+    out = tmp_path / "harden.json"
+    for _ in range(2):
+        assert cli.main(["bench", "harden", *BENCH_JSON["harden"], "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["rows"][0]["structure"] == "Block(64x64)"
+    assert [p.name for p in tmp_path.iterdir()] == ["harden.json"]  # no temporary file left
+    assert capsys.readouterr().err == ""
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is available")
+def test_kernel_benchmark_on_a_missing_gpu_is_one_line(capsys):
+    assert "no CUDA GPU is available" in refused(["bench", "kernels", "--device", "cuda"], "padst bench kernels",
+                                                 capsys)

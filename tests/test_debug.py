@@ -144,3 +144,76 @@ def test_kernel_choices_are_written_and_shown_by_padst_diff(recorded, tmp_path, 
     printed = capsys.readouterr().out
     assert "kernel implementations picked at run time" in printed
     assert "block_forward" in printed and "chosen" in printed
+
+
+# ----------------------------------------------- padst diff: bad files and --html, one line each
+
+
+@pytest.fixture
+def one_run(tmp_path):
+    """A debug directory holding one recorded run, written without compiling anything."""
+    record = pipeline.PassRecord("fuse", True, 0.1, {"permutes": 1}, {"permutes": 0}, "before", "after", 0.0)
+    debug.write_run(tmp_path / "debug", pipeline.PipelineResult(gm=None, records=[record]), original_code="x")
+    return tmp_path / "debug"
+
+
+def refused_diff(argv, capsys) -> str:
+    assert cli.main(["diff", *argv]) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("padst diff: error: ") and captured.out == "", captured
+    return lines[0]
+
+
+def _break_summary(root):
+    (root / "run-001" / "summary.json").write_text('{"passes": [{"name": "fu')
+
+
+def _break_kernel_choices(root):
+    (root / debug.KERNEL_CHOICES).write_text('[{"op": "block_forward", "regime"')
+
+
+def _wrong_kernel_choices(root):
+    (root / debug.KERNEL_CHOICES).write_text('{"op": 1}')
+
+
+@pytest.mark.parametrize("damage,message", [
+    (_break_summary, "run-001 is not a readable padst run"),
+    (_break_kernel_choices, "kernel_choices.json is not a readable padst kernel-choices file"),
+    (_wrong_kernel_choices, "kernel_choices.json is not a readable padst kernel-choices file"),
+    (lambda root: (root / "run-001" / "01-fuse.after.py").write_bytes(b"\xff\xfe"), "is not a UTF-8 text file"),
+    (lambda root: (root / "run-001" / "01-fuse.before.py").unlink(), "01-fuse.before.py: no such file"),
+])
+def test_diff_of_a_damaged_debug_directory_is_one_line(damage, message, one_run, capsys):
+    damage(one_run)
+    assert message in refused_diff([str(one_run), "--color", "never"], capsys)
+
+
+def test_diff_of_two_files_names_the_one_it_cannot_read(tmp_path, capsys):
+    good, binary, plain = tmp_path / "a.py", tmp_path / "b.py", tmp_path / "plain"
+    good.write_text("x = 1\n")
+    binary.write_bytes(b"\x00\xff\xfe")
+    plain.write_text("not a folder")
+    assert f"{binary} is not a UTF-8 text file" in refused_diff([str(good), str(binary)], capsys)
+    assert f"{tmp_path / 'gone.py'}: no such file" in refused_diff([str(good), str(tmp_path / "gone.py")], capsys)
+    assert "cannot read" in refused_diff([str(good), str(plain / "inside.py")], capsys)
+    assert "give one debug directory or two graph files" in refused_diff([str(good), str(tmp_path)], capsys)
+    assert "--html reports a debug directory" in refused_diff([str(good), str(good), "--html", "r.html"], capsys)
+
+
+@pytest.mark.parametrize("content", [b"<html>my own page</html>", b"", b"\x89PNG\r\n"])
+def test_diff_html_refuses_a_file_it_did_not_write(content, one_run, tmp_path, capsys):
+    report = tmp_path / "report.html"
+    report.write_bytes(content)
+    stamp = report.stat().st_mtime_ns
+    assert "report.html exists and is not a padst graph-diff report" in refused_diff(
+        [str(one_run), "--html", str(report)], capsys)
+    assert report.read_bytes() == content and report.stat().st_mtime_ns == stamp
+
+
+def test_diff_html_replaces_its_own_earlier_report(one_run, tmp_path, capsys):
+    report = tmp_path / "report.html"
+    report.write_text(debug.render_html([]))
+    assert cli.main(["diff", str(one_run), "--html", str(report), "--color", "never"]) == 0
+    assert 'data-pass="fuse"' in report.read_text() and capsys.readouterr().err == ""
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["debug", "report.html"]  # no temporary file left

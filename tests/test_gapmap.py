@@ -2,7 +2,7 @@
 
 import json
 import math
-from dataclasses import replace
+from dataclasses import asdict, replace
 
 import pytest
 
@@ -130,3 +130,101 @@ def test_accuracy_command_refuses_unknown_tasks(capsys):
     with pytest.raises(SystemExit):
         cli.main(["bench", "accuracy", "--tasks", "imagenet"])
     assert "invalid choice: 'imagenet'" in capsys.readouterr().err
+
+
+# ------------------------------------------------------- its folder: refused, resumed, repaired
+
+
+@pytest.fixture
+def fake_training(monkeypatch):
+    """Runs that cost nothing: the point is the folder, not the numbers."""
+    trained = []
+
+    def fake_run_one(cell, seed, settings):
+        trained.append((cell.key, seed))
+        return _record(cell, seed, 1.0 + seed)
+
+    monkeypatch.setattr(gapmap, "run_one", fake_run_one)
+    monkeypatch.setattr(gapmap, "ProcessPoolExecutor", _InlineExecutor)
+    return trained
+
+
+def _runs_file(records) -> str:
+    return "".join(json.dumps({**record, "settings": asdict(TASKS[record["task"]])}) + "\n" for record in records)
+
+
+DENSE = Cell("digits", 2, "dense")
+GOOD_LINE = _runs_file([_record(DENSE, 0, 3.0)])
+
+
+def _foreign_file(out):
+    (out / "runs.jsonl").write_text(GOOD_LINE)
+    (out / "notes.txt").write_text("mine")
+
+
+@pytest.mark.parametrize("make,message", [
+    (_foreign_file, "holds notes.txt, which padst bench accuracy does not write"),
+    (lambda out: (out / "gapmap.json").write_text("{}"), "is not empty and was not written by padst bench accuracy"),
+    (lambda out: (out / "runs.jsonl").write_text(GOOD_LINE + "not json\n" + GOOD_LINE),
+     "runs.jsonl: line 2 is not a padst run record"),
+    (lambda out: (out / "runs.jsonl").write_text('{"cell": "mine"}\n'), "runs.jsonl: line 1 is not a padst run record"),
+    (lambda out: (out / "runs.jsonl").write_bytes(b"\xff\xfe{}\n"), "runs.jsonl is not a UTF-8 text file"),
+    (lambda out: (out / "runs.jsonl").mkdir(), "runs.jsonl is a directory, not a file"),
+    (lambda out: (out / "runs.jsonl").write_text(GOOD_LINE.replace('"steps": 1500', '"steps": 7')),
+     "holds runs trained with other settings"),
+])
+def test_the_accuracy_command_refuses_a_folder_or_runs_it_did_not_write(make, message, tmp_path, monkeypatch,
+                                                                         capsys):
+    def no_grid(*args):
+        raise AssertionError("refused only once the grid was built")
+
+    monkeypatch.setattr(gapmap, "grid", no_grid)
+    make(tmp_path)
+    before = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in tmp_path.rglob("*") if p.is_file()}
+    assert cli.main(["bench", "accuracy", "--out", str(tmp_path)]) == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("padst bench accuracy: error: ") and message in lines[0], lines
+    assert {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in tmp_path.rglob("*") if p.is_file()} == before
+
+
+def test_the_accuracy_command_refuses_a_file_for_its_folder(tmp_path, capsys):
+    out = tmp_path / "map"
+    out.write_text("mine")
+    assert cli.main(["bench", "accuracy", "--out", str(out)]) == 2
+    assert capsys.readouterr().err == f"padst bench accuracy: error: {out} exists and is not a directory\n"
+    assert out.read_text() == "mine"
+
+
+def test_a_map_resumes_in_the_folder_it_wrote_and_writes_its_files_whole(tmp_path, monkeypatch, capsys,
+                                                                         fake_training):
+    cells = [Cell("digits", 2, m, "Diagonal()", 0.9375) for m in PERMUTATIONS] + [Cell("digits", 2, "RigL", None,
+                                                                                         0.9375)]
+    monkeypatch.setattr(gapmap, "grid", lambda quick, tasks: cells)
+    out = tmp_path / "map"
+    for _ in range(2):
+        assert cli.main(["bench", "accuracy", "--tasks", "digits", "--out", str(out)]) == 0
+    assert len(fake_training) == len(cells) * TASKS["digits"].seeds  # the second run trained nothing
+    assert sorted(p.name for p in out.iterdir()) == [".padst-output", "gapmap.json", "gapmap.png", "runs.jsonl"]
+    assert json.loads((out / "gapmap.json").read_text())["comparisons"]
+    assert capsys.readouterr().err == ""
+
+
+def test_a_killed_runs_cut_short_last_line_is_dropped_with_a_warning(tmp_path, capsys, fake_training):
+    (tmp_path / "runs.jsonl").write_text(GOOD_LINE + GOOD_LINE[:40])
+    records = gapmap.run([DENSE], tmp_path, workers=1, progress=False)
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("padst bench accuracy: warning: ") and "cut short" in lines[0]
+    assert len(records) == TASKS["digits"].seeds and (DENSE.key, 0) not in fake_training
+    written = (tmp_path / "runs.jsonl").read_text().splitlines()
+    assert written[0] == GOOD_LINE.strip() and len(written) == TASKS["digits"].seeds
+    assert all(json.loads(line)["cell"] == DENSE.key for line in written)
+
+
+def test_the_published_map_folder_resumes_as_the_readme_says(tmp_path):
+    import shutil
+    from pathlib import Path
+
+    copy = shutil.copytree(Path(__file__).parents[1] / "results" / "gapmap", tmp_path / "gapmap")  # no marker file
+    log, records = gapmap.open_log(copy, ("digits",))  # its GPT runs predate the task's learning-rate ramp
+    assert log == copy / "runs.jsonl" and len(records) == len(log.read_text().splitlines())
+    assert not (copy / ".padst-output").exists()
