@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from pathlib import Path
 
 import torch
 from tabulate import tabulate
@@ -15,7 +16,7 @@ from padst_compiler.kernels.structures import NM, Block, Diagonal, Structure
 from padst_compiler.timing import interleaved_medians
 
 # the keys of the JSON results (--out FILE), by which an earlier result is told from another file
-MODEL_RESULT_KEYS = ("tokens", "sequence", "layers", "sparsity", "rows")
+MODEL_RESULT_KEYS = ("tokens", "sequence", "layers", "sparsity", "d_model", "device", "rows")
 HARDEN_RESULT_KEYS = ("layers", "tokens", "rows")
 
 
@@ -57,12 +58,14 @@ def speed_medians(inference: Mapping[str, Callable[[], object]],
 
 
 def model_speed(layers: int = 2, tokens: int = 4096, sequence: int = 512, sparsity: float = 0.9,
-                repeats: int = 5, out: str | None = None) -> list[dict]:
-    """GPT-2-small-shaped stack (d 768, MLP 3072): inference and one training step of the
-    compiled PA-DST model (Block 32x32, hardened permutations) against the dense model
-    compiled with Inductor and against the same PA-DST model without permutations (the
-    permutation tax); medians of interleaved repeats in one process, plus the inference
-    compile time with compile caches off (model construction excluded)."""
+                repeats: int = 5, out: str | None = None, d_model: int = 768, heads: int = 12,
+                device: str = "cpu") -> list[dict]:
+    """A GPT stack (MLP 4x ``d_model``): inference and one training step of the compiled
+    PA-DST model (Block 32x32, hardened permutations) against the dense model compiled with
+    Inductor and against the same PA-DST model without permutations (the permutation tax);
+    medians of interleaved repeats in one process, the inference compile time with compile
+    caches off (model construction excluded), parameter bytes and the peak memory one
+    training step adds (RSS on the CPU, allocated memory on CUDA)."""
     import time
 
     from padst_compiler.api import optimize
@@ -72,19 +75,20 @@ def model_speed(layers: int = 2, tokens: int = 4096, sequence: int = 512, sparsi
     from padst_compiler.models import GPT, GPTConfig
     from padst_compiler.training import sparsify
 
-    config = GPTConfig(block_size=sequence, n_layer=layers, n_head=12, d_model=768)
+    config = GPTConfig(block_size=sequence, n_layer=layers, n_head=heads, d_model=d_model)
     idx = torch.randint(0, 256, (tokens // sequence, sequence), generator=torch.Generator().manual_seed(0))
+    idx = idx.to(device)
 
     def build(permutation):
         torch.manual_seed(0)
         model = GPT(config)
         if permutation is not None:  # "random" is hardened from the start: same cost as a learned one
-            sparsify(model, Block(32, 32), sparsity, permutation=permutation)
-        return model
+            sparsify(model, Block(32, 32), sparsity, permutation=permutation, strict=True)
+        return model.to(device)
 
     variants = {"dense (Inductor)": (None, "inductor"), "PA-DST (padst)": ("random", "padst"),
                 "PA-DST no permutation (padst)": ("none", "padst")}
-    inference, training, compile_seconds = {}, {}, {}
+    inference, training, compile_seconds, memory = {}, {}, {}, {}
     for name, (permutation, backend) in variants.items():
         torch._dynamo.reset()
         model = build(permutation)
@@ -100,6 +104,7 @@ def model_speed(layers: int = 2, tokens: int = 4096, sequence: int = 512, sparsi
         model = build(permutation)
         compiled = torch.compile(model, backend=backend)
         compiled(idx).float().mean().backward()
+        memory[name] = _training_step_memory(model, lambda c=compiled: c(idx).float().mean(), device)
         training[name] = (model, compiled)
 
     infer_times, train_times = speed_medians(
@@ -109,23 +114,59 @@ def model_speed(layers: int = 2, tokens: int = 4096, sequence: int = 512, sparsi
     dense = "dense (Inductor)"
     rows = [{"model": name, "inference_ms": infer_times[name] * 1e3, "train_step_ms": train_times[name] * 1e3,
              "inference_speedup": infer_times[dense] / infer_times[name],
-             "train_speedup": train_times[dense] / train_times[name], "compile_s": compile_seconds[name]}
+             "train_speedup": train_times[dense] / train_times[name], "compile_s": compile_seconds[name],
+             **memory[name]}
             for name in variants]
+
     def ms(value):  # a one-token step takes about a millisecond
         return f"{value:.0f}" if value >= 100 else f"{value:.2f}"
 
+    print(f"GPT {layers} layers, d {d_model}, {tokens} tokens ({sequence} per sequence), {device}")
     print(tabulate([(r["model"], ms(r["inference_ms"]), f"{r['inference_speedup']:.2f}x",
-                     ms(r["train_step_ms"]), f"{r['train_speedup']:.2f}x", f"{r['compile_s']:.0f}")
+                     ms(r["train_step_ms"]), f"{r['train_speedup']:.2f}x", f"{r['compile_s']:.0f}",
+                     f"{r['parameter_mib']:.0f}", f"{r['step_peak_mib']:.0f}")
                     for r in rows],
-                   headers=["model", "inference ms", "vs dense", "train step ms", "vs dense", "compile s (inference)"],
+                   headers=["model", "inference ms", "vs dense", "train step ms", "vs dense", "compile s (inference)",
+                            "params MiB", "step peak MiB"],
                    disable_numparse=True))
     tax = infer_times["PA-DST (padst)"] / infer_times["PA-DST no permutation (padst)"] - 1
     print(f"permutation tax: inference {tax * 100:+.1f} %, training step "
           f"{(train_times['PA-DST (padst)'] / train_times['PA-DST no permutation (padst)'] - 1) * 100:+.1f} %")
     if out:
         outputs.write_json(out, {"tokens": tokens, "sequence": sequence, "layers": layers, "sparsity": sparsity,
-                                 "rows": rows})
+                                 "d_model": d_model, "device": device, "rows": rows})
     return rows
+
+
+def _training_step_memory(model: nn.Module, scalar: Callable[[], torch.Tensor], device: str) -> dict[str, float]:
+    """Parameter and buffer MiB, and the peak MiB one training step (forward and backward)
+    adds over what was resident before it: allocated memory on CUDA, the process's RSS high
+    water mark on the CPU (reset through ``/proc/self/clear_refs``; 0 where Linux cannot)."""
+    mib = 2 ** 20
+    parameters = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers())) / mib
+    model.zero_grad(set_to_none=True)
+    if device == "cuda":
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        scalar().backward()
+        torch.cuda.synchronize()
+        return {"parameter_mib": parameters, "step_peak_mib": (torch.cuda.max_memory_allocated() - before) / mib}
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+        before = _proc_status_kib("VmRSS")
+        scalar().backward()
+        return {"parameter_mib": parameters, "step_peak_mib": (_proc_status_kib("VmHWM") - before) / 1024}
+    except OSError:
+        scalar().backward()
+        return {"parameter_mib": parameters, "step_peak_mib": 0.0}
+
+
+def _proc_status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise OSError(f"no {field} in /proc/self/status")
 
 
 def hardening_speed(structures: tuple[Structure, ...] = (Block(32, 32), Block(64, 64), NM(32), Diagonal()), layers: int = 12,

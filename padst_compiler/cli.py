@@ -16,6 +16,20 @@ from padst_compiler import outputs
 JSON_OUT_HELP = "also write the results as JSON to FILE (refused if FILE exists and is not a result of this benchmark)"
 
 
+# `padst bench model` sizes: the options a preset sets (any option given explicitly wins)
+MODEL_DEFAULTS = {"layers": 2, "d_model": 768, "heads": 12, "tokens": 4096, "sequence": 512}
+MODEL_PRESETS = {
+    "gpt2-small": {"layers": 12, "d_model": 768, "heads": 12},
+    "d1024-24": {"layers": 24, "d_model": 1024, "heads": 16},
+}
+
+
+def _resolve_model_size(args) -> None:
+    for option, value in {**MODEL_DEFAULTS, **MODEL_PRESETS.get(args.preset, {})}.items():
+        if getattr(args, option) is None:
+            setattr(args, option, value)
+
+
 def _sparsity(text: str) -> float:
     try:
         value = float(text)
@@ -111,10 +125,16 @@ def build_parser() -> argparse.ArgumentParser:
     model = benches.add_parser("model", help="inference and training-step speed of a compiled GPT-2-sized stack",
                                description="PA-DST (padst backend) against the dense model compiled with Inductor "
                                            "and against PA-DST without permutations, CPU, medians of repeats.")
-    model.add_argument("--layers", type=_positive_int, default=2)
-    model.add_argument("--tokens", type=_positive_int, default=4096, help="tokens per batch, a multiple of --sequence")
-    model.add_argument("--sequence", type=_positive_int, default=512,
-                       help="tokens per sequence (1 with --tokens 1 times one decoding step)")
+    model.add_argument("--preset", choices=sorted(MODEL_PRESETS),
+                       help="a real model size: gpt2-small (12 layers, d 768) or d1024-24 (24 layers, d 1024), "
+                            "4096 tokens in sequences of 512; the options below override it")
+    model.add_argument("--layers", type=_positive_int, help="transformer blocks (default 2)")
+    model.add_argument("--d-model", type=_positive_int, help="model width (default 768)")
+    model.add_argument("--heads", type=_positive_int, help="attention heads (default 12)")
+    model.add_argument("--tokens", type=_positive_int, help="tokens per batch, a multiple of --sequence (default 4096)")
+    model.add_argument("--sequence", type=_positive_int,
+                       help="tokens per sequence (1 with --tokens 1 times one decoding step; default 512)")
+    model.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     model.add_argument("--repeats", type=_positive_int, default=5)
     model.add_argument("--out", metavar="FILE", help=JSON_OUT_HELP)
     depth = benches.add_parser("depth", help="per-layer forward time from 50 to 500 layers (no slowdown with depth)",
@@ -144,8 +164,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.command == "bench" and args.bench == "model" and args.tokens % args.sequence:
-        parser.error(f"--tokens {args.tokens} is not a multiple of --sequence {args.sequence}")
+    if args.command == "bench" and args.bench == "model":
+        _resolve_model_size(args)
+        if args.tokens % args.sequence:
+            parser.error(f"--tokens {args.tokens} is not a multiple of --sequence {args.sequence}")
+        if args.d_model % args.heads:
+            parser.error(f"--d-model {args.d_model} is not a multiple of --heads {args.heads}")
     try:
         if args.command == "diff":
             return _diff(args)
@@ -184,8 +208,12 @@ def _bench(args) -> int:
         chosen = {} if args.structures is None else {"structures": tuple(args.structures)}
         bench.hardening_speed(**chosen, layers=args.layers, out=args.out)
     elif args.bench == "model":
+        import torch
+
+        if args.device == "cuda" and not torch.cuda.is_available():
+            return _error(args, "--device cuda but no CUDA GPU is available")
         bench.model_speed(layers=args.layers, tokens=args.tokens, sequence=args.sequence, repeats=args.repeats,
-                          out=args.out)
+                          out=args.out, d_model=args.d_model, heads=args.heads, device=args.device)
     elif args.bench == "depth":
         from padst_compiler import bench_depth
 

@@ -98,6 +98,7 @@ def test_what_the_model_or_machine_cannot_take_is_refused_before_training(argv, 
     (["bench", "model", "--tokens", "100"], "--tokens 100 is not a multiple of --sequence 512"),
     (["bench", "speed"], "invalid choice: 'speed'"),
     (["bench", "depth", "--widths", "0"], "must be at least 1"),
+    (["bench", "model", "--preset", "gpt2-small", "--heads", "5"], "--d-model 768 is not a multiple of --heads 5"),
 ])
 def test_bench_options_are_checked_before_anything_runs(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
@@ -262,3 +263,12 @@ def test_harden_benchmark_overwrites_its_own_earlier_result(tmp_path, monkeypatc
 def test_kernel_benchmark_on_a_missing_gpu_is_one_line(capsys):
     assert "no CUDA GPU is available" in refused(["bench", "kernels", "--device", "cuda"], "padst bench kernels",
                                                  capsys)
+
+
+def test_model_benchmark_presets_set_the_size_and_explicit_options_win():
+    args = cli.build_parser().parse_args(["bench", "model", "--preset", "d1024-24", "--layers", "3"])
+    cli._resolve_model_size(args)
+    assert (args.layers, args.d_model, args.heads, args.tokens, args.sequence) == (3, 1024, 16, 4096, 512)
+    args = cli.build_parser().parse_args(["bench", "model"])
+    cli._resolve_model_size(args)
+    assert (args.layers, args.d_model, args.heads) == (2, 768, 12)
