@@ -133,7 +133,7 @@ class PADSTLinear(nn.Module):
     # ----------------------------------------------------------------------- forward
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() == 0:
+        if isinstance(x, torch.Tensor) and x.dim() == 0:  # (a Proxy under fx tracing)
             raise ValueError(f"{self.name or 'PADSTLinear'}: expected inputs with {self.in_features} features "
                              "in the last dimension, got a 0-d tensor")
         features = x.shape[-1]

@@ -1,0 +1,264 @@
+"""Bugs the fuzz suite found, each shrunk to a minimal reproduction.
+
+Each test states the behaviour the contract asks for and is marked ``xfail(strict=True)``
+while the bug stands: it fails today (so it is recorded, not skipped), and passes, failing
+the strict xfail, once the bug is fixed; then drop the marker and the matching exclusion
+in the fuzz test that names this test.
+"""
+
+import math
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from padst_compiler.kernels import NM, Block, Unstructured
+from padst_compiler.training import DSTScheduler, harden_permutations, sparsify
+
+pytestmark = [pytest.mark.fuzz, pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")]
+
+
+def _quiet_sparsify(model, *args, **kwargs):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return sparsify(model, *args, **kwargs)
+
+
+# ------------------------------------------------------------------------- sparsify
+
+
+@pytest.mark.xfail(strict=True, reason="sparsify(permutation='random') without a warm-up fits S to W in feature "
+                                       "order but applies the permutation on top: at sparsity 0, "
+                                       "sparsify(Sequential(Linear(4, 4)), Block(1, 1), 0.0, permutation='random') "
+                                       "changes the function (max |diff| ~1); with dense_warmup=True + "
+                                       "harden_permutations it is exact")
+def test_random_permutation_keeps_the_dense_function():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4))
+    x = torch.randn(3, 4)
+    want = model(x)
+    sparsify(model, Block(1, 1), 0.0, permutation="random", side="input")
+    torch.testing.assert_close(model(x), want)
+
+
+@pytest.mark.xfail(strict=True, raises=ZeroDivisionError,
+                   reason="hardening a learned permutation of one feature divides by zero in "
+                          "training/permutation.py _refine_by_swaps (no pair to swap): "
+                          "sparsify(Sequential(Linear(1, 1)), Block(1, 1), 0.0); harden_permutations(model)")
+def test_hardening_a_learned_permutation_of_one_feature():
+    model = nn.Sequential(nn.Linear(1, 1))
+    sparsify(model, Block(1, 1), 0.0)  # permutation="learned", side "auto" -> input, 1 feature
+    assert harden_permutations(model) == 1
+    assert model[0].hard
+
+
+@pytest.mark.xfail(strict=True, reason="include / exclude are iterated without a type check: a plain string is a set "
+                                       "of one-character patterns, so include='1*' holds '*' and selects every "
+                                       "layer; a number is only noticed when a layer name reaches it "
+                                       "(include=[], exclude=3 is accepted)")
+def test_include_and_exclude_must_be_pattern_lists():
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+    try:
+        sparsify(model, Block(2, 2), 0.5, permutation="none", include="1*")
+    except (TypeError, ValueError):
+        pass
+    else:  # taken as one pattern: only layer "1" matches
+        assert isinstance(model[0], nn.Linear), "include='1*' converted layer '0'"
+    with pytest.raises((TypeError, ValueError)):
+        sparsify(nn.Sequential(nn.Linear(4, 4)), Block(2, 2), 0.5, permutation="none", include=[], exclude=3)
+
+
+@pytest.mark.xfail(strict=True, raises=AttributeError,
+                   reason="sparsify converts nn.MultiheadAttention.out_proj (an nn.Linear subclass), but "
+                          "MultiheadAttention reads out_proj.weight / .bias itself: every forward then raises "
+                          "AttributeError: 'PADSTLinear' object has no attribute 'weight' "
+                          "(also nn.TransformerEncoderLayer)")
+def test_sparsify_keeps_multihead_attention_working():
+    model = nn.Sequential(nn.MultiheadAttention(8, 2, batch_first=True))
+    x = torch.randn(2, 3, 8)
+    want = model[0](x, x, x)[0]
+    sparsify(model, Block(2, 2), 0.0, permutation="none")
+    torch.testing.assert_close(model[0](x, x, x)[0], want)
+
+
+@pytest.mark.xfail(strict=True, raises=RuntimeError,
+                   reason="a layer with a zero dimension that the structure's count accepts (Block with "
+                          "out_features 0, N:M with in or out 0) fails inside Structure.project with "
+                          "'cannot reshape tensor of 0 elements' instead of a ValueError naming the layer "
+                          "(or being left dense): sparsify(Sequential(Linear(4, 0)), NM(2), 0.5, "
+                          "permutation='none')")
+def test_a_zero_sized_layer_is_named_or_converted():
+    model = nn.Sequential(nn.Linear(4, 0))
+    try:
+        _quiet_sparsify(model, NM(2), 0.5, permutation="none")
+    except ValueError as error:
+        assert "'0'" in str(error)
+
+
+@pytest.mark.xfail(strict=True, reason="seed and soft_noise are not validated: seed=0.5 raises torch's "
+                                       "RuntimeError, seed=2**70 leaves every layer dense with the warning "
+                                       "'Overflow when unpacking long long' (naming neither layer nor option), "
+                                       "soft_noise=nan or inf gives a birkhoff model whose outputs are all NaN")
+def test_sparsify_refuses_a_bad_seed_or_soft_noise():
+    for bad in ({"permutation": "random", "seed": 0.5}, {"permutation": "random", "seed": 2**70},
+                {"permutation": "birkhoff", "soft_noise": math.nan},
+                {"permutation": "birkhoff", "soft_noise": math.inf}):
+        model = nn.Sequential(nn.Linear(4, 4))
+        with pytest.raises((ValueError, TypeError), match="seed|soft_noise"):
+            _quiet_sparsify(model, Block(2, 2), 0.5, **bad)
+        assert isinstance(model[0], nn.Linear)
+
+
+@pytest.mark.xfail(strict=True, raises=ZeroDivisionError,
+                   reason="distribution='erk' divides by zero in training/sparsify.py erk_densities when no layer "
+                          "is selected (sparsify(Sequential(ReLU()), Unstructured(), 0.5, permutation='none', "
+                          "distribution='erk'), also include=[] or every linear tied or already sparsified) or a "
+                          "selected layer has a zero dimension (Linear(4, 0)); distribution='uniform' is a no-op / "
+                          "a named refusal there")
+@pytest.mark.parametrize("model", [lambda: nn.Sequential(nn.ReLU()),
+                                   lambda: nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 0))],
+                         ids=["no linear", "a zero-sized linear"])
+def test_erk_over_no_layer_or_an_empty_layer(model):
+    model = model()
+    try:
+        _quiet_sparsify(model, Unstructured(), 0.5, permutation="none", distribution="erk")
+    except ValueError:
+        pass
+
+
+# ------------------------------------------------------------------------- scheduler
+
+
+def _scheduler_model():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4))
+    sparsify(model, Block(2, 2), 0.5, permutation="birkhoff")
+    return model, torch.optim.SGD(model.parameters(), lr=0.1)
+
+
+@pytest.mark.xfail(strict=True, reason="DSTScheduler takes penalty_weight=nan (nan < 0 is False and the "
+                                       "penalty_start check only runs for penalty_weight > 0) and inf: "
+                                       "permutation_penalty() is then NaN, the first step makes the soft matrix "
+                                       "NaN and hardening raises scipy's 'matrix contains invalid numeric "
+                                       "entries'")
+@pytest.mark.parametrize("weight", [math.nan, math.inf], ids=str)
+def test_scheduler_refuses_a_nan_or_infinite_penalty_weight(weight):
+    model, optimizer = _scheduler_model()
+    with pytest.raises(ValueError, match="penalty_weight"):
+        DSTScheduler(model, optimizer, total_steps=10, penalty_weight=weight)
+
+
+@pytest.mark.xfail(strict=True, reason="DSTScheduler refuses total_steps=True but takes update_every=True and "
+                                       "sinkhorn_iterations=True as 1")
+@pytest.mark.parametrize("option", ["update_every", "sinkhorn_iterations"])
+def test_scheduler_refuses_booleans_as_counts(option):
+    model, optimizer = _scheduler_model()
+    with pytest.raises(ValueError, match=option):
+        DSTScheduler(model, optimizer, total_steps=10, **{option: True})
+
+
+# ----------------------------------------------------------------------- checkpoints
+
+
+def _model(seed, permutation="none"):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(4, 4))
+    sparsify(model, Block(2, 2), 0.5, permutation=permutation)
+    return model
+
+
+@pytest.mark.xfail(strict=True, reason="PADSTLinear.set_extra_state runs after the layer's tensors were copied and "
+                                       "reads state['hard'], int(state['seed']), int(state['averaged_steps']) "
+                                       "unchecked: a checkpoint with seed=None (TypeError), seed='x' (ValueError) "
+                                       "or without 'hard' (KeyError) raises half-loaded: values and index are "
+                                       "already the checkpoint's")
+@pytest.mark.parametrize("edit", [{"seed": None}, {"seed": "x"}, {"averaged_steps": None}, "drop hard"], ids=str)
+def test_unreadable_extra_state_loads_nothing(edit):
+    state = _model(0).state_dict()
+    extra = dict(state["0._extra_state"])
+    if edit == "drop hard":
+        del extra["hard"]
+    else:
+        extra.update(edit)
+    state["0._extra_state"] = extra
+    model = _model(1)
+    before = {k: v.clone() for k, v in model.state_dict().items() if torch.is_tensor(v)}
+    with pytest.raises(ValueError):
+        model.load_state_dict(state)
+    for key, value in before.items():
+        assert torch.equal(model.state_dict()[key], value), f"{key} was loaded by a refused checkpoint"
+
+
+@pytest.mark.xfail(strict=True, reason="the checkpoint guard does not check 'hard' against the layer's state: "
+                                       "hard=False on a permutation='none' layer loads and every forward raises "
+                                       "AttributeError ('NoneType' object has no attribute 't'); a warming-up "
+                                       "layer whose checkpoint holds an emptied warm-up weight with hard=False "
+                                       "loads and every forward raises RuntimeError (mat2 must be a matrix)")
+@pytest.mark.parametrize("case", ["hard=False without warm-up", "emptied warm-up weight while soft"])
+def test_a_hard_flag_that_disagrees_with_the_warmup_state_is_refused(case):
+    if case == "hard=False without warm-up":
+        state = _model(0).state_dict()
+        state["0._extra_state"] = {**state["0._extra_state"], "hard": False}
+        model = _model(1)
+    else:
+        state = _model(0, "learned").state_dict()
+        state["0.dense_weight_proxy"] = torch.empty(0)
+        state["0.dense_weight_average"] = torch.empty(0)
+        model = _model(1, "learned")
+    try:
+        model.load_state_dict(state)
+    except ValueError:
+        return
+    model(torch.randn(2, 4))  # loaded: then the layer must work
+
+
+# --------------------------------------------------------------------------- raw ops
+
+
+@pytest.mark.xfail(strict=True, reason="a negative size argument is not refused by name: "
+                                       "diag_linear(x[2, 1], values, offsets, out_features=-1) and "
+                                       "nm_linear_grad_input(grad, values, index, in_features=-1, None, None) raise "
+                                       "torch RuntimeErrors (arange bounds, negative dimension) instead of a "
+                                       "padst:: ValueError; the diagonal format check accepts a negative "
+                                       "out_features (longer % shorter == 0 for shorter = -1)")
+def test_raw_ops_refuse_negative_sizes_by_name():
+    # in a subprocess, like every raw-op fuzz case: a size the checks miss must not crash the session
+    script = """
+import torch
+from padst_compiler.kernels import NM, Diagonal
+diag, nm = Diagonal().project(torch.randn(1, 1), 0.0), NM(1).project(torch.randn(1, 1), 0.0)
+calls = [lambda: torch.ops.padst.diag_linear(torch.randn(2, 1), diag.values, diag.index, -1),
+         lambda: torch.ops.padst.nm_linear_grad_input(torch.randn(1, 1), nm.values, nm.index, -1, None, None)]
+for call in calls:
+    try:
+        call()
+    except ValueError as error:
+        assert str(error).startswith("padst::"), error
+    else:
+        raise AssertionError("a negative size was accepted")
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+@pytest.mark.xfail(strict=True, reason="block values with zero-width blocks (shape [R, k, r, 0]) make the block "
+                                       "format check divide by zero (kernels/ops/registry.py _check_block_format: "
+                                       "in_features % block_cols): block_linear(x[1, 1], values[1, 1, 1, 0], index, 1) "
+                                       "raises ZeroDivisionError, not a padst:: ValueError")
+def test_block_values_with_zero_width_blocks_are_refused_by_name():
+    script = """
+import torch
+from padst_compiler.kernels import Block
+weight = Block(1, 1).project(torch.randn(1, 1), 0.0)
+try:
+    torch.ops.padst.block_linear(torch.randn(1, 1), weight.values[..., :0], weight.index, 1)
+except ValueError as error:
+    assert str(error).startswith("padst::block_linear"), error
+else:
+    raise AssertionError("zero-width blocks were accepted")
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
