@@ -16,6 +16,8 @@ masks (drop by magnitude, grow by RigL or SET) without changing any shape.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -42,20 +44,17 @@ class DSTScheduler:
                  anneal: bool = False, reselect_at: tuple[float, ...] = (0.5, 0.75), seed: int = 0):
         if growth not in GROWTH_MODES:
             raise ValueError(f"growth must be one of {GROWTH_MODES}, got {growth!r}")
-        for option, value in (("total_steps", total_steps), ("update_every", update_every)):
-            if not isinstance(value, int) or value < 1:
+        for option, value in (("total_steps", total_steps), ("update_every", update_every),
+                              ("sinkhorn_iterations", sinkhorn_iterations)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{option} must be a positive integer, got {value!r}")
-        if isinstance(total_steps, bool):
-            raise ValueError(f"total_steps must be a positive integer, got {total_steps!r}")
-        if penalty_weight < 0:
-            raise ValueError(f"penalty_weight must be >= 0, got {penalty_weight!r}")
+        if not 0 <= penalty_weight < math.inf:
+            raise ValueError(f"penalty_weight must be a finite number >= 0, got {penalty_weight!r}")
         penalty_start = penalty_weight if penalty_start is None else penalty_start
         if penalty_weight > 0 and not 0 < penalty_start <= penalty_weight:
             raise ValueError(f"penalty_start must be in (0, penalty_weight={penalty_weight}], got {penalty_start!r}")
         if not 0 <= harden_threshold < 1:
             raise ValueError(f"harden_threshold must be in [0, 1) (the penalty is normalised), got {harden_threshold!r}")
-        if not isinstance(sinkhorn_iterations, int) or sinkhorn_iterations < 1:
-            raise ValueError(f"sinkhorn_iterations must be a positive integer, got {sinkhorn_iterations!r}")
         for option, value in (("drop_fraction", drop_fraction), ("t_end", t_end), ("harden_at", harden_at)):
             if not 0 <= value <= 1:
                 raise ValueError(f"{option} must be in [0, 1], got {value!r}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
+import math
 import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -40,6 +41,23 @@ def _as_linear(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] | 
     return None
 
 
+def _patterns(option: str, patterns) -> tuple[str, ...] | None:
+    """``include`` / ``exclude`` as a tuple of fnmatch patterns (a single string is refused:
+    iterating it would make each character a pattern)."""
+    if patterns is None:
+        return None
+    if isinstance(patterns, str) or not isinstance(patterns, Iterable) or \
+            not all(isinstance(pattern, str) for pattern in patterns):
+        raise TypeError(f"sparsify: {option} must be a list of name patterns such as ['mlp.*'], got {patterns!r}")
+    return tuple(patterns)
+
+
+def _weights_read_by_parents(model: nn.Module) -> set[int]:
+    """Weights a parent module reads directly instead of calling the layer (the output
+    projection of ``nn.MultiheadAttention``): converting such a layer would break the parent."""
+    return {id(module.out_proj.weight) for module in model.modules() if isinstance(module, nn.MultiheadAttention)}
+
+
 def _matches(name: str, patterns: Iterable[str] | None) -> bool:
     return any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns or ())
 
@@ -74,7 +92,8 @@ def sparsify(model: nn.Module, structure: Structure, sparsity: float, *, permuta
     """Replace linear layers by ``PADSTLinear`` in place and return the model.
 
     Every ``nn.Linear`` (and transposed-weight ``Conv1D``) is converted, except layers
-    whose weight is tied to another module (they stay dense, like embeddings). ``include``
+    whose weight is tied to another module (they stay dense, like embeddings) or read
+    directly by their parent (``nn.MultiheadAttention``'s output projection). ``include``
     keeps only layers whose qualified name matches one of its patterns (fnmatch),
     ``exclude`` leaves matching layers dense. Layers whose shape the structure cannot take
     are listed in one warning and left dense, or raise with ``strict=True``.
@@ -90,6 +109,11 @@ def sparsify(model: nn.Module, structure: Structure, sparsity: float, *, permuta
     if distribution == "erk" and not isinstance(structure, Unstructured):
         raise ValueError(f"distribution='erk' needs Unstructured(), got {structure}: a structured layer "
                          "keeps the same count per group, so its sparsity stays uniform")
+    include, exclude = _patterns("include", include), _patterns("exclude", exclude)
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 62:
+        raise ValueError(f"sparsify: seed must be an integer in [0, 2**62), got {seed!r}")
+    if isinstance(soft_noise, bool) or not isinstance(soft_noise, (int, float)) or not 0 <= soft_noise < math.inf:
+        raise ValueError(f"sparsify: soft_noise must be a finite number >= 0, got {soft_noise!r}")
     if not isinstance(structure, Structure):
         raise TypeError(f"sparsify: structure must be a Structure such as Block(8, 8), NM(32), Diagonal() or "
                         f"Unstructured(), got {structure!r}")
@@ -101,7 +125,7 @@ def sparsify(model: nn.Module, structure: Structure, sparsity: float, *, permuta
         if isinstance(module, PADSTLinear) and selected(name):
             raise ValueError(f"sparsify: layer {name!r} is already sparsified ({module.structure}); nothing was "
                              "changed. Sparsify each layer once (include / exclude pick the layers still dense)")
-    tied = _shared_parameter_ids(model)
+    tied = _shared_parameter_ids(model) | _weights_read_by_parents(model)
     candidates = []
     for name, module in model.named_modules():
         linear = _as_linear(module)
@@ -112,14 +136,18 @@ def sparsify(model: nn.Module, structure: Structure, sparsity: float, *, permuta
                              "wrap it in a container (e.g. nn.Sequential) or use PADSTLinear.from_dense")
         candidates.append(_Candidate(name, module, *linear))
 
-    if distribution == "erk":
+    # a layer without weights takes no structure: listed with the layers left dense
+    rejected = [f"layer {c.name!r} of shape {c.weight.shape[0]}x{c.weight.shape[1]} (out x in) has no weights"
+                for c in candidates if c.weight.numel() == 0]
+    candidates = [c for c in candidates if c.weight.numel()]
+    if distribution == "erk" and candidates:
         densities = erk_densities({c.name: tuple(c.weight.shape) for c in candidates}, sparsity)
         sparsities = {name: max(0.0, 1 - density) for name, density in densities.items()}
     else:
         sparsities = {c.name: sparsity for c in candidates}
 
     # every layer is built before any is swapped in: a refusal leaves the model as it was
-    layers, rejected = {}, []
+    layers = {}
     for position, candidate in enumerate(candidates):
         try:
             layers[candidate.name] = PADSTLinear.from_dense(

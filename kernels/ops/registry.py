@@ -103,6 +103,8 @@ class StructuredKernels:
 
 def _check_call(op, kernels, x, values, index, out_features, bias, in_index, out_index):
     """Shape and dtype checks shared by the real and fake implementations."""
+    if out_features < 0:
+        checks.fail(op, f"out_features must be >= 0, got {out_features}")
     if x.dim() == 0:
         checks.fail(op, "x must have a feature axis, got a 0-d tensor")
     if not x.dtype.is_floating_point:
@@ -124,6 +126,8 @@ def _check_grad_call(op, kernels, grad, values, index, in_features, in_index, ou
     and their kernels read through the same indices), plus ``x`` matching ``grad`` row for row."""
     if grad.dim() == 0:
         checks.fail(op, "grad must have a feature axis, got a 0-d tensor")
+    if in_features < 0:
+        checks.fail(op, f"in_features must be >= 0, got {in_features}")
     if x is not None:
         if x.dim() == 0 or x.shape[:-1] != grad.shape[:-1]:
             checks.fail(op, f"x of shape {tuple(x.shape)} does not match grad of shape {tuple(grad.shape)} "
@@ -260,6 +264,8 @@ def _check_block_format(op, in_features, values, col_blocks, out_features):
     if values.dim() != 4:
         checks.fail(op, f"block values must be [block_rows_count, kept, rows, cols], got shape {tuple(values.shape)}")
     n_rows, kept, block_rows, block_cols = values.shape
+    if block_rows < 1 or block_cols < 1:
+        checks.fail(op, f"blocks must be at least 1x1, got {block_rows}x{block_cols} (values {tuple(values.shape)})")
     checks.check_index_tensor(op, "index (column blocks)", col_blocks, (n_rows, kept))
     if n_rows * block_rows != out_features:
         checks.fail(op, f"values hold {n_rows}x{block_rows} = {n_rows * block_rows} output rows, "

@@ -225,8 +225,8 @@ def apply_swaps(a: dict, swaps, seed: int, case) -> dict:
         elif swap == "grad_0d":
             a["grad"] = torch.tensor(1.0, dtype=a["grad"].dtype)
         elif swap == "size_argument":
-            # never negative: a negative out_features / in_features is not refused by name
-            # (test_fuzz_regressions.py::test_raw_ops_refuse_negative_sizes_by_name)
+            # never negative: negative sizes are covered by
+            # test_fuzz_regressions.py::test_raw_ops_refuse_negative_sizes_by_name
             a["out_features"] = max(0, case.out_features + pick([-1, 1, -case.out_features, 1 << 40]))
             a["in_features"] = max(0, case.in_features + pick([-1, 1, -case.in_features, 5]))
         elif swap == "in_index_shape":
@@ -289,8 +289,8 @@ def run_step(case, tensors: dict, step: dict, number: int) -> None:
                 a[name] = a[name].detach().requires_grad_()
     if isinstance(case.structure, Block) and target != "permute" and a["values"].dim() == 4 \
             and a["values"].shape[3] == 0:
-        # zero-width blocks divide by zero in the format check
-        # (test_fuzz_regressions.py::test_block_values_with_zero_width_blocks_are_refused_by_name)
+        # zero-width blocks are covered by
+        # test_fuzz_regressions.py::test_block_values_with_zero_width_blocks_are_refused_by_name
         outcomes["skipped: zero-width blocks"] += 1
         return
     kind = classify_call(target, case.structure, a)

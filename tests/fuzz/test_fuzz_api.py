@@ -53,8 +53,7 @@ SIDES = ["input", "output", "auto"]
 PATTERNS = ["*", "0", "1", "2", "2*", "*.a", "*.b", "*layer", "*proj", "*.0", "*.2", "?", "1.*", "0.body.*",
             "*attn*", "nomatch", "*.parts.*"]
 # include / exclude that are not a list or tuple of patterns (a plain string, a number) are left
-# out here: a string is taken as a set of one-character patterns and a number is only noticed
-# when a layer name reaches it (test_include_and_exclude_must_be_pattern_lists)
+# out here; their refusal is covered by test_include_and_exclude_must_be_pattern_lists
 pattern_lists = st.one_of(st.none(), st.lists(st.sampled_from(PATTERNS), max_size=3),
                           st.lists(st.sampled_from(PATTERNS), max_size=3).map(tuple))
 
@@ -73,8 +72,8 @@ def options(draw):
         "strict": draw(st.booleans()),
         "distribution": draw(st.sampled_from(["uniform"] * 4 + ["erk", "ERK", None])),
         "dense_warmup": draw(st.sampled_from([None, None, True, False])),
-        # seeds that are not integers a torch.Generator takes, and a NaN or infinite soft_noise, are
-        # not refused by name (test_fuzz_regressions.py::test_sparsify_refuses_a_bad_seed_or_soft_noise)
+        # bad seeds and soft_noise values: covered by
+        # test_fuzz_regressions.py::test_sparsify_refuses_a_bad_seed_or_soft_noise
         "seed": draw(st.integers(0, 2**31 - 1)),
         "soft_noise": draw(st.sampled_from([0.5, 0.0, 0.1, 1.0, 3.0])),
     }
@@ -222,8 +221,8 @@ def check_sparsify_call(model, o, originals, inputs, dtype):
     found = {} if problem else candidates(model, o)
     if not problem and any(name == "" for name in found):
         problem = "the model itself is a linear layer"
-    # distribution="erk" over no layer at all, or over a layer with a zero dimension, divides by zero
-    # (test_fuzz_regressions.py::test_erk_over_no_layer_or_an_empty_layer)
+    # distribution="erk" over no layer at all, or over a layer with a zero dimension: covered by
+    # test_fuzz_regressions.py::test_erk_over_no_layer_or_an_empty_layer
     assume(problem is not None or o["distribution"] != "erk" or (found and all(w.numel() for w, _ in found.values())))
     sparsities = {n: o["sparsity"] for n in found}
     if not problem and o["distribution"] == "erk":
@@ -231,8 +230,8 @@ def check_sparsify_call(model, o, originals, inputs, dtype):
     rejected = {n for n, (w, _) in found.items() if not takes(o["structure"], w, sparsities[n])}
     if not problem and rejected and o["strict"]:
         problem = "strict"
-    # a layer with a zero dimension that the structure's count accepts fails inside the projection
-    # with a RuntimeError (test_fuzz_regressions.py::test_a_zero_sized_layer_is_named_or_converted)
+    # a layer with a zero dimension: covered by
+    # test_fuzz_regressions.py::test_a_zero_sized_layer_is_named_or_converted
     assume(problem not in (None, "strict") or not any(0 in w.shape for n, (w, _) in found.items() if n not in rejected))
     kept_modules = {name: m for name, m in model.named_modules()}
 
@@ -279,8 +278,8 @@ batch_shapes = st.lists(st.lists(st.integers(0, 3), max_size=3).map(tuple), min_
 def test_sparsify_converts_what_it_should_and_keeps_the_function(spec, first, second, shapes):
     model = build(spec)
     if has_attention(spec):
-        # nn.MultiheadAttention reads out_proj.weight itself: converting its out_proj breaks it
-        # (test_sparsify_keeps_multihead_attention_working), so these models keep it dense
+        # sparsify leaves nn.MultiheadAttention's out_proj dense (its parent reads the weight;
+        # test_sparsify_keeps_multihead_attention_working); excluding it keeps this spec simple
         for o in (first, second):
             if o is not None and isinstance(o["exclude"], (list, tuple)):
                 o["exclude"] = [*o["exclude"], "*.out_proj"]

@@ -55,10 +55,6 @@ def test_hardening_a_learned_permutation_of_one_feature():
     assert model[0].hard
 
 
-@pytest.mark.xfail(strict=True, reason="include / exclude are iterated without a type check: a plain string is a set "
-                                       "of one-character patterns, so include='1*' holds '*' and selects every "
-                                       "layer; a number is only noticed when a layer name reaches it "
-                                       "(include=[], exclude=3 is accepted)")
 def test_include_and_exclude_must_be_pattern_lists():
     model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
     try:
@@ -71,11 +67,6 @@ def test_include_and_exclude_must_be_pattern_lists():
         sparsify(nn.Sequential(nn.Linear(4, 4)), Block(2, 2), 0.5, permutation="none", include=[], exclude=3)
 
 
-@pytest.mark.xfail(strict=True, raises=AttributeError,
-                   reason="sparsify converts nn.MultiheadAttention.out_proj (an nn.Linear subclass), but "
-                          "MultiheadAttention reads out_proj.weight / .bias itself: every forward then raises "
-                          "AttributeError: 'PADSTLinear' object has no attribute 'weight' "
-                          "(also nn.TransformerEncoderLayer)")
 def test_sparsify_keeps_multihead_attention_working():
     model = nn.Sequential(nn.MultiheadAttention(8, 2, batch_first=True))
     x = torch.randn(2, 3, 8)
@@ -84,12 +75,6 @@ def test_sparsify_keeps_multihead_attention_working():
     torch.testing.assert_close(model[0](x, x, x)[0], want)
 
 
-@pytest.mark.xfail(strict=True, raises=RuntimeError,
-                   reason="a layer with a zero dimension that the structure's count accepts (Block with "
-                          "out_features 0, N:M with in or out 0) fails inside Structure.project with "
-                          "'cannot reshape tensor of 0 elements' instead of a ValueError naming the layer "
-                          "(or being left dense): sparsify(Sequential(Linear(4, 0)), NM(2), 0.5, "
-                          "permutation='none')")
 def test_a_zero_sized_layer_is_named_or_converted():
     model = nn.Sequential(nn.Linear(4, 0))
     try:
@@ -98,10 +83,6 @@ def test_a_zero_sized_layer_is_named_or_converted():
         assert "'0'" in str(error)
 
 
-@pytest.mark.xfail(strict=True, reason="seed and soft_noise are not validated: seed=0.5 raises torch's "
-                                       "RuntimeError, seed=2**70 leaves every layer dense with the warning "
-                                       "'Overflow when unpacking long long' (naming neither layer nor option), "
-                                       "soft_noise=nan or inf gives a birkhoff model whose outputs are all NaN")
 def test_sparsify_refuses_a_bad_seed_or_soft_noise():
     for bad in ({"permutation": "random", "seed": 0.5}, {"permutation": "random", "seed": 2**70},
                 {"permutation": "birkhoff", "soft_noise": math.nan},
@@ -112,12 +93,6 @@ def test_sparsify_refuses_a_bad_seed_or_soft_noise():
         assert isinstance(model[0], nn.Linear)
 
 
-@pytest.mark.xfail(strict=True, raises=ZeroDivisionError,
-                   reason="distribution='erk' divides by zero in training/sparsify.py erk_densities when no layer "
-                          "is selected (sparsify(Sequential(ReLU()), Unstructured(), 0.5, permutation='none', "
-                          "distribution='erk'), also include=[] or every linear tied or already sparsified) or a "
-                          "selected layer has a zero dimension (Linear(4, 0)); distribution='uniform' is a no-op / "
-                          "a named refusal there")
 @pytest.mark.parametrize("model", [lambda: nn.Sequential(nn.ReLU()),
                                    lambda: nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 0))],
                          ids=["no linear", "a zero-sized linear"])
@@ -139,11 +114,6 @@ def _scheduler_model():
     return model, torch.optim.SGD(model.parameters(), lr=0.1)
 
 
-@pytest.mark.xfail(strict=True, reason="DSTScheduler takes penalty_weight=nan (nan < 0 is False and the "
-                                       "penalty_start check only runs for penalty_weight > 0) and inf: "
-                                       "permutation_penalty() is then NaN, the first step makes the soft matrix "
-                                       "NaN and hardening raises scipy's 'matrix contains invalid numeric "
-                                       "entries'")
 @pytest.mark.parametrize("weight", [math.nan, math.inf], ids=str)
 def test_scheduler_refuses_a_nan_or_infinite_penalty_weight(weight):
     model, optimizer = _scheduler_model()
@@ -151,8 +121,6 @@ def test_scheduler_refuses_a_nan_or_infinite_penalty_weight(weight):
         DSTScheduler(model, optimizer, total_steps=10, penalty_weight=weight)
 
 
-@pytest.mark.xfail(strict=True, reason="DSTScheduler refuses total_steps=True but takes update_every=True and "
-                                       "sinkhorn_iterations=True as 1")
 @pytest.mark.parametrize("option", ["update_every", "sinkhorn_iterations"])
 def test_scheduler_refuses_booleans_as_counts(option):
     model, optimizer = _scheduler_model()
@@ -218,12 +186,6 @@ def test_a_hard_flag_that_disagrees_with_the_warmup_state_is_refused(case):
 # --------------------------------------------------------------------------- raw ops
 
 
-@pytest.mark.xfail(strict=True, reason="a negative size argument is not refused by name: "
-                                       "diag_linear(x[2, 1], values, offsets, out_features=-1) and "
-                                       "nm_linear_grad_input(grad, values, index, in_features=-1, None, None) raise "
-                                       "torch RuntimeErrors (arange bounds, negative dimension) instead of a "
-                                       "padst:: ValueError; the diagonal format check accepts a negative "
-                                       "out_features (longer % shorter == 0 for shorter = -1)")
 def test_raw_ops_refuse_negative_sizes_by_name():
     # in a subprocess, like every raw-op fuzz case: a size the checks miss must not crash the session
     script = """
@@ -244,10 +206,6 @@ for call in calls:
     assert done.returncode == 0, done.stderr[-3000:]
 
 
-@pytest.mark.xfail(strict=True, reason="block values with zero-width blocks (shape [R, k, r, 0]) make the block "
-                                       "format check divide by zero (kernels/ops/registry.py _check_block_format: "
-                                       "in_features % block_cols): block_linear(x[1, 1], values[1, 1, 1, 0], index, 1) "
-                                       "raises ZeroDivisionError, not a padst:: ValueError")
 def test_block_values_with_zero_width_blocks_are_refused_by_name():
     script = """
 import torch

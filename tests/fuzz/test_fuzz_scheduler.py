@@ -46,15 +46,14 @@ def scheduler_options(draw):
     if options["penalty_weight"] == 0:
         options["penalty_start"] = None
     if bad in ("total_steps", "update_every", "sinkhorn_iterations"):
-        # (True is refused as total_steps but taken as 1 for the other two:
-        # test_fuzz_regressions.py::test_scheduler_refuses_booleans_as_counts)
+        # (True for the other two: test_fuzz_regressions.py::test_scheduler_refuses_booleans_as_counts)
         options[bad] = draw(st.sampled_from([0, -1, 1.5, "2", None] + [True] * (bad == "total_steps")))
     elif bad == "growth":
         options[bad] = draw(st.sampled_from(["RigL", "", None, 1]))
     elif bad == "reselect_at":
         options[bad] = draw(st.sampled_from([(0.0,), (1.0,), (math.nan,), (-0.5,), 0.5]))
     elif bad == "penalty_start" and options["penalty_weight"] > 0:
-        # (a NaN or infinite penalty weight is not refused: test_fuzz_regressions.py::
+        # (a NaN or infinite penalty weight: test_fuzz_regressions.py::
         # test_scheduler_refuses_a_nan_or_infinite_penalty_weight)
         options[bad] = draw(st.sampled_from([0.0, -1.0, options["penalty_weight"] * 2, math.nan, "1"]))
     elif bad == "penalty_weight":
