@@ -172,6 +172,8 @@ def _refine_by_swaps(energy: Tensor, structure: Structure, sparsity: float, side
     entries scored in all) allows; layers too large for a useful number of passes (one swap
     each) keep the assignment's order."""
     size = order.numel()
+    if size < 2:  # nothing to swap
+        return order, kept
     first, second = torch.triu_indices(size, size, offset=1, device=order.device)
     max_passes = int(budget // (first.numel() * energy.numel()))
     if max_passes < size:

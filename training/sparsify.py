@@ -192,6 +192,22 @@ def sparsity_summary(model: nn.Module) -> str:
     return f"{table}\n{len(rows)} PA-DST layers keep {kept} of {total} weights ({kept / max(total, 1):.3f})"
 
 
+def _extra_state_problem(layer: PADSTLinear, state: dict, warmup_weight) -> str | None:
+    """What makes a layer's saved state unreadable or contradict itself, or None."""
+    hard, seed, averaged = state.get("hard"), state.get("seed", 0), state.get("averaged_steps", 0)
+    if not isinstance(hard, bool):
+        return f"its state holds hard={hard!r}, not True or False"
+    for field, value in (("seed", seed), ("averaged_steps", averaged)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            return f"its state holds {field}={value!r}, not an integer >= 0"
+    if not hard and layer.soft_perm is None and layer.dense_weight_proxy is None:
+        return "it was saved with a permutation still being learned (hard=False), the layer learns none"
+    if torch.is_tensor(warmup_weight) and (warmup_weight.numel() == 0) != hard:
+        state_of = "emptied" if warmup_weight.numel() == 0 else "full"
+        return f"its dense warm-up weight is {state_of} but it was saved with hard={hard}"
+    return None
+
+
 def check_checkpoint_matches(module, state_dict, prefix, local_metadata, strict, missing_keys,
                              unexpected_keys, error_msgs) -> None:
     """Refuse a checkpoint that does not fit before a single tensor is copied.
@@ -224,6 +240,9 @@ def check_checkpoint_matches(module, state_dict, prefix, local_metadata, strict,
                     raise ValueError(f"checkpoint does not match layer {owner!r}: it was saved with "
                                      f"{field}={theirs.get(field)!r}, the model has {mine[field]!r}; "
                                      "nothing was loaded")
+            problem = _extra_state_problem(layers[owner], theirs, state_dict.get(f"{prefix}{owner}.dense_weight_proxy"))
+            if problem:
+                raise ValueError(f"checkpoint does not match layer {owner!r}: {problem}; nothing was loaded")
         elif key.rpartition(".")[2] in WARMUP_TENSORS and owner in layers and torch.is_tensor(theirs) \
                 and theirs.shape in (torch.Size([0]), torch.Size([layers[owner].out_features,
                                                                   layers[owner].in_features])):

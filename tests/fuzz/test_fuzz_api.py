@@ -306,24 +306,13 @@ def test_sparsify_converts_what_it_should_and_keeps_the_function(spec, first, se
 
     # hardened, each layer holds the projection of its original weight in its own order, and a
     # structure that keeps everything gives back the original model
-    one_feature = [layer for _, layer in model.named_modules() if isinstance(layer, PADSTLinear) and layer.soft
-                   and layer.permutation == "learned" and layer.permuted_features == 1]
-    if one_feature:
-        # choosing a learned permutation of one feature divides by zero
-        # (test_hardening_a_learned_permutation_of_one_feature): harden the other layers only
-        for _, layer in model.named_modules():
-            if isinstance(layer, PADSTLinear) and layer not in one_feature:
-                layer.harden()
-    else:
-        soft = sum(isinstance(m, PADSTLinear) and m.soft for m in model.modules())
-        assert harden_permutations(model) == soft
-    keeps_all = not one_feature
+    soft = sum(isinstance(m, PADSTLinear) and m.soft for m in model.modules())
+    assert harden_permutations(model) == soft
+    keeps_all = True
     for name, layer in model.named_modules():
         if isinstance(layer, PADSTLinear):
             weight, bias = originals[name]
             keeps_all &= layer.structure.kept_count(layer.values, layer.index) == weight.numel()
-            if layer in one_feature:
-                continue
             if layer.permutation == "birkhoff":
                 keeps_all = False  # hardening re-fits S to S·M: not the original weight
             elif layer.permutation == "random" and layer.dense_weight_proxy is None:

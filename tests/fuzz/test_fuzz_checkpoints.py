@@ -43,34 +43,6 @@ HUGE = [1 << 40, -(1 << 40), -1, (1 << 63) - 1]
 TAKEN = {"hard": bool, "seed": int, "averaged_steps": int}
 
 
-def readable(field, value) -> bool:
-    try:
-        TAKEN[field](value)
-        return True
-    except (TypeError, ValueError, OverflowError):
-        return False
-
-
-def consistent_warmup_state(checkpoint, model) -> bool:
-    """Whether each layer's ``hard`` flag in the checkpoint agrees with its warm-up weight
-    (full while soft, emptied once hard) and a layer with neither warm-up nor soft matrix is hard."""
-    for name, layer in model.named_modules():
-        if not isinstance(layer, PADSTLinear):
-            continue
-        extra = checkpoint.get(f"{name}._extra_state")
-        if not isinstance(extra, dict) or "hard" not in extra:
-            continue
-        hard = bool(extra["hard"])
-        # the warm-up weight the layer will hold: the checkpoint's, or its own where the checkpoint has none
-        proxy = checkpoint.get(f"{name}.dense_weight_proxy", layer.dense_weight_proxy)
-        if layer.dense_weight_proxy is not None and torch.is_tensor(proxy):
-            if (proxy.numel() == 0) != hard:
-                return False
-        elif layer.dense_weight_proxy is None and layer.soft_perm is None and not hard:
-            return False
-    return True
-
-
 @st.composite
 def setups(draw):
     return {"widths": draw(st.lists(st.sampled_from([4, 8]), min_size=2, max_size=4)),
@@ -120,10 +92,6 @@ def corruptions(draw, keys, extra_keys, index_keys, float_keys):
         elif kind in ("field", "drop_field", "extra_not_dict") and extra_keys:
             field = draw(st.sampled_from(FIELDS))
             value = draw(st.sampled_from(JUNK + STRUCTURES)) if kind == "field" else None
-            if field in TAKEN and (kind == "drop_field" or (kind == "field" and not readable(field, value))):
-                # a missing "hard" or a seed / averaged_steps int() refuses fails after the layer's
-                # tensors were copied (test_fuzz_regressions.py::test_unreadable_extra_state_loads_nothing)
-                continue
             edits.append((kind, draw(st.sampled_from(extra_keys)), (field, value)))
         elif kind in ("index_values", "index_repeat") and index_keys:
             edits.append((kind, draw(st.sampled_from(index_keys)),
@@ -244,9 +212,6 @@ def test_a_checkpoint_loads_exactly_or_not_at_all(setup, data, strict, seeds):
     float_keys = [k for k in keys if torch.is_tensor(state[k]) and state[k].is_floating_point()]
     edits = data.draw(corruptions(keys, extra_keys, index_keys, float_keys), label="edits")
     checkpoint = corrupt(copy.deepcopy(state), edits, source)
-    # a hard flag that disagrees with the warm-up weight is loaded and breaks the layer
-    # (test_fuzz_regressions.py::test_a_hard_flag_that_disagrees_with_the_warmup_state_is_refused)
-    assume(consistent_warmup_state(checkpoint, target))
     dtype = getattr(torch, setup["dtype"])
     x = torch.randn(3, setup["widths"][0], dtype=dtype)
 

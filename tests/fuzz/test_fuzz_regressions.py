@@ -44,10 +44,6 @@ def test_random_permutation_keeps_the_dense_function():
     torch.testing.assert_close(model(x), want)
 
 
-@pytest.mark.xfail(strict=True, raises=ZeroDivisionError,
-                   reason="hardening a learned permutation of one feature divides by zero in "
-                          "training/permutation.py _refine_by_swaps (no pair to swap): "
-                          "sparsify(Sequential(Linear(1, 1)), Block(1, 1), 0.0); harden_permutations(model)")
 def test_hardening_a_learned_permutation_of_one_feature():
     model = nn.Sequential(nn.Linear(1, 1))
     sparsify(model, Block(1, 1), 0.0)  # permutation="learned", side "auto" -> input, 1 feature
@@ -138,11 +134,6 @@ def _model(seed, permutation="none"):
     return model
 
 
-@pytest.mark.xfail(strict=True, reason="PADSTLinear.set_extra_state runs after the layer's tensors were copied and "
-                                       "reads state['hard'], int(state['seed']), int(state['averaged_steps']) "
-                                       "unchecked: a checkpoint with seed=None (TypeError), seed='x' (ValueError) "
-                                       "or without 'hard' (KeyError) raises half-loaded: values and index are "
-                                       "already the checkpoint's")
 @pytest.mark.parametrize("edit", [{"seed": None}, {"seed": "x"}, {"averaged_steps": None}, "drop hard"], ids=str)
 def test_unreadable_extra_state_loads_nothing(edit):
     state = _model(0).state_dict()
@@ -160,11 +151,6 @@ def test_unreadable_extra_state_loads_nothing(edit):
         assert torch.equal(model.state_dict()[key], value), f"{key} was loaded by a refused checkpoint"
 
 
-@pytest.mark.xfail(strict=True, reason="the checkpoint guard does not check 'hard' against the layer's state: "
-                                       "hard=False on a permutation='none' layer loads and every forward raises "
-                                       "AttributeError ('NoneType' object has no attribute 't'); a warming-up "
-                                       "layer whose checkpoint holds an emptied warm-up weight with hard=False "
-                                       "loads and every forward raises RuntimeError (mat2 must be a matrix)")
 @pytest.mark.parametrize("case", ["hard=False without warm-up", "emptied warm-up weight while soft"])
 def test_a_hard_flag_that_disagrees_with_the_warmup_state_is_refused(case):
     if case == "hard=False without warm-up":
