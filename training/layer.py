@@ -105,7 +105,12 @@ class PADSTLinear(nn.Module):
         out_features, in_features = weight.shape
         layer = cls(in_features, out_features, structure, sparsity, bias=bias is not None,
                     device=weight.device, dtype=weight.dtype, **options)
-        projected = structure.project(weight, sparsity, layer=options.get("name"))
+        # a permutation fixed from the start (``"random"``) is applied to the inputs (or outputs)
+        # of the structured weight: project the dense weight in that order, so the layer keeps
+        # the dense function as far as the structure allows
+        fixed = layer.hard and layer.perm_index is not None
+        projected = structure.project(layer._in_structure_order(weight) if fixed else weight, sparsity,
+                                      layer=options.get("name"))
         with torch.no_grad():
             layer.values.copy_(projected.values)
             layer.index.copy_(projected.index)

@@ -30,11 +30,6 @@ def _quiet_sparsify(model, *args, **kwargs):
 # ------------------------------------------------------------------------- sparsify
 
 
-@pytest.mark.xfail(strict=True, reason="sparsify(permutation='random') without a warm-up fits S to W in feature "
-                                       "order but applies the permutation on top: at sparsity 0, "
-                                       "sparsify(Sequential(Linear(4, 4)), Block(1, 1), 0.0, permutation='random') "
-                                       "changes the function (max |diff| ~1); with dense_warmup=True + "
-                                       "harden_permutations it is exact")
 def test_random_permutation_keeps_the_dense_function():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 4))
