@@ -36,6 +36,7 @@ from torch import nn
 
 from padst_compiler.training import (NM, Block, Diagonal, PADSTLinear, Structure, Unstructured, harden_permutations,
                                      sparsify)
+from padst_compiler.training.sparsify import erk_densities
 
 from .support import Conv1D, assert_matches_reference, build, has_attention, model_specs, tolerance
 from .op_cases import budget
@@ -140,18 +141,9 @@ def candidates(model, o) -> dict:
 
 
 def erk_sparsities(shapes: dict, sparsity: float) -> dict:
-    """Per-layer sparsities of ``distribution="erk"`` as the README defines them: densities
-    proportional to ``(in + out) / (in * out)``, scaled so the model keeps ``1 - sparsity`` of
-    its weights, layers that would exceed density 1 left dense."""
-    dense, total = set(), sum(o * i for o, i in shapes.values())
-    while True:
-        budget_ = (1 - sparsity) * total - sum(o * i for name, (o, i) in shapes.items() if name in dense)
-        raw = {name: (o + i) / (o * i) for name, (o, i) in shapes.items() if name not in dense}
-        scale = budget_ / sum(raw[name] * shapes[name][0] * shapes[name][1] for name in raw)
-        over = {name for name, value in raw.items() if value * scale > 1}
-        if not over:
-            return {name: max(0.0, 1 - (1.0 if name in dense else raw[name] * scale)) for name in shapes}
-        dense |= over
+    """Per-layer sparsities of ``distribution="erk"`` (the densities themselves are checked by
+    tests/training/test_sparsify.py)."""
+    return {name: max(0.0, 1 - density) for name, density in erk_densities(shapes, sparsity).items()}
 
 
 def takes(structure, weight, sparsity) -> bool:
