@@ -174,9 +174,8 @@ def train(config: RunConfig, corpus: ByteCorpus | None = None, progress: bool = 
     for step in bar:
         x, y = task.batch("train", config, gen)
         loss = model.loss(x, y)
-        total = loss + sched.permutation_penalty() if sched else loss
         optimizer.zero_grad(set_to_none=True)
-        total.backward()
+        loss.backward()
         optimizer.step()
         if lr_schedule:
             lr_schedule.step()

@@ -2,8 +2,7 @@
 
     model = sparsify(model, Block(32, 32), sparsity=0.9, permutation="learned")
     sched = DSTScheduler(model, optimizer, total_steps=T)
-    loss = task_loss + sched.permutation_penalty()
-    loss.backward(); optimizer.step(); sched.step()
+    loss.backward(); optimizer.step(); sched.step()   # no penalty term in the loss
 """
 
 if __name__ != "padst_compiler.training":  # pragma: no cover - exercised in a subprocess test

@@ -2,8 +2,12 @@
 
 Call order per step::
 
-    loss = task_loss + sched.permutation_penalty()
     loss.backward(); optimizer.step(); sched.step()
+
+The loss needs no extra term: the scheduler adds the gradient of the permutation
+penalty to the soft matrices from a hook that runs at the start of ``optimizer.step()``.
+A loop that still adds ``sched.permutation_penalty()`` to its loss gets the same numbers
+(the hook sees that the penalty was back-propagated and adds nothing).
 
 ``step()`` ends the dense warm-up of ``"learned"`` layers at ``harden_at`` (10 % of
 training by default): their permutation is chosen from the warm-up weight and the
@@ -17,12 +21,13 @@ masks (drop by magnitude, grow by RigL or SET) without changing any shape.
 from __future__ import annotations
 
 import math
+import weakref
 
 import torch
 from torch import nn
 
 from padst_compiler.training import dst
-from padst_compiler.training.permutation import project_to_birkhoff_
+from padst_compiler.training.permutation import permutation_penalty, project_to_birkhoff_
 from padst_compiler.training.sparsify import padst_layers
 
 GROWTH_MODES = ("rigl", "set")
@@ -78,7 +83,9 @@ class DSTScheduler:
         self.anneal = anneal
         self.reselect_steps = {round(self.harden_step * fraction) for fraction in reselect_at} - {0}
         self.step_count = 0
+        self._penalty_backpropagated = False
         self._arm_gradient_capture()
+        self._arm_penalty_gradient(optimizer)
 
     # ------------------------------------------------------------------ permutations
 
@@ -90,12 +97,55 @@ class DSTScheduler:
         progress = min(1.0, self.step_count / max(self.harden_step, 1))
         return self.penalty_start * (self.penalty_weight / self.penalty_start) ** progress
 
+    def _soft_matrices(self) -> list[nn.Parameter]:
+        return [layer.soft_perm for _, layer in self.layers if layer.soft and layer.soft_perm is not None]
+
     def permutation_penalty(self) -> torch.Tensor:
-        """``lambda * sum`` of the normalised penalties of the still-soft layers (add it to the loss)."""
-        soft = [layer.penalty() for _, layer in self.layers if layer.soft]
+        """``lambda * sum`` of the normalised penalties of the still-soft layers.
+
+        The scheduler applies its gradient by itself; adding this to the loss is optional
+        and counted once (a back-propagated penalty tells the optimizer hook to skip)."""
+        soft = self._soft_matrices()
         if not soft:
             return torch.zeros((), device=self.layers[0][1].values.device)
-        return self.current_penalty_weight() * torch.stack(soft).sum()
+        penalty = self.current_penalty_weight() * torch.stack([permutation_penalty(m) for m in soft]).sum()
+        if penalty.requires_grad:
+            penalty.register_hook(self._note_penalty_backpropagated)
+        return penalty
+
+    def _note_penalty_backpropagated(self, grad: torch.Tensor) -> None:
+        self._penalty_backpropagated = True
+
+    def _arm_penalty_gradient(self, optimizer) -> None:
+        """Hook ``add_penalty_gradient`` in front of the optimizer's step. The hook holds the
+        scheduler weakly and is removed with it, so a replaced scheduler adds nothing."""
+        while not isinstance(optimizer, torch.optim.Optimizer) and hasattr(optimizer, "optimizer"):
+            optimizer = optimizer.optimizer  # wrappers such as accelerate's AcceleratedOptimizer
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"DSTScheduler needs a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        scheduler = weakref.ref(self)
+
+        def before_step(optimizer, args, kwargs):
+            live = scheduler()
+            if live is not None:
+                live.add_penalty_gradient()
+
+        weakref.finalize(self, optimizer.register_step_pre_hook(before_step).remove)
+
+    def add_penalty_gradient(self) -> None:
+        """Add ``d(permutation_penalty) / dM`` to the soft matrices' gradients, unless the
+        loss of this step already carried the penalty. Runs before each optimizer step."""
+        if self._penalty_backpropagated:
+            self._penalty_backpropagated = False
+            return
+        soft = self._soft_matrices()
+        if not soft or self.penalty_weight == 0:
+            return
+        with torch.enable_grad():
+            penalty = self.current_penalty_weight() * sum(permutation_penalty(matrix) for matrix in soft)
+            grads = torch.autograd.grad(penalty, soft)
+        for matrix, grad in zip(soft, grads):
+            matrix.grad = grad if matrix.grad is None else matrix.grad.add_(grad)
 
     @torch.no_grad()
     def _keep_soft_permutations_feasible(self) -> None:

@@ -269,3 +269,49 @@ def test_learned_permutations_are_reselected_at_the_chosen_fractions_of_the_warm
     for _ in range(12):
         one_step(model, optimizer, sched, torch.randn(8, 32))
     assert steps == expected
+
+
+def _birkhoff_run(penalty_in_loss: bool, steps: int = 6):
+    model = make_layer(Block(4, 4), permutation="birkhoff", soft_noise=0.3)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    sched = DSTScheduler(model, optimizer, total_steps=40, update_every=3, harden_at=0.9, harden_threshold=0.0)
+    x = torch.randn(64, 32, generator=torch.Generator().manual_seed(1))
+    for _ in range(steps):
+        loss = model(x).square().mean()
+        if penalty_in_loss:
+            loss = loss + sched.permutation_penalty()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        sched.step()
+    return model, optimizer, sched
+
+
+def test_permutation_penalty_needs_no_loss_term_and_is_counted_once():
+    plain, _, _ = _birkhoff_run(penalty_in_loss=False)
+    surgery, _, _ = _birkhoff_run(penalty_in_loss=True)
+    torch.testing.assert_close(dict(plain.named_parameters()), dict(surgery.named_parameters()))
+    assert plain[0].soft  # still learning its matrix: the penalty was in play every step
+
+
+def test_penalty_hook_adds_the_penalty_gradient_and_stays_out_of_a_logged_penalty():
+    model = make_layer(Block(4, 4), permutation="birkhoff", soft_noise=0.3)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    sched = DSTScheduler(model, optimizer, total_steps=40, penalty_weight=2.0)
+    matrix = model[0].soft_perm
+    with torch.no_grad():
+        sched.permutation_penalty()  # logged only: must not stop the hook
+    expected = torch.autograd.grad(sched.permutation_penalty(), matrix)[0]
+    sched._penalty_backpropagated = False  # autograd.grad above fired the tensor hook
+    optimizer.step()
+    torch.testing.assert_close(matrix.grad, expected)
+
+
+def test_a_replaced_scheduler_adds_nothing():
+    model = make_layer(Block(4, 4), permutation="birkhoff", soft_noise=0.3)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    DSTScheduler(model, optimizer, total_steps=40)  # dropped at once: its hook goes with it
+    sched = DSTScheduler(model, optimizer, total_steps=40)
+    optimizer.step()
+    expected = torch.autograd.grad(sched.permutation_penalty(), model[0].soft_perm)[0]
+    torch.testing.assert_close(model[0].soft_perm.grad, expected)
