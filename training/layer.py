@@ -95,6 +95,7 @@ class PADSTLinear(nn.Module):
         # chosen from it, so optimizer jitter around small weights does not decide it
         self.register_buffer("dense_weight_average", dense.clone() if dense_warmup else None)
         self.averaged_steps = 0
+        self.dense_class: type[nn.Module] = nn.Linear  # what ``densify`` gives back (sparsify records it)
 
     # ------------------------------------------------------------------ construction
 
@@ -189,6 +190,12 @@ class PADSTLinear(nn.Module):
         if self.side == "input":
             return weight @ self.soft_perm if self.soft else weight[:, inverse_permutation(self.perm_index)]
         return self.soft_perm @ weight if self.soft else weight[self.perm_index]
+
+    def effective_bias(self) -> torch.Tensor | None:
+        """The bias ``b'`` of ``effective_weight``: permuted like the outputs on the output side."""
+        if self.bias is None or self.warming_up or self.perm_index is None or self.side == "input":
+            return self.bias
+        return self.soft_perm @ self.bias if self.soft else self.bias[self.perm_index]
 
     # ------------------------------------------------------------------ permutation
 

@@ -24,7 +24,7 @@ class _Candidate:
     bias: torch.Tensor | None
 
 
-def _as_linear(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+def linear_parts(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] | None:
     """(weight [out, in], bias) of a linear layer, or None for anything else.
 
     Besides ``nn.Linear`` this accepts the GPT-2 style ``Conv1D`` that stores its weight
@@ -128,7 +128,7 @@ def sparsify(model: nn.Module, structure: Structure, sparsity: float, *, permuta
     tied = _shared_parameter_ids(model) | _weights_read_by_parents(model)
     candidates = []
     for name, module in model.named_modules():
-        linear = _as_linear(module)
+        linear = linear_parts(module)
         if linear is None or id(getattr(module, "weight")) in tied or not selected(name):
             continue
         if not name:
@@ -161,14 +161,21 @@ def sparsify(model: nn.Module, structure: Structure, sparsity: float, *, permuta
         if strict:
             raise ValueError(message + "\nnothing was changed (strict=True)")
         warnings.warn(message, stacklevel=2)
-    for name, layer in layers.items():
-        model.set_submodule(name, layer)
-    if not getattr(model, "_padst_checkpoint_guard", False):
-        model.register_load_state_dict_pre_hook(check_checkpoint_matches)
-        model._padst_checkpoint_guard = True
+    for candidate in candidates:
+        if candidate.name in layers:
+            layers[candidate.name].dense_class = type(candidate.module)
+            model.set_submodule(candidate.name, layers[candidate.name])
+    install_checkpoint_guard(model)
     if verbose:
         print(sparsity_summary(model))
     return model
+
+
+def install_checkpoint_guard(model: nn.Module) -> None:
+    """Make ``model.load_state_dict`` refuse a checkpoint that does not fit before copying anything."""
+    if not getattr(model, "_padst_checkpoint_guard", False):
+        model.register_load_state_dict_pre_hook(check_checkpoint_matches)
+        model._padst_checkpoint_guard = True
 
 
 def padst_layers(model: nn.Module) -> list[tuple[str, PADSTLinear]]:
