@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -454,3 +455,22 @@ class Unstructured(Structure):
         """Dense values plus a one-byte mask: unstructured sparsity saves no memory."""
         itemsize = torch.empty((), dtype=dtype).element_size()
         return out_features * in_features * (itemsize + 1)
+
+
+STRUCTURE_TYPES = {cls.__name__: cls for cls in (Block, NM, Diagonal, Unstructured)}
+
+
+def structure_record(structure: Structure) -> dict:
+    """A JSON-able description of ``structure``: ``{"type": "Block", "rows": 8, "cols": 8}``."""
+    return {"type": type(structure).__name__, **dataclasses.asdict(structure)}
+
+
+def structure_from_record(record: dict) -> Structure:
+    """The structure ``structure_record`` described (ValueError for anything else)."""
+    fields = dict(record) if isinstance(record, dict) else {}
+    kind = fields.pop("type", None)
+    try:
+        return STRUCTURE_TYPES[kind](**fields)
+    except (KeyError, TypeError, ValueError):
+        raise ValueError(f"not a structure record: {record!r} (expected e.g. {{'type': 'Block', 'rows': 8, "
+                         "'cols': 8}})") from None

@@ -11,7 +11,6 @@ error naming the layer and leaves the model as it was.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import secrets
 from collections.abc import Callable
@@ -23,7 +22,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from torch import nn
 
-from padst_compiler.kernels.structures import NM, Block, Diagonal, Structure, Unstructured
+from padst_compiler.kernels.structures import structure_from_record, structure_record
 from padst_compiler.outputs import PathError, atomic_open, claim_directory, read_json, write_json
 from padst_compiler.training.layer import PADSTLinear
 from padst_compiler.training.sparsify import check_checkpoint_matches, install_checkpoint_guard, linear_parts, \
@@ -31,20 +30,7 @@ from padst_compiler.training.sparsify import check_checkpoint_matches, install_c
 
 TENSORS, LAYERS = "model.safetensors", "padst.json"
 FORMAT, VERSION = "padst-checkpoint", 1
-STRUCTURES = {cls.__name__: cls for cls in (Block, NM, Diagonal, Unstructured)}
 EXTRA_STATE = "_extra_state"
-
-
-def _structure_record(structure: Structure) -> dict:
-    return {"type": type(structure).__name__, **dataclasses.asdict(structure)}
-
-
-def _structure_from(record: dict, layer: str) -> Structure:
-    fields = dict(record)
-    kind = fields.pop("type", None)
-    if kind not in STRUCTURES:
-        raise ValueError(f"layer {layer!r}: unknown structure {record!r} in {LAYERS}")
-    return STRUCTURES[kind](**fields)
 
 
 def _storage_key(tensor: torch.Tensor) -> tuple:
@@ -73,8 +59,8 @@ def save(model: nn.Module, directory: str | Path) -> Path:
     save_id = secrets.token_hex(8)
     record = {"format": FORMAT, "version": VERSION, "save_id": save_id, "aliases": aliases,
               "layers": {name: {"in_features": layer.in_features, "out_features": layer.out_features,
-                                "bias": layer.bias is not None, "structure_fields": _structure_record(layer.structure),
-                                **layer.get_extra_state()} for name, layer in layers.items()}}
+                                "bias": layer.bias is not None, "structure_fields": structure_record(layer.structure),
+                                **layer.state_record()} for name, layer in layers.items()}}
     directory = claim_directory(directory, "padst_compiler.save", {TENSORS, LAYERS})
     with atomic_open(directory / TENSORS, binary=True) as file:
         file.write(save_safetensors(tensors, metadata={"format": FORMAT, "save_id": save_id}))
@@ -139,8 +125,12 @@ def _layer_for(model: nn.Module, name: str, record: dict) -> PADSTLinear | None:
         raise ValueError(f"load: layer {name!r} is {weight.shape[1]} -> {weight.shape[0]} "
                          f"(bias={bias is not None}), the checkpoint's is {shape} (bias={record['bias']}); "
                          "nothing was loaded")
+    try:
+        structure = structure_from_record(record["structure_fields"])
+    except ValueError as error:
+        raise ValueError(f"load: layer {name!r}: {error}; nothing was loaded") from None
     layer = PADSTLinear.from_dense(
-        weight.detach(), None if bias is None else bias.detach(), _structure_from(record["structure_fields"], name),
+        weight.detach(), None if bias is None else bias.detach(), structure,
         record["sparsity"], permutation=record["permutation"], side=record["side"], name=name,
         seed=record["seed"], dense_warmup=record["dense_warmup"])
     layer.dense_class = type(module)

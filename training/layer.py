@@ -18,6 +18,8 @@ computed with the ``padst`` ops. How ``Π`` is found depends on ``permutation``:
 
 from __future__ import annotations
 
+import json
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -47,6 +49,25 @@ def check_permutation_options(permutation: str, side: str, dense_warmup: bool | 
         raise ValueError(f"{owner}: permutation='birkhoff' learns its soft matrix on the sparse weight; "
                          "dense_warmup=True is for 'learned', 'random' and 'none'")
     return dense_warmup
+
+
+def encode_record(record: dict) -> torch.Tensor:
+    """A JSON-able dict as a uint8 tensor of its JSON text."""
+    return torch.tensor(list(json.dumps(record, sort_keys=True).encode()), dtype=torch.uint8)
+
+
+def decode_record(value) -> dict | None:
+    """The dict ``encode_record`` stored (or a dict as older checkpoints held it); None if
+    ``value`` is neither."""
+    if isinstance(value, dict):
+        return value
+    if not torch.is_tensor(value) or value.dtype != torch.uint8 or value.dim() != 1:
+        return None
+    try:
+        record = json.loads(bytes(value.tolist()).decode())
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return record if isinstance(record, dict) else None
 
 
 class PADSTLinear(nn.Module):
@@ -289,9 +310,10 @@ class PADSTLinear(nn.Module):
             self.bias.copy_(bias)
         if index is not None:
             self.perm_index.copy_(index)
-        for learned in (self.soft_perm, self.dense_weight_proxy):
-            if learned is not None:
-                learned.requires_grad_(False)
+        # the freed tensors keep requires_grad: which parameters train never changes, so an
+        # optimizer built after loading a hardened checkpoint holds the same ones as before
+        if self.soft_perm is not None:
+            self.soft_perm.grad = None  # unused from now on: no last step on a stale gradient
         if self.dense_weight_proxy is not None:  # not needed any more: keep only the sparse weight
             self.dense_weight_proxy.data = self.dense_weight_proxy.new_empty(0)
             self.dense_weight_proxy.grad = None  # a stale full-size gradient would break the next optimizer step
@@ -300,18 +322,25 @@ class PADSTLinear(nn.Module):
 
     # ------------------------------------------------------------------- checkpoints
 
-    def get_extra_state(self) -> dict:
+    def state_record(self) -> dict:
+        """How the layer was built and where its training stands (its checkpoint extra state)."""
         return {"structure": repr(self.structure), "sparsity": self.sparsity, "permutation": self.permutation,
                 "side": self.side, "dense_warmup": self.dense_weight_proxy is not None, "hard": self.hard,
                 "seed": self.seed, "averaged_steps": self.averaged_steps}
 
-    def set_extra_state(self, state: dict) -> None:
+    def get_extra_state(self) -> torch.Tensor:
+        # a tensor (JSON bytes), not a dict: state dicts stay all-tensor, so safetensors-based
+        # savers (Hugging Face ``save_pretrained``, the Trainer's checkpoints) can write them
+        return encode_record(self.state_record())
+
+    def set_extra_state(self, state) -> None:
+        record = decode_record(state)
+        if record is None or not isinstance(record.get("hard"), bool):
+            raise ValueError(f"{self.name or 'PADSTLinear'}: unreadable checkpoint state {state!r}")
+        state = record
         self.hard = bool(state["hard"])
         self.seed = int(state.get("seed", self.seed))  # hardening's random restarts follow the checkpoint
         self.averaged_steps = int(state.get("averaged_steps", 0))
-        for learned in (self.soft_perm, self.dense_weight_proxy):
-            if learned is not None:
-                learned.requires_grad_(not self.hard)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # a hardened layer saves its dense warm-up weight (and its mean) emptied, a warming-up one in

@@ -39,6 +39,16 @@ def _distributed_world() -> int:
     return 1
 
 
+def _innermost(optimizer) -> torch.optim.Optimizer:
+    """The torch optimizer inside wrappers such as accelerate's ``AcceleratedOptimizer``: its
+    state holds the moments to move and its step runs the penalty hook."""
+    while isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer):
+        optimizer = optimizer.optimizer
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"DSTScheduler needs a torch.optim.Optimizer, got {type(optimizer).__name__}")
+    return optimizer
+
+
 class DSTScheduler:
     """Dynamic sparsity and permutation schedule for the ``PADSTLinear`` layers of a model."""
 
@@ -68,7 +78,7 @@ class DSTScheduler:
         self.layers = padst_layers(model)
         if not self.layers:
             raise ValueError("the model has no PADSTLinear layer: call sparsify(model, ...) first")
-        self.optimizer = optimizer
+        self.optimizer = _innermost(optimizer)
         self.options = dict(total_steps=total_steps, update_every=update_every, drop_fraction=drop_fraction,
                             t_end=t_end, growth=growth, penalty_weight=penalty_weight,
                             penalty_start=penalty_start, harden_threshold=harden_threshold,
@@ -85,7 +95,7 @@ class DSTScheduler:
         self.step_count = 0
         self._penalty_backpropagated = False
         self._arm_gradient_capture()
-        self._arm_penalty_gradient(optimizer)
+        self._arm_penalty_gradient(self.optimizer)
 
     # ------------------------------------------------------------------ permutations
 
@@ -119,10 +129,6 @@ class DSTScheduler:
     def _arm_penalty_gradient(self, optimizer) -> None:
         """Hook ``add_penalty_gradient`` in front of the optimizer's step. The hook holds the
         scheduler weakly and is removed with it, so a replaced scheduler adds nothing."""
-        while not isinstance(optimizer, torch.optim.Optimizer) and hasattr(optimizer, "optimizer"):
-            optimizer = optimizer.optimizer  # wrappers such as accelerate's AcceleratedOptimizer
-        if not isinstance(optimizer, torch.optim.Optimizer):
-            raise TypeError(f"DSTScheduler needs a torch.optim.Optimizer, got {type(optimizer).__name__}")
         scheduler = weakref.ref(self)
 
         def before_step(optimizer, args, kwargs):
@@ -283,19 +289,24 @@ class DSTScheduler:
             self._update_masks(drop_counts)
         self._arm_gradient_capture()
 
-    def progress_postfix(self) -> dict[str, str]:
-        """Figures for a progress bar: kept fraction, layers still in their dense warm-up, soft
-        (Birkhoff) layers left and their mean penalty."""
+    def stats(self) -> dict[str, float]:
+        """Where training stands: kept fraction of the PA-DST weights, layers still in their
+        dense warm-up, soft (Birkhoff) layers left and their mean penalty (0 without any)."""
         kept = sum(layer.structure.kept_count(layer.values, layer.index) for _, layer in self.layers)
         total = sum(layer.in_features * layer.out_features for _, layer in self.layers)
-        warming = sum(layer.warming_up for _, layer in self.layers)
         with torch.no_grad():
             soft = [float(layer.penalty()) for _, layer in self.layers if layer.soft and layer.soft_perm is not None]
-        postfix = {"density": f"{kept / total:.3f}"}
-        if warming:
-            postfix["warm-up"] = str(warming)
-        if soft:
-            postfix.update(soft=str(len(soft)), penalty=f"{sum(soft) / len(soft):.3f}")
+        return {"density": kept / total, "warm_up_layers": sum(layer.warming_up for _, layer in self.layers),
+                "soft_layers": len(soft), "penalty": sum(soft) / len(soft) if soft else 0.0}
+
+    def progress_postfix(self) -> dict[str, str]:
+        """``stats`` for a progress bar (counts shown only while non-zero)."""
+        stats = self.stats()
+        postfix = {"density": f"{stats['density']:.3f}"}
+        if stats["warm_up_layers"]:
+            postfix["warm-up"] = str(stats["warm_up_layers"])
+        if stats["soft_layers"]:
+            postfix.update(soft=str(stats["soft_layers"]), penalty=f"{stats['penalty']:.3f}")
         return postfix
 
     # ------------------------------------------------------------------ checkpoints
@@ -305,6 +316,8 @@ class DSTScheduler:
 
     def load_state_dict(self, state: dict) -> None:
         for option, value in state["options"].items():
+            if isinstance(value, list):  # a tuple option after a trip through JSON
+                value = tuple(value)
             if self.options.get(option) != value:
                 raise ValueError(f"scheduler checkpoint was saved with {option}={value!r}, this scheduler has "
                                  f"{self.options.get(option)!r}; nothing was loaded")

@@ -13,7 +13,7 @@ from tabulate import tabulate
 from torch import nn
 
 from padst_compiler.kernels.structures import Structure, Unstructured, check_sparsity
-from padst_compiler.training.layer import WARMUP_TENSORS, PADSTLinear, check_permutation_options
+from padst_compiler.training.layer import WARMUP_TENSORS, PADSTLinear, check_permutation_options, decode_record
 
 
 @dataclass(frozen=True)
@@ -221,7 +221,8 @@ def check_checkpoint_matches(module, state_dict, prefix, local_metadata, strict,
 
     ``load_state_dict`` copies entry by entry and only complains at the end, which would
     leave a model half-loaded; this pre-hook runs on the root first and checks every
-    entry, naming the first layer that does not match.
+    entry, naming the first layer that does not match. (``strict`` is True whatever the
+    caller asked: ``load_state_dict`` passes True to every pre-hook.)
     """
     layers = {name: layer for name, layer in padst_layers(module)}
     own_state = module.state_dict()
@@ -229,19 +230,24 @@ def check_checkpoint_matches(module, state_dict, prefix, local_metadata, strict,
         extra = [key for key in state_dict if key.startswith(prefix) and key[len(prefix):] not in own_state]
         if extra:
             raise ValueError(f"checkpoint entry {extra[0]!r} has no place in the model; nothing was loaded")
+    # a tied weight saved under one of its names only (Hugging Face checkpoints drop the tied
+    # head) is loaded through that name: its other names may be missing
+    loaded_storage = {own.data_ptr() for key, own in own_state.items()
+                      if prefix + key in state_dict and torch.is_tensor(own) and own.numel()}
     for key, own in own_state.items():
         full_key = prefix + key
         owner = key.rpartition(".")[0]
         if full_key not in state_dict:
-            if strict:
+            if strict and not (torch.is_tensor(own) and own.numel() and own.data_ptr() in loaded_storage):
                 raise ValueError(f"checkpoint has no entry {full_key!r} (layer {owner!r}); nothing was loaded")
             continue
         theirs = state_dict[full_key]
         if key.endswith("_extra_state") and owner in layers:
-            if not isinstance(theirs, dict):
+            record = decode_record(theirs)
+            if record is None:
                 raise ValueError(f"checkpoint does not match layer {owner!r}: its {key} is a "
                                  f"{type(theirs).__name__}, not a PADSTLinear state; nothing was loaded")
-            mine = layers[owner].get_extra_state()
+            theirs, mine = record, layers[owner].state_record()
             for field in ("structure", "sparsity", "permutation", "side", "dense_warmup"):
                 if theirs.get(field) != mine[field]:
                     raise ValueError(f"checkpoint does not match layer {owner!r}: it was saved with "
@@ -259,3 +265,7 @@ def check_checkpoint_matches(module, state_dict, prefix, local_metadata, strict,
             found = f"{tuple(theirs.shape)} {theirs.dtype}" if torch.is_tensor(theirs) else type(theirs).__name__
             raise ValueError(f"checkpoint does not match layer {owner!r}: {key} is {found} in the checkpoint, "
                              f"{tuple(own.shape)} {own.dtype} in the model; nothing was loaded")
+        elif key.endswith(".perm_index") and owner in layers and \
+                not torch.equal(theirs.sort().values, torch.arange(theirs.numel(), device=theirs.device)):
+            raise ValueError(f"checkpoint does not match layer {owner!r}: its perm_index is not a permutation of "
+                             f"0..{theirs.numel() - 1}; nothing was loaded")

@@ -17,6 +17,7 @@ from torch import nn
 
 from padst_compiler.kernels import NM, Block, Unstructured
 from padst_compiler.training import DSTScheduler, harden_permutations, sparsify
+from padst_compiler.training.layer import decode_record
 
 pytestmark = [pytest.mark.fuzz, pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")]
 
@@ -132,7 +133,7 @@ def _model(seed, permutation="none"):
 @pytest.mark.parametrize("edit", [{"seed": None}, {"seed": "x"}, {"averaged_steps": None}, "drop hard"], ids=str)
 def test_unreadable_extra_state_loads_nothing(edit):
     state = _model(0).state_dict()
-    extra = dict(state["0._extra_state"])
+    extra = dict(decode_record(state["0._extra_state"]))
     if edit == "drop hard":
         del extra["hard"]
     else:
@@ -150,7 +151,7 @@ def test_unreadable_extra_state_loads_nothing(edit):
 def test_a_hard_flag_that_disagrees_with_the_warmup_state_is_refused(case):
     if case == "hard=False without warm-up":
         state = _model(0).state_dict()
-        state["0._extra_state"] = {**state["0._extra_state"], "hard": False}
+        state["0._extra_state"] = {**decode_record(state["0._extra_state"]), "hard": False}
         model = _model(1)
     else:
         state = _model(0, "learned").state_dict()

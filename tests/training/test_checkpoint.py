@@ -94,3 +94,27 @@ def test_scheduler_checkpoint_with_other_options_is_refused():
     other = DSTScheduler(build()[0], torch.optim.SGD(build()[0].parameters(), lr=0.1), total_steps=99)
     with pytest.raises(ValueError, match="saved with total_steps=24, this scheduler has 99"):
         other.load_state_dict(sched.state_dict())
+
+
+@pytest.mark.parametrize("extra", [torch.tensor([1, 2, 255], dtype=torch.uint8), torch.zeros(3),
+                                   torch.tensor(list(b"[1, 2]"), dtype=torch.uint8)], ids=["bytes", "float", "list"])
+def test_an_unreadable_extra_state_tensor_is_refused_and_nothing_loaded(extra):
+    source, _, _ = build(seed=0)
+    target, _, _ = build(seed=1)
+    state = source.state_dict()
+    state["0._extra_state"] = extra
+    before = {key: value.clone() for key, value in target.state_dict().items()}
+    with pytest.raises(ValueError, match="layer '0'.*not a PADSTLinear state; nothing was loaded"):
+        target.load_state_dict(state)
+    for key, value in target.state_dict().items():
+        assert torch.equal(value, before[key]), key
+
+
+def test_the_state_dict_holds_only_tensors_and_old_dict_states_still_load():
+    source, _, _ = build(seed=0)
+    state = source.state_dict()
+    assert all(torch.is_tensor(value) for value in state.values())
+    state["0._extra_state"] = source[0].state_record()  # a checkpoint from before the tensor encoding
+    target, _, _ = build(seed=1)
+    target.load_state_dict(state)
+    assert target[0].state_record() == source[0].state_record()

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch
 
+from padst_compiler.training.layer import decode_record
+
 from . import ddp_worker
 
 
@@ -59,4 +61,4 @@ def test_ddp_ranks_agree_with_each_other_and_with_a_single_process(tmp_path):
             torch.testing.assert_close(rank0[key], value, rtol=1e-9, atol=1e-12, msg=key)
         else:  # masks and hardened permutations: exactly equal everywhere
             assert torch.equal(rank0[key], rank1[key]) and torch.equal(rank0[key], value), key
-    assert all(state["hard"] for key, state in single.items() if key.endswith("_extra_state"))
+    assert all(decode_record(state)["hard"] for key, state in single.items() if key.endswith("_extra_state"))
