@@ -11,6 +11,10 @@ penalty needs no change to the loss: the scheduler applies its gradient itself.
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import torch
+import transformers
 from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 
@@ -85,4 +89,42 @@ class PADSTCallback(TrainerCallback, ExportableState):
             state.log_history[-1].update(stats)
 
 
-__all__ = ["PADSTCallback"]
+class CausalLMLogits(torch.nn.Module):
+    """A causal LM reduced to ``ids -> logits`` (no cache): the function a deployment exports."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.model(ids, use_cache=False).logits
+
+
+def model_from_checkpoint(directory: str | Path) -> torch.nn.Module:
+    """The Hugging Face model a ``padst_compiler.save`` folder holds, built from its
+    ``config.json`` (the class its ``architectures`` names) and loaded."""
+    from padst_compiler.checkpoint import HF_CONFIG, load
+
+    directory = Path(directory)
+    if not (directory / HF_CONFIG).is_file():
+        raise ValueError(f"{directory} has no {HF_CONFIG}: it was not saved from a Hugging Face model")
+    config = transformers.AutoConfig.from_pretrained(directory)
+    names = config.architectures or []
+    if len(names) != 1 or not hasattr(transformers, names[0]):
+        raise ValueError(f"{directory / HF_CONFIG} names the architectures {names!r}, not one transformers class")
+    return load(lambda: getattr(transformers, names[0])(config), directory)
+
+
+def export_causal_lm(directory: str | Path, path: str | Path) -> Path:
+    """``padst export``: the causal LM saved in ``directory`` as a package mapping token ids
+    ``[batch, sequence]`` to logits, for sequences of 2 up to the model's maximum length."""
+    from padst_compiler.deploy import export
+
+    model = CausalLMLogits(model_from_checkpoint(directory))
+    longest = getattr(model.model.config, "max_position_embeddings", None) or 1024
+    example = torch.zeros(1, min(16, longest), dtype=torch.long)
+    sequence = torch.export.Dim("sequence", min=2, max=longest)
+    return export(model, (example,), path, dynamic_shapes=({1: sequence},))
+
+
+__all__ = ["PADSTCallback", "CausalLMLogits", "model_from_checkpoint", "export_causal_lm"]

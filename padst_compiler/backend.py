@@ -30,8 +30,8 @@ from torch import fx
 from torch._dynamo.exc import RestartAnalysis
 
 from padst_compiler.passes.context import PassContext
-from padst_compiler.passes.graph import IN_INDEX, OUT_INDEX, is_permute, is_structured, last_axis_gather_index, \
-    structured_args
+from padst_compiler.passes.graph import IN_INDEX, OUT_INDEX, attribute_value, is_permute, is_structured, \
+    last_axis_gather_index, structured_args
 from padst_compiler.pipeline import MODES, PASS_NAMES, PipelineResult, run_pipeline
 
 CHECK_TOLERANCE = 1e-4  # largest output difference a pass may cause under ``check``
@@ -109,7 +109,7 @@ def context_for(gm: fx.GraphModule, example_inputs: Sequence, mode: str) -> Pass
             ctx.constants[node] = value.detach()
     for node in gm.graph.nodes:
         if node.op == "get_attr":
-            ctx.constants[node] = getattr(gm, node.target)
+            ctx.constants[node] = attribute_value(gm, node)
     return ctx
 
 

@@ -2,8 +2,8 @@
 
 The folder holds ``model.safetensors`` (every tensor of the state dict: the compressed values,
 indices and permutations of the PA-DST layers and the model's other weights, tied weights
-stored once) and ``padst.json`` (each PA-DST layer's structure, sparsity, permutation mode,
-side and training state). ``load`` takes a freshly built *dense* model of the same
+stored once), ``padst.json`` (each PA-DST layer's structure, sparsity, permutation mode,
+side and training state) and, for a Hugging Face model, its ``config.json``. ``load`` takes a freshly built *dense* model of the same
 architecture (or a function that builds one), sparsifies the recorded layers as recorded and
 loads the tensors: it checks everything before it changes anything, so a mismatch raises an
 error naming the layer and leaves the model as it was.
@@ -29,6 +29,7 @@ from padst_compiler.training.sparsify import check_checkpoint_matches, install_c
     padst_layers
 
 TENSORS, LAYERS = "model.safetensors", "padst.json"
+HF_CONFIG = "config.json"  # a Hugging Face model's configuration, as save_pretrained writes it
 FORMAT, VERSION = "padst-checkpoint", 1
 EXTRA_STATE = "_extra_state"
 
@@ -61,9 +62,13 @@ def save(model: nn.Module, directory: str | Path) -> Path:
               "layers": {name: {"in_features": layer.in_features, "out_features": layer.out_features,
                                 "bias": layer.bias is not None, "structure_fields": structure_record(layer.structure),
                                 **layer.state_record()} for name, layer in layers.items()}}
-    directory = claim_directory(directory, "padst_compiler.save", {TENSORS, LAYERS})
+    directory = claim_directory(directory, "padst_compiler.save", {TENSORS, LAYERS, HF_CONFIG})
     with atomic_open(directory / TENSORS, binary=True) as file:
         file.write(save_safetensors(tensors, metadata={"format": FORMAT, "save_id": save_id}))
+    if callable(getattr(getattr(model, "config", None), "to_json_string", None)):
+        # how to build the model again; save_pretrained names the class the same way
+        config = {**json.loads(model.config.to_json_string()), "architectures": [type(model).__name__]}
+        write_json(directory / HF_CONFIG, config)
     write_json(directory / LAYERS, record)
     return directory
 

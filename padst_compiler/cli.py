@@ -97,6 +97,15 @@ def build_parser() -> argparse.ArgumentParser:
                       "exists and is not a padst graph-diff report)")
     diff.add_argument("--tolerance", type=float, default=1e-4, help="largest harmless output difference")
     diff.add_argument("--color", choices=["auto", "always", "never"], default="auto")
+    export = commands.add_parser("export", help="a saved Hugging Face causal LM as an AOTInductor package (.pt2)",
+                                 description="padst export DIR FILE.pt2: build the Hugging Face model a "
+                                             "padst_compiler.save folder holds (its config.json), load it, apply the "
+                                             "padst inference passes and compile it with AOTInductor into one file "
+                                             "that maps token ids [batch, sequence] to logits for any sequence length "
+                                             "up to the model's. Run it with padst_compiler.load_package(FILE) (the "
+                                             "process needs torch and padst_compiler).")
+    export.add_argument("checkpoint", metavar="DIR", help="a folder written by padst_compiler.save")
+    export.add_argument("out", metavar="FILE.pt2", help="the package to write (refused if it exists and is not one)")
     bench = commands.add_parser("bench", help="benchmarks (ratios and tables, not tests)")
     benches = bench.add_subparsers(dest="bench", required=True, metavar="BENCHMARK")
     accuracy = benches.add_parser("accuracy", help="the gap map: where structure costs accuracy and what "
@@ -173,6 +182,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "diff":
             return _diff(args)
+        if args.command == "export":
+            return _export(args)
         return _demo(args) if args.command == "demo" else _bench(args)
     except outputs.PathError as error:  # a file or folder the command cannot read or must not write
         return _error(args, error)
@@ -195,6 +206,19 @@ def _demo(args) -> int:
     except ValueError as error:  # a structure the model or sparsity cannot take, a missing device, --out
         return _error(args, error)
     return 0 if summary["passed"] else 1
+
+
+def _export(args) -> int:
+    try:
+        from padst_compiler.integrations.huggingface import export_causal_lm
+    except ImportError as error:
+        return _error(args, f"needs the transformers package ({error})")
+    try:
+        path = export_causal_lm(args.checkpoint, args.out)
+    except ValueError as error:  # not a save folder, a model that does not fit it, a soft layer
+        return _error(args, error)
+    print(f"wrote {path}")
+    return 0
 
 
 def _bench(args) -> int:

@@ -24,8 +24,8 @@ from padst_compiler.passes.cleanup import cleanup
 from padst_compiler.passes.context import PassContext
 from padst_compiler.passes.fold import fold_into_weights
 from padst_compiler.passes.fuse import fuse_permutations
-from padst_compiler.passes.graph import IN_INDEX, OUT_INDEX, canonical_target, is_permute, is_structured, \
-    last_axis_gather_index, meta_value, structured_args
+from padst_compiler.passes.graph import IN_INDEX, OUT_INDEX, attribute_value, canonical_target, is_permute, \
+    is_structured, last_axis_gather_index, meta_value, structured_args
 from padst_compiler.passes.propagate import propagate_permutations
 
 MODES = ("training", "inference")
@@ -106,7 +106,7 @@ def refresh_meta(gm: fx.GraphModule, fake_inputs: Sequence) -> None:
         if meta_value(node) is not None:
             continue
         if node.op == "get_attr":
-            node.meta["val"] = getattr(gm, node.target)
+            node.meta["val"] = attribute_value(gm, node)
         elif is_permute(node) and meta_value(node.args[0]) is not None:
             node.meta["val"] = meta_value(node.args[0])
 

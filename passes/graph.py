@@ -64,6 +64,15 @@ def set_structured_args(node: fx.Node, args: list) -> None:
     node.args, node.kwargs = tuple(args), {}
 
 
+def attribute_value(gm: fx.GraphModule, node: fx.Node):
+    """What a ``get_attr`` node reads; its target may be a dotted path (``torch.export``'s
+    ``ep.module()`` keeps the model's module tree)."""
+    value = gm
+    for part in node.target.split("."):
+        value = getattr(value, part)
+    return value
+
+
 def meta_value(node) -> torch.Tensor | None:
     """The fake (or real) tensor Dynamo or fake propagation recorded for ``node``."""
     if not isinstance(node, fx.Node):

@@ -10,6 +10,7 @@ if __name__ != "padst_compiler.training":  # pragma: no cover - exercised in a s
 
 from padst_compiler.kernels.structures import NM, Block, Diagonal, Structure, Unstructured
 from padst_compiler.training.layer import PADSTLinear
+from padst_compiler.training.densify import densify
 from padst_compiler.training.scheduler import DSTScheduler
 from padst_compiler.training.sparsify import padst_layers, sparsify, sparsity_summary
 
@@ -23,4 +24,4 @@ def harden_permutations(model) -> int:
 
 
 __all__ = ["Block", "NM", "Diagonal", "Unstructured", "Structure", "PADSTLinear", "DSTScheduler",
-           "sparsify", "sparsity_summary", "harden_permutations", "padst_layers"]
+           "sparsify", "sparsity_summary", "harden_permutations", "padst_layers", "densify"]
