@@ -157,6 +157,16 @@ def build_parser() -> argparse.ArgumentParser:
     depth.add_argument("--eager-only", action="store_true", help="skip the compiled stacks (they take minutes)")
     depth.add_argument("--repeats", type=_positive_int, default=5)
     depth.add_argument("--out", metavar="FILE", help=JSON_OUT_HELP)
+    package = benches.add_parser("export", help="the AOTInductor package of a PA-DST GPT against the dense one's",
+                                 description="Export the dense GPT and the PA-DST GPT (Block 32x32 at 0.9, hardened "
+                                             "permutations) to AOTInductor packages, load both and time them on the "
+                                             "same token batches (1x16, 1x128, 8x512), interleaved medians. Takes a "
+                                             "few minutes (two AOTInductor compiles).")
+    package.add_argument("--layers", type=_positive_int, default=2, help="transformer blocks (default 2)")
+    package.add_argument("--d-model", type=_positive_int, default=768, help="model width (default 768)")
+    package.add_argument("--heads", type=_positive_int, default=12, help="attention heads (default 12)")
+    package.add_argument("--repeats", type=_positive_int, default=7)
+    package.add_argument("--out", metavar="FILE", help=JSON_OUT_HELP)
     kernels = benches.add_parser("kernels", help="every structured op against the dense op",
                                  description="Forward, forward with a fused in_index, and forward+backward of "
                                              "each structure against F.linear, for 768->3072 and 3072->768 at "
@@ -238,6 +248,13 @@ def _bench(args) -> int:
             return _error(args, "--device cuda but no CUDA GPU is available")
         bench.model_speed(layers=args.layers, tokens=args.tokens, sequence=args.sequence, repeats=args.repeats,
                           out=args.out, d_model=args.d_model, heads=args.heads, device=args.device)
+    elif args.bench == "export":
+        from padst_compiler import bench_export
+
+        if args.d_model % args.heads:
+            return _error(args, f"--d-model {args.d_model} is not a multiple of --heads {args.heads}")
+        bench_export.package_speed(layers=args.layers, d_model=args.d_model, heads=args.heads,
+                                   repeats=args.repeats, out=args.out)
     elif args.bench == "depth":
         from padst_compiler import bench_depth
 

@@ -134,6 +134,17 @@ def test_depth_benchmark_prints_per_layer_times_and_their_spread(tmp_path, capsy
     outputs.check_file(out, "a result", outputs.json_with_keys(bench_depth.RESULT_KEYS))  # a rerun may replace it
 
 
+@pytest.mark.slow
+def test_export_benchmark_times_both_packages(tmp_path, capsys):
+    out = tmp_path / "export.json"
+    assert cli.main(["bench", "export", *BENCH_JSON["export"], "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "dense package ms" in printed and "export + compile" in printed
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["batch"], r["sequence"]) for r in rows] == [(1, 16), (1, 128), (8, 512)]
+    assert all(r["dense_ms"] > 0 and r["padst_ms"] > 0 and r["speedup"] > 0 for r in rows)
+
+
 # ------------------------------------------------- user errors: one line, exit 2, nothing touched
 
 
@@ -212,6 +223,7 @@ BENCH_JSON = {  # tiny settings: a check that does not refuse must not cost minu
     "model": ["--layers", "1", "--tokens", "1", "--sequence", "1", "--repeats", "1"],
     "depth": ["--layers", "2", "--widths", "160", "--tokens", "4", "--repeats", "1", "--eager-only"],
     "kernels": ["--tokens", "1", "--sparsity", "0.9", "--repeats", "1"],
+    "export": ["--layers", "1", "--d-model", "320", "--heads", "4", "--repeats", "1"],
 }
 
 
@@ -220,6 +232,7 @@ ANOTHER_BENCHMARKS_RESULT = {
     "model": b'{"structure": "Block(16x16)", "sparsity": 0.9, "rows": []}',  # bench depth's
     "depth": b'{"layers": 12, "tokens": 4096, "rows": []}',  # bench harden's
     "kernels": b'{"layers": 12, "tokens": 4096, "rows": []}',
+    "export": b'{"layers": 12, "tokens": 4096, "rows": []}',
 }
 
 
