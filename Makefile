@@ -10,7 +10,7 @@ STAMP  := $(VENV)/.installed
 ARGS   ?=
 PYTEST_ARGS ?=
 
-.PHONY: demo test clean
+.PHONY: demo test clean deepsparse-env
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -24,5 +24,14 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(VENV)/bin/pytest -n 2 $(PYTEST_ARGS)
 
+# Optional: DeepSparse for `padst bench peers`, in its own environment (it pins numpy 1.26
+# and onnx 1.14, and ships wheels for Python 3.11 only).
+DEEPSPARSE_PYTHON ?= python3.11
+deepsparse-env: .venv-deepsparse/.installed
+.venv-deepsparse/.installed:
+	$(DEEPSPARSE_PYTHON) -m venv .venv-deepsparse
+	.venv-deepsparse/bin/pip install --quiet deepsparse==1.8.0 "numpy==1.26.*" "onnx==1.14.*"
+	touch $@
+
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) .venv-deepsparse build *.egg-info

@@ -167,6 +167,19 @@ def build_parser() -> argparse.ArgumentParser:
     package.add_argument("--heads", type=_positive_int, default=12, help="attention heads (default 12)")
     package.add_argument("--repeats", type=_positive_int, default=7)
     package.add_argument("--out", metavar="FILE", help=JSON_OUT_HELP)
+    peers = benches.add_parser("peers", help="padst against the CPU runtimes users would otherwise pick (DeepSparse)",
+                               description="The 768 -> 3072 -> 768 GELU MLP at 0.9 sparsity at 1, 16 and 4096 tokens: "
+                                           "PyTorch and Inductor dense, DeepSparse dense and 90 %% unstructured (in "
+                                           "its own environment: make deepsparse-env), padst eager and optimize "
+                                           "(Block 32x32), each as a speed-up over the fastest dense runtime; "
+                                           "interleaved samples, medians. Without DeepSparse the other rows run "
+                                           "and a line says how to add it.")
+    peers.add_argument("--tokens", type=_positive_int, nargs="+", default=[1, 16, 4096])
+    peers.add_argument("--repeats", type=_positive_int, default=7)
+    peers.add_argument("--deepsparse-python", type=Path, metavar="PYTHON",
+                       help="the Python of an environment with deepsparse (default $PADST_DEEPSPARSE_PYTHON or "
+                            ".venv-deepsparse/bin/python)")
+    peers.add_argument("--out", metavar="FILE", help=JSON_OUT_HELP)
     kernels = benches.add_parser("kernels", help="every structured op against the dense op",
                                  description="Forward, forward with a fused in_index, and forward+backward of "
                                              "each structure against F.linear, for 768->3072 and 3072->768 at "
@@ -255,6 +268,11 @@ def _bench(args) -> int:
             return _error(args, f"--d-model {args.d_model} is not a multiple of --heads {args.heads}")
         bench_export.package_speed(layers=args.layers, d_model=args.d_model, heads=args.heads,
                                    repeats=args.repeats, out=args.out)
+    elif args.bench == "peers":
+        from padst_compiler import bench_peers
+
+        bench_peers.peer_speed(tokens=tuple(args.tokens), repeats=args.repeats,
+                               deepsparse_python=args.deepsparse_python, out=args.out)
     elif args.bench == "depth":
         from padst_compiler import bench_depth
 

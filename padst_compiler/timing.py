@@ -40,3 +40,27 @@ def interleaved_medians(candidates: Mapping[str, Callable[[], object]], repeats:
         run_round(samples)
         rounds += 1
     return {name: statistics.median(times) for name, times in samples.items()}
+
+
+def interleaved_self_timed_medians(samplers: Mapping[str, Callable[[int], float]], repeats: int = 7,
+                                   sample_seconds: float = 0.2, settle_seconds: float = 0.05) -> dict[str, float]:
+    """Median seconds per call of candidates that time themselves: ``sampler(k)`` makes k
+    calls and returns their wall time as it measured it (another process measures its own
+    calls, so the message round trip is not counted). Each sample makes enough calls to last
+    about ``sample_seconds``; samples run interleaved, ``repeats`` rounds after a warm-up.
+    Each sample starts ``settle_seconds`` after the one before: thread pools that spin after
+    their last call (OpenMP's) would otherwise take cores from the next candidate."""
+    if repeats < 1:
+        raise ValueError(f"repeats must be at least 1, got {repeats}")
+    calls = {}
+    for name, sampler in samplers.items():
+        sampler(1)  # first call: lazy initialisation
+        per_call = max(sampler(1), 1e-7)
+        calls[name] = max(1, round(sample_seconds / per_call))
+        sampler(calls[name])  # warm
+    samples: dict[str, list[float]] = {name: [] for name in samplers}
+    for _ in range(repeats):
+        for name, sampler in samplers.items():
+            time.sleep(settle_seconds)
+            samples[name].append(sampler(calls[name]) / calls[name])
+    return {name: statistics.median(times) for name, times in samples.items()}

@@ -224,6 +224,7 @@ BENCH_JSON = {  # tiny settings: a check that does not refuse must not cost minu
     "depth": ["--layers", "2", "--widths", "160", "--tokens", "4", "--repeats", "1", "--eager-only"],
     "kernels": ["--tokens", "1", "--sparsity", "0.9", "--repeats", "1"],
     "export": ["--layers", "1", "--d-model", "320", "--heads", "4", "--repeats", "1"],
+    "peers": ["--tokens", "1", "--repeats", "1"],
 }
 
 
@@ -233,6 +234,7 @@ ANOTHER_BENCHMARKS_RESULT = {
     "depth": b'{"layers": 12, "tokens": 4096, "rows": []}',  # bench harden's
     "kernels": b'{"layers": 12, "tokens": 4096, "rows": []}',
     "export": b'{"layers": 12, "tokens": 4096, "rows": []}',
+    "peers": b'{"layers": 12, "tokens": 4096, "rows": []}',
 }
 
 
