@@ -200,7 +200,7 @@ def _block_forward_native(x, values, col_blocks, out_features, bias, in_index, o
     contiguous columns)."""
     n_rows, kept, block_rows, block_cols = values.shape
     x = x.contiguous()
-    y = x.new_empty(x.shape[0], out_features)
+    y = native.output_buffer(x, out_features, out_index)
     plan = memoize("block forward", (col_blocks, in_index, out_index), lambda: _BlockForwardPlan(
         torch.arange(n_rows + 1) * kept, _block_columns(col_blocks, block_cols, None if pack else in_index),
         None if in_index is None or not pack else _int32(in_index),
@@ -337,7 +337,7 @@ def ell_forward(x, ell: EllIndex, vals, bias, out_index, key: tuple, preferred: 
 
 def _ell_forward_native(x, ell: EllIndex, vals, bias, out_index):
     x = x.contiguous()
-    y = x.new_empty(x.shape[0], ell.cols.shape[0])
+    y = native.output_buffer(x, ell.cols.shape[0], out_index)
     vals = vals.detach().contiguous()
     bias = None if bias is None else bias.detach().contiguous()
     out_columns = None if out_index is None else _inverse(out_index)
@@ -516,7 +516,8 @@ class _FewTokenArguments(NamedTuple):
 
 
 def _few_token_arguments(x, out_features, bias, in_index, out_index) -> _FewTokenArguments:
-    return _FewTokenArguments(x.contiguous(), x.new_empty(x.shape[0], out_features),
+    x = x.contiguous()
+    return _FewTokenArguments(x, native.output_buffer(x, out_features, out_index),
                               None if bias is None else bias.detach().contiguous(),
                               None if in_index is None else _int32(in_index),
                               None if out_index is None else _inverse(out_index))

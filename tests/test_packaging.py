@@ -12,7 +12,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("folder", ["kernels", "passes", "training"])
+@pytest.mark.parametrize("folder", ["kernels", "passes", "training", "integrations"])
 def test_root_folders_cannot_be_imported_under_a_second_name(folder):
     result = subprocess.run([sys.executable, "-c", f"import {folder}"], cwd=ROOT,
                             capture_output=True, text=True)
@@ -24,11 +24,13 @@ def test_subpackages_resolve_to_the_root_folders():
     import padst_compiler.kernels  # noqa: F401  (imported for sys.modules)
     import padst_compiler.passes  # noqa: F401
     import padst_compiler.training  # noqa: F401
+    import padst_compiler.integrations  # noqa: F401
 
-    for name, folder in [("kernels", "kernels"), ("passes", "passes"), ("training", "training")]:
-        module = sys.modules[f"padst_compiler.{name}"]
+    folders = ["kernels", "passes", "training", "integrations"]
+    for folder in folders:
+        module = sys.modules[f"padst_compiler.{folder}"]
         assert Path(module.__file__).resolve().parent == ROOT / folder
-    assert not {"kernels", "passes", "training"} & set(sys.modules)
+    assert not set(folders) & set(sys.modules)
 
 
 def test_wheel_holds_only_the_padst_compiler_package(tmp_path):
@@ -39,7 +41,7 @@ def test_wheel_holds_only_the_padst_compiler_package(tmp_path):
     top_level = {name.split("/")[0] for name in names}
     assert {t for t in top_level if not t.endswith(".dist-info")} == {"padst_compiler"}
     for module in ("kernels/ops/registry.py", "kernels/structures.py", "kernels/cpu/native.cpp", "passes/__init__.py",
-                   "training/__init__.py"):  # native.cpp: the source the CPU kernels are built from
+                   "training/__init__.py", "integrations/huggingface.py", "peers_deepsparse.py"):  # native.cpp: the source the CPU kernels are built from
         assert f"padst_compiler/{module}" in names
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
     assert "padst = padst_compiler.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()

@@ -55,7 +55,7 @@ def structured_linear(op, x, values, index, out_features, bias=None, in_index=No
     shape = (x2.shape, x2.stride())
     recorded = layer.get("replay")  # (shape, call); one dict operation at a time, safe across threads
     if recorded is not None and recorded[0] == shape:
-        y = x2.new_empty(x2.shape[0], out_features)
+        y = native.output_buffer(x2, out_features, out_index)
         recorded[1].replay(x2, y)
         return y.view(*x.shape[:-1], out_features)
     with native.recording() as last:

@@ -31,3 +31,15 @@ def test_the_range_check_names_the_op_and_index_and_runs_with_checks_off():
             assert str(error) == "padst::block_linear: index (column blocks) holds 1099511627776, outside [0, 8)"
         else:
             raise AssertionError("an index outside its tensor was accepted")
+
+
+def test_native_outputs_start_zeroed_when_a_repeated_out_index_could_leave_holes():
+    """The native kernels scatter output columns through out_index's inverse: with the checks
+    off a repeated entry leaves columns unwritten, which must read as zeros, not as whatever
+    the allocator held (bad_index_cases caught NaNs there, in a few runs out of ten)."""
+    from padst_compiler.kernels.cpu import native
+
+    x, out_index = torch.randn(3, 8), torch.arange(16)
+    with set_checks(False):
+        assert torch.equal(native.output_buffer(x, 16, out_index), torch.zeros(3, 16))
+    assert native.output_buffer(x, 16, None).shape == (3, 16)
