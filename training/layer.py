@@ -27,6 +27,7 @@ from torch import nn
 from padst_compiler.kernels.permutation import inverse_permutation
 from padst_compiler.kernels.structures import Structure, check_sparsity
 from padst_compiler.training import permutation as perm
+from padst_compiler.training.sharding import assign, is_sharded, whole
 
 PERMUTATION_MODES = ("learned", "birkhoff", "random", "none")
 SIDES = ("input", "output", "auto")
@@ -51,9 +52,15 @@ def check_permutation_options(permutation: str, side: str, dense_warmup: bool | 
     return dense_warmup
 
 
+RECORD_BYTES = 512  # one length for every layer and state: checkpointers that load in place need it
+
+
 def encode_record(record: dict) -> torch.Tensor:
-    """A JSON-able dict as a uint8 tensor of its JSON text."""
-    return torch.tensor(list(json.dumps(record, sort_keys=True).encode()), dtype=torch.uint8)
+    """A JSON-able dict as a uint8 tensor of its JSON text, padded with spaces to RECORD_BYTES."""
+    text = json.dumps(record, sort_keys=True).encode()
+    if len(text) > RECORD_BYTES:
+        raise ValueError(f"layer record of {len(text)} bytes exceeds {RECORD_BYTES}: {text[:80]!r}...")
+    return torch.tensor(list(text.ljust(RECORD_BYTES)), dtype=torch.uint8)
 
 
 def decode_record(value) -> dict | None:
@@ -199,24 +206,25 @@ class PADSTLinear(nn.Module):
 
     def dense_weight(self) -> torch.Tensor:
         """``S`` as a dense ``[out, in]`` matrix (permutation not applied)."""
-        return self.structure.expand(self.values, self.index, self.out_features, self.in_features)
+        return self.structure.expand(whole(self.values), self.index, self.out_features, self.in_features)
 
     def effective_weight(self) -> torch.Tensor:
         """The dense matrix ``W`` with ``forward(x) == x @ W.T + b'`` (``b'`` permuted on the output side)."""
         if self.warming_up:
-            return self.dense_weight_proxy
+            return whole(self.dense_weight_proxy)
         weight = self.dense_weight()
         if self.perm_index is None:
             return weight
         if self.side == "input":
-            return weight @ self.soft_perm if self.soft else weight[:, inverse_permutation(self.perm_index)]
-        return self.soft_perm @ weight if self.soft else weight[self.perm_index]
+            return weight @ whole(self.soft_perm) if self.soft else weight[:, inverse_permutation(self.perm_index)]
+        return whole(self.soft_perm) @ weight if self.soft else weight[self.perm_index]
 
     def effective_bias(self) -> torch.Tensor | None:
         """The bias ``b'`` of ``effective_weight``: permuted like the outputs on the output side."""
-        if self.bias is None or self.warming_up or self.perm_index is None or self.side == "input":
-            return self.bias
-        return self.soft_perm @ self.bias if self.soft else self.bias[self.perm_index]
+        bias = None if self.bias is None else whole(self.bias)
+        if bias is None or self.warming_up or self.perm_index is None or self.side == "input":
+            return bias
+        return whole(self.soft_perm) @ bias if self.soft else bias[self.perm_index]
 
     # ------------------------------------------------------------------ permutation
 
@@ -224,13 +232,13 @@ class PADSTLinear(nn.Module):
         """Normalised distance of the soft matrix from a permutation (0 once hard or without one)."""
         if not self.soft or self.soft_perm is None:
             return self.values.new_zeros(())
-        return perm.permutation_penalty(self.soft_perm)
+        return perm.permutation_penalty(whole(self.soft_perm))
 
     @torch.no_grad()
     def average_warmup_weight(self, count: int) -> None:
         """Fold the warm-up weight into its running mean as the ``count``-th sample (1: restart)."""
         if self.warming_up:
-            self.dense_weight_average.lerp_(self.dense_weight_proxy.detach(), 1 / count)
+            self.dense_weight_average.lerp_(whole(self.dense_weight_proxy).detach(), 1 / count)
             self.averaged_steps = count
 
     @torch.no_grad()
@@ -246,12 +254,12 @@ class PADSTLinear(nn.Module):
         dense weight flows into the structure and hardening changes the function little."""
         if not self.warming_up:
             return
-        weight = self.dense_weight_proxy
+        weight = whole(self.dense_weight_proxy)
         ordered = self._in_structure_order(weight).detach().float().square()
         kept = self.structure.kept_units(self.out_features, self.in_features, self.sparsity)
         mask = self.structure.units_to_dense(self.structure.best_units(ordered, kept), self.out_features,
                                              self.in_features)
-        weight.mul_(self._in_feature_order(torch.where(mask, 1.0, keep).to(weight.dtype)))
+        assign(self.dense_weight_proxy, weight * self._in_feature_order(torch.where(mask, 1.0, keep).to(weight.dtype)))
 
     def _in_structure_order(self, weight: torch.Tensor) -> torch.Tensor:
         """A copy of a dense ``[out, in]`` weight in the order the structure sees it."""
@@ -268,7 +276,7 @@ class PADSTLinear(nn.Module):
         starts = [self.perm_index]
         if self.permuted_features <= 256:  # small layers: a second start is cheap and avoids local optima
             starts.append(perm.random_permutation(self.permuted_features, torch.Generator().manual_seed(self.seed)))
-        source = self.dense_weight_average if self.averaged_steps else self.dense_weight_proxy
+        source = self.dense_weight_average if self.averaged_steps else whole(self.dense_weight_proxy)
         return perm.select_permutation(source, self.structure, self.sparsity, self.side, starts)
 
     @torch.no_grad()
@@ -285,18 +293,19 @@ class PADSTLinear(nn.Module):
         """
         if not self.soft:
             return
-        weight, bias = self.effective_weight(), self.bias
+        weight, bias = self.effective_weight(), None if self.bias is None else whole(self.bias)
         if self.warming_up and self.permutation != "learned":
             index = self.perm_index
         elif self.warming_up:
             index = self._selected_permutation()
         else:
-            soft = self.soft_perm if self.side == "input" else self.soft_perm.t()
+            matrix = whole(self.soft_perm)
+            soft = matrix if self.side == "input" else matrix.t()
             index = perm.harden(soft, self.structure.interchangeable(self.side))
             if self.side == "output":  # harden(M.T) gives the row order of S; p is its inverse
                 index = inverse_permutation(index)
             if bias is not None and self.side == "output":
-                bias = self.soft_perm @ bias
+                bias = matrix @ bias
         if index is not None and self.side == "input":
             weight = weight[:, index]
         elif index is not None:
@@ -304,10 +313,10 @@ class PADSTLinear(nn.Module):
             weight = weight[inverse]
             bias = None if bias is None else bias[inverse]
         fitted = self.structure.project(weight, self.sparsity, layer=self.name)
-        self.values.copy_(fitted.values)
+        assign(self.values, fitted.values)
         self.index.copy_(fitted.index)
         if bias is not None:
-            self.bias.copy_(bias)
+            assign(self.bias, bias)
         if index is not None:
             self.perm_index.copy_(index)
         # the freed tensors keep requires_grad: which parameters train never changes, so an
@@ -315,9 +324,12 @@ class PADSTLinear(nn.Module):
         if self.soft_perm is not None:
             self.soft_perm.grad = None  # unused from now on: no last step on a stale gradient
         if self.dense_weight_proxy is not None:  # not needed any more: keep only the sparse weight
-            self.dense_weight_proxy.data = self.dense_weight_proxy.new_empty(0)
             self.dense_weight_proxy.grad = None  # a stale full-size gradient would break the next optimizer step
-            self.dense_weight_average = self.dense_weight_average.new_empty(0)
+            # FSDP2 cannot resize a parameter it shards, and its checkpoints load in place: a
+            # sharded layer keeps both warm-up tensors at full size, unused
+            if not is_sharded(self.dense_weight_proxy):
+                self.dense_weight_proxy.data = self.dense_weight_proxy.new_empty(0)
+                self.dense_weight_average = self.dense_weight_average.new_empty(0)
         self.hard = True
 
     # ------------------------------------------------------------------- checkpoints

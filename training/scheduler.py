@@ -28,6 +28,7 @@ from torch import nn
 
 from padst_compiler.training import dst
 from padst_compiler.training.permutation import permutation_penalty, project_to_birkhoff_
+from padst_compiler.training.sharding import add_gradient, assign, whole
 from padst_compiler.training.sparsify import padst_layers
 
 GROWTH_MODES = ("rigl", "set")
@@ -118,7 +119,8 @@ class DSTScheduler:
         soft = self._soft_matrices()
         if not soft:
             return torch.zeros((), device=self.layers[0][1].values.device)
-        penalty = self.current_penalty_weight() * torch.stack([permutation_penalty(m) for m in soft]).sum()
+        # whole(): under FSDP2 the matrices are sharded here; gathering them is differentiable
+        penalty = self.current_penalty_weight() * torch.stack([permutation_penalty(whole(m)) for m in soft]).sum()
         if penalty.requires_grad:
             penalty.register_hook(self._note_penalty_backpropagated)
         return penalty
@@ -147,17 +149,19 @@ class DSTScheduler:
         soft = self._soft_matrices()
         if not soft or self.penalty_weight == 0:
             return
+        copies = [whole(matrix).detach().requires_grad_() for matrix in soft]
         with torch.enable_grad():
-            penalty = self.current_penalty_weight() * sum(permutation_penalty(matrix) for matrix in soft)
-            grads = torch.autograd.grad(penalty, soft)
+            penalty = self.current_penalty_weight() * sum(permutation_penalty(copy) for copy in copies)
+            grads = torch.autograd.grad(penalty, copies)
         for matrix, grad in zip(soft, grads):
-            matrix.grad = grad if matrix.grad is None else matrix.grad.add_(grad)
+            add_gradient(matrix, grad)
 
     @torch.no_grad()
     def _keep_soft_permutations_feasible(self) -> None:
         for _, layer in self.layers:
             if layer.soft and layer.soft_perm is not None:
-                project_to_birkhoff_(layer.soft_perm, self.sinkhorn_iterations)
+                matrix = whole(layer.soft_perm).clone()
+                assign(layer.soft_perm, project_to_birkhoff_(matrix, self.sinkhorn_iterations))
 
     def _warmup_step(self) -> None:
         """During the dense warm-up (steps 1 to T, the hardening step): average each weight over
@@ -257,17 +261,18 @@ class DSTScheduler:
             structure, out_features, in_features = layer.structure, layer.out_features, layer.in_features
             scores = self._grow_scores(position, layer, structure.index_to_units(
                 layer.index, out_features, in_features).shape)
-            new_mask, survivors = dst.plan_update(structure, layer.values, layer.index, out_features,
+            new_mask, survivors = dst.plan_update(structure, whole(layer.values), layer.index, out_features,
                                                   in_features, drop_counts[name], scores)
             new_index = structure.units_to_index(new_mask, out_features, in_features)
             keep = structure.units_to_dense(survivors, out_features, in_features)
             moved = [layer.values] + [state for state in self.optimizer.state.get(layer.values, {}).values()
                                       if torch.is_tensor(state) and state.shape == layer.values.shape]
-            planned.append((layer, new_index, [(tensor, dst.remap(structure, tensor, layer.index, new_index, keep,
-                                                                  out_features, in_features)) for tensor in moved]))
+            planned.append((layer, new_index, [(tensor, dst.remap(structure, whole(tensor), layer.index, new_index,
+                                                                  keep, out_features, in_features))
+                                               for tensor in moved]))
         for layer, new_index, remapped in planned:
             for tensor, value in remapped:
-                tensor.copy_(value)
+                assign(tensor, value)
             layer.index.copy_(new_index)
             layer.dense_grad = None  # consumed: the next update captures afresh
 

@@ -209,9 +209,8 @@ def _extra_state_problem(layer: PADSTLinear, state: dict, warmup_weight) -> str 
             return f"its state holds {field}={value!r}, not an integer >= 0"
     if not hard and layer.soft_perm is None and layer.dense_weight_proxy is None:
         return "it was saved with a permutation still being learned (hard=False), the layer learns none"
-    if torch.is_tensor(warmup_weight) and (warmup_weight.numel() == 0) != hard:
-        state_of = "emptied" if warmup_weight.numel() == 0 else "full"
-        return f"its dense warm-up weight is {state_of} but it was saved with hard={hard}"
+    if torch.is_tensor(warmup_weight) and warmup_weight.numel() == 0 and not hard:
+        return "its dense warm-up weight is emptied but it was saved with hard=False"
     return None
 
 

@@ -16,28 +16,32 @@ from padst_compiler.training import Block, DSTScheduler, sparsify
 STEPS, GLOBAL_BATCH = 12, 32
 
 
-def build():
+def build(permutation="learned"):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 16)).double()
-    sparsify(model, Block(4, 4), 0.5, permutation="learned")
+    sparsify(model, Block(4, 4), 0.5, permutation=permutation)
     return model
 
 
-def train(model, wrapped, rank=0, world=1):
+def train(model, wrapped, rank=0, world=1, after_step=None, resume=None):
+    """``after_step(step, optimizer, sched)`` runs after each step; ``resume(optimizer, sched)``
+    restores a checkpoint before the first and returns the step to continue from."""
     optimizer = torch.optim.Adam(wrapped.parameters(), lr=1e-2)
     sched = DSTScheduler(wrapped, optimizer, total_steps=STEPS, update_every=3, harden_at=0.5, t_end=1.0,
                          harden_threshold=0.0)
     shard = GLOBAL_BATCH // world
-    for step in range(STEPS):
+    for step in range(resume(optimizer, sched) if resume else 0, STEPS):
         gen = torch.Generator().manual_seed(step)
         x = torch.randn(GLOBAL_BATCH, 16, generator=gen, dtype=torch.float64)
         target = torch.randn(GLOBAL_BATCH, 16, generator=gen, dtype=torch.float64)
         x, target = x[rank * shard:(rank + 1) * shard], target[rank * shard:(rank + 1) * shard]
-        loss = (wrapped(x) - target).square().mean() + sched.permutation_penalty()
+        loss = (wrapped(x) - target).square().mean()  # the scheduler applies the permutation penalty
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
         sched.step()
+        if after_step:
+            after_step(step + 1, optimizer, sched)
     return model.state_dict()
 
 
