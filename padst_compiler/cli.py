@@ -200,8 +200,8 @@ def main(argv: list[str] | None = None) -> int:
         _resolve_model_size(args)
         if args.tokens % args.sequence:
             parser.error(f"--tokens {args.tokens} is not a multiple of --sequence {args.sequence}")
-        if args.d_model % args.heads:
-            parser.error(f"--d-model {args.d_model} is not a multiple of --heads {args.heads}")
+    if args.command == "bench" and args.bench in ("model", "export") and args.d_model % args.heads:
+        parser.error(f"--d-model {args.d_model} is not a multiple of --heads {args.heads}")
     try:
         if args.command == "diff":
             return _diff(args)
@@ -264,8 +264,6 @@ def _bench(args) -> int:
     elif args.bench == "export":
         from padst_compiler import bench_export
 
-        if args.d_model % args.heads:
-            return _error(args, f"--d-model {args.d_model} is not a multiple of --heads {args.heads}")
         bench_export.package_speed(layers=args.layers, d_model=args.d_model, heads=args.heads,
                                    repeats=args.repeats, out=args.out)
     elif args.bench == "peers":

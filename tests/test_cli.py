@@ -99,6 +99,7 @@ def test_what_the_model_or_machine_cannot_take_is_refused_before_training(argv, 
     (["bench", "speed"], "invalid choice: 'speed'"),
     (["bench", "depth", "--widths", "0"], "must be at least 1"),
     (["bench", "model", "--preset", "gpt2-small", "--heads", "5"], "--d-model 768 is not a multiple of --heads 5"),
+    (["bench", "export", "--heads", "5"], "--d-model 768 is not a multiple of --heads 5"),
 ])
 def test_bench_options_are_checked_before_anything_runs(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
