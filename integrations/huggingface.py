@@ -3,7 +3,8 @@
 The callback sparsifies the model when the ``Trainer`` is built (before it creates the
 optimizer, so the optimizer holds the new layers), runs the ``DSTScheduler`` after every
 optimizer step, adds ``padst/density``, ``padst/warm_up_layers``, ``padst/soft_layers`` and
-``padst/penalty`` to every log, and keeps the scheduler's state in the ``Trainer``'s
+``padst/penalty`` to every log (``log_history``, the console; reporting integrations such
+as TensorBoard run before user callbacks and miss them), and keeps the scheduler's state in the ``Trainer``'s
 checkpoints (``trainer_state.json``, as an ``ExportableState`` callback) so that
 ``trainer.train(resume_from_checkpoint=...)`` continues the same schedule. The permutation
 penalty needs no change to the loss: the scheduler applies its gradient itself.
@@ -117,14 +118,15 @@ def model_from_checkpoint(directory: str | Path) -> torch.nn.Module:
 
 def export_causal_lm(directory: str | Path, path: str | Path) -> Path:
     """``padst export``: the causal LM saved in ``directory`` as a package mapping token ids
-    ``[batch, sequence]`` to logits, for sequences of 2 up to the model's maximum length."""
+    ``[batch, sequence]`` to logits, for batches of 1 to 4096 and sequences of 2 up to the
+    model's maximum length."""
     from padst_compiler.deploy import export
 
     model = CausalLMLogits(model_from_checkpoint(directory))
     longest = getattr(model.model.config, "max_position_embeddings", None) or 1024
-    example = torch.zeros(1, min(16, longest), dtype=torch.long)
-    sequence = torch.export.Dim("sequence", min=2, max=longest)
-    return export(model, (example,), path, dynamic_shapes=({1: sequence},))
+    example = torch.zeros(2, min(16, longest), dtype=torch.long)  # sizes above 1: export keeps them dynamic
+    batch, sequence = torch.export.Dim("batch", min=1, max=4096), torch.export.Dim("sequence", min=2, max=longest)
+    return export(model, (example,), path, dynamic_shapes=({0: batch, 1: sequence},))
 
 
 __all__ = ["PADSTCallback", "CausalLMLogits", "model_from_checkpoint", "export_causal_lm"]

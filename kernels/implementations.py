@@ -252,7 +252,7 @@ def _block_grad_input_native(grad, values, col_blocks, in_features, in_index, ou
     panels = values.detach().contiguous()  # [R*k, r, c]: entry e reads block order[e] in place
     dx_columns = None if in_index is None else in_index.contiguous()
     grad = grad.contiguous()
-    dx = grad.new_empty(grad.shape[0], in_features)
+    dx = native.output_buffer(grad, in_features, in_index)  # scattered to in_index's columns
     native.run("padst_block_mm", grad.data_ptr(), grad.stride(0), dx.data_ptr(), dx.stride(0), grad.shape[0],
                in_features // block_cols, block_cols, transposed.entry_ptr.data_ptr(), transposed.rows.data_ptr(),
                block_rows, panels.data_ptr(), transposed.order.data_ptr(), None, native.pointer(dx_columns), None, 0)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import subprocess
 import sys
 import tempfile
@@ -29,6 +30,7 @@ from padst_compiler.timing import interleaved_self_timed_medians
 RESULT_KEYS = ("d", "hidden", "sparsity", "deepsparse", "rows")
 DEFAULT_DEEPSPARSE_PYTHON = Path(".venv-deepsparse") / "bin" / "python"
 DENSE = ("PyTorch dense", "Inductor dense", "DeepSparse dense")
+SETUP_SECONDS, SAMPLE_SECONDS = 900, 300  # compiling the engines; one sample of about 0.2 s
 HOW_TO_INSTALL = ("create its environment with `make deepsparse-env` (Python 3.11: deepsparse 1.8.0 pins numpy 1.26 "
                   "and onnx 1.14) or name one with --deepsparse-python")
 
@@ -50,14 +52,27 @@ class DeepSparseWorker:
         self.process = subprocess.Popen([str(python), str(Path(__file__).with_name("peers_deepsparse.py"))],
                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr,
                                         text=True, bufsize=1)
-        self.version = self._ask(setup)["ready"]
+        try:
+            self.version = self._ask(setup, SETUP_SECONDS)["ready"]
+        except BaseException:
+            self.close()
+            raise
 
-    def _ask(self, message: dict) -> dict:
-        self.process.stdin.write(json.dumps(message) + "\n")
+    def _ask(self, message: dict, seconds: float = SAMPLE_SECONDS) -> dict:
+        """Send one request and wait up to ``seconds`` for its answer."""
+        try:
+            self.process.stdin.write(json.dumps(message) + "\n")
+        except OSError:  # the process has ended
+            raise RuntimeError(self._stderr_tail() or "the DeepSparse process ended") from None
+        if not select.select([self.process.stdout], [], [], seconds)[0]:
+            raise RuntimeError(f"no answer from the DeepSparse process within {seconds:.0f} s")
         line = self.process.stdout.readline()
-        answer = json.loads(line) if line else {"error": self._stderr_tail() or "the process ended"}
-        if "error" in answer:
-            raise RuntimeError(answer["error"])
+        try:
+            answer = json.loads(line) if line else {"error": self._stderr_tail() or "the process ended"}
+        except ValueError:
+            answer = {"error": f"unreadable answer {line[:200]!r}"}
+        if not isinstance(answer, dict) or "error" in answer:
+            raise RuntimeError(answer.get("error") if isinstance(answer, dict) else f"unreadable answer {line!r}")
         return answer
 
     def _stderr_tail(self) -> str:
@@ -75,6 +90,7 @@ class DeepSparseWorker:
             self.process.wait(timeout=30)
         except (OSError, subprocess.TimeoutExpired):
             self.process.kill()
+            self.process.wait()
         self.stderr.close()
 
 

@@ -26,7 +26,7 @@ from padst_compiler.kernels.structures import structure_from_record, structure_r
 from padst_compiler.outputs import PathError, atomic_open, claim_directory, read_json, write_json
 from padst_compiler.training.layer import PADSTLinear
 from padst_compiler.training.sparsify import check_checkpoint_matches, install_checkpoint_guard, linear_parts, \
-    padst_layers
+    padst_layers, storage_identity
 
 TENSORS, LAYERS = "model.safetensors", "padst.json"
 HF_CONFIG = "config.json"  # a Hugging Face model's configuration, as save_pretrained writes it
@@ -34,15 +34,12 @@ FORMAT, VERSION = "padst-checkpoint", 1
 EXTRA_STATE = "_extra_state"
 
 
-def _storage_key(tensor: torch.Tensor) -> tuple:
-    return (tensor.device, tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape),
-            tensor.stride(), tensor.dtype)
-
-
 def save(model: nn.Module, directory: str | Path) -> Path:
     """Write ``model`` (sparsified or not) to ``directory``; each file is replaced atomically."""
     state = model.state_dict()
     layers = dict(padst_layers(model))
+    if "" in layers:
+        raise ValueError("save: the model itself is a PADSTLinear; save a model that holds it (e.g. nn.Sequential)")
     tensors, aliases, seen = {}, {}, {}
     for key, value in state.items():
         owner, _, field = key.rpartition(".")
@@ -51,7 +48,7 @@ def save(model: nn.Module, directory: str | Path) -> Path:
         if not torch.is_tensor(value):
             raise TypeError(f"save: state entry {key!r} is a {type(value).__name__}, not a tensor; safetensors "
                             "stores tensors only")
-        storage = _storage_key(value) if value.numel() else key  # empty tensors share no weight
+        storage = storage_identity(value) or key  # empty tensors share no weight
         if storage in seen:  # a tied weight: stored once, loaded under both names
             aliases[key] = seen[storage]
             continue
@@ -69,6 +66,8 @@ def save(model: nn.Module, directory: str | Path) -> Path:
         # how to build the model again; save_pretrained names the class the same way
         config = {**json.loads(model.config.to_json_string()), "architectures": [type(model).__name__]}
         write_json(directory / HF_CONFIG, config)
+    else:  # an earlier save's configuration would describe another model
+        (directory / HF_CONFIG).unlink(missing_ok=True)
     write_json(directory / LAYERS, record)
     return directory
 
@@ -149,6 +148,10 @@ def load(model: nn.Module | Callable[[], nn.Module], directory: str | Path) -> n
     record, tensors = _read(Path(directory))
     if not isinstance(model, nn.Module):
         model = model()
+    unnamed = [name for name in record["layers"] if not isinstance(name, str) or not name]
+    if unnamed:
+        raise ValueError(f"{Path(directory) / LAYERS} names a layer {unnamed[0]!r}: layer names are non-empty "
+                         "module paths")
     replacements = {name: layer for name, fields in record["layers"].items()
                     if (layer := _layer_for(model, name, fields)) is not None}
     state = dict(tensors)
@@ -156,14 +159,16 @@ def load(model: nn.Module | Callable[[], nn.Module], directory: str | Path) -> n
         state[f"{name}.{EXTRA_STATE}"] = {key: value for key, value in fields.items()
                                           if key not in ("in_features", "out_features", "bias", "structure_fields")}
     originals = {name: model.get_submodule(name) for name in replacements}
-    for name, layer in replacements.items():
-        model.set_submodule(name, layer)
     try:
+        for name, layer in replacements.items():
+            model.set_submodule(name, layer)
         check_checkpoint_matches(model, state, "", {}, True, [], [], [])
-    except ValueError as error:
+    except BaseException as error:
         for name, module in originals.items():
             model.set_submodule(name, module)
-        raise ValueError(f"load: {error}") from None
+        if isinstance(error, ValueError):
+            raise ValueError(f"load: {error}") from None
+        raise
     install_checkpoint_guard(model)
     model.load_state_dict(state)
     return model

@@ -28,7 +28,13 @@ def _is_package(text: str) -> bool:
     return text.startswith("PK")  # a .pt2 is a zip archive
 
 
-def _check_exportable(model: nn.Module, example_inputs, path: Path) -> None:
+def _check_path(path: Path) -> None:
+    if path.suffix != PACKAGE_SUFFIX:
+        raise PathError(f"{path}: an AOTInductor package file name ends with {PACKAGE_SUFFIX}")
+    check_file(path, "an AOTInductor package", _is_package)
+
+
+def _check_exportable(model: nn.Module, example_inputs) -> None:
     if not isinstance(model, nn.Module):
         raise TypeError(f"export: model must be an nn.Module (or a function building one, with checkpoint=), "
                         f"got {type(model).__name__}")
@@ -38,9 +44,6 @@ def _check_exportable(model: nn.Module, example_inputs, path: Path) -> None:
     if soft:
         raise ValueError(f"export: layer {soft[0]!r} (and {len(soft) - 1} more) still learns its permutation; "
                          "finish training or call padst_compiler.training.harden_permutations(model) first")
-    if path.suffix != PACKAGE_SUFFIX:
-        raise PathError(f"{path}: an AOTInductor package file name ends with {PACKAGE_SUFFIX}")
-    check_file(path, "an AOTInductor package", _is_package)
 
 
 def exported_program(model: nn.Module, example_inputs: Sequence, dynamic_shapes=None) -> torch.export.ExportedProgram:
@@ -71,11 +74,12 @@ def export(model: nn.Module | Callable[[], nn.Module], example_inputs: Sequence,
     ``torch.export``'s. Every layer must be hardened. The file appears only once complete.
     """
     path = Path(path)
+    _check_path(path)  # before a checkpoint changes the model
     if checkpoint is not None:
         from padst_compiler.checkpoint import load
 
         model = load(model, checkpoint)
-    _check_exportable(model, example_inputs, path)
+    _check_exportable(model, example_inputs)
     program = exported_program(model, example_inputs, dynamic_shapes)
     package = io.BytesIO()
     torch._inductor.aoti_compile_and_package(program, package_path=package)

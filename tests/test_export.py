@@ -43,7 +43,8 @@ def test_padst_export_package_runs_in_a_fresh_process_at_other_lengths(tmp_path,
     padst_compiler.save(model.model, tmp_path / "saved")
     assert main(["export", str(tmp_path / "saved"), str(tmp_path / "gpt2.pt2")]) == 0
     assert capsys.readouterr().out.strip() == f"wrote {tmp_path / 'gpt2.pt2'}"
-    inputs = [torch.randint(0, 64, (1, length), generator=torch.Generator().manual_seed(length)) for length in (5, 32)]
+    inputs = [torch.randint(0, 64, (batch, length), generator=torch.Generator().manual_seed(length))
+              for batch, length in ((1, 5), (3, 32))]
     with torch.no_grad():
         torch.save({"inputs": inputs, "outputs": [model(x) for x in inputs]}, tmp_path / "reference.pt")
     script = textwrap.dedent(f"""

@@ -178,3 +178,27 @@ def test_hf_gpt2_saves_and_loads_through_padst_files(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(loaded(TOKENS).logits, model(TOKENS).logits, rtol=0, atol=0)
     assert padst_compiler.densify(loaded).transformer.h[1].attn.c_attn.__class__ is Conv1D
+
+
+def test_a_densified_model_loads_state_dicts_as_torch_does():
+    torch.manual_seed(0)
+    model = sparsify(nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8)), Block(4, 4), 0.5)
+    padst_compiler.densify(model)
+    state = model.state_dict()
+    del state["2.bias"]
+    result = model.load_state_dict(state, strict=False)  # the PA-DST checkpoint guard went with the layers
+    assert result.missing_keys == ["2.bias"]
+
+
+def test_save_refuses_a_model_that_is_itself_a_layer(tmp_path):
+    with pytest.raises(ValueError, match="the model itself is a PADSTLinear"):
+        padst_compiler.save(PADSTLinear(8, 8, Block(4, 4), 0.5), tmp_path / "ckpt")
+    assert not (tmp_path / "ckpt").exists()
+
+
+def test_a_save_without_a_hugging_face_config_removes_an_older_one(tmp_path):
+    config = GPT2Config(vocab_size=64, n_positions=16, n_embd=32, n_layer=1, n_head=2)
+    padst_compiler.save(sparsify(GPT2LMHeadModel(config), Block(4, 4), 0.75), tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["architectures"] == ["GPT2LMHeadModel"]
+    padst_compiler.save(trained_gpt(2), tmp_path)
+    assert not (tmp_path / "config.json").exists()

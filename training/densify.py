@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from padst_compiler.training.layer import PADSTLinear
-from padst_compiler.training.sparsify import padst_layers
+from padst_compiler.training.sparsify import padst_layers, remove_checkpoint_guard
 
 
 def dense_layer(layer: PADSTLinear) -> nn.Module:
@@ -42,4 +42,5 @@ def densify(model: nn.Module) -> nn.Module:
         return replacements[""]
     for name, module in replacements.items():
         model.set_submodule(name, module)
+    remove_checkpoint_guard(model)  # a plain model again: load_state_dict as torch defines it
     return model

@@ -293,7 +293,7 @@ class PADSTLinear(nn.Module):
         """
         if not self.soft:
             return
-        weight, bias = self.effective_weight(), None if self.bias is None else whole(self.bias)
+        weight, bias = self.effective_weight(), self.effective_bias()
         if self.warming_up and self.permutation != "learned":
             index = self.perm_index
         elif self.warming_up:
@@ -304,8 +304,6 @@ class PADSTLinear(nn.Module):
             index = perm.harden(soft, self.structure.interchangeable(self.side))
             if self.side == "output":  # harden(M.T) gives the row order of S; p is its inverse
                 index = inverse_permutation(index)
-            if bias is not None and self.side == "output":
-                bias = matrix @ bias
         if index is not None and self.side == "input":
             weight = weight[:, index]
         elif index is not None:

@@ -5,9 +5,11 @@ Call order per step::
     loss.backward(); optimizer.step(); sched.step()
 
 The loss needs no extra term: the scheduler adds the gradient of the permutation
-penalty to the soft matrices from a hook that runs at the start of ``optimizer.step()``.
-A loop that still adds ``sched.permutation_penalty()`` to its loss gets the same numbers
-(the hook sees that the penalty was back-propagated and adds nothing).
+penalty to the soft matrices from a hook that runs at the start of ``optimizer.step()``
+(after any gradient clipping, so that gradient is never clipped). A loop that still adds
+``sched.permutation_penalty()`` to its loss gets the same numbers unless it clips (the hook
+sees that the penalty was back-propagated and adds nothing). Of several schedulers on one
+optimizer only the newest adds it.
 
 ``step()`` ends the dense warm-up of ``"learned"`` layers at ``harden_at`` (10 % of
 training by default): their permutation is chosen from the warm-up weight and the
@@ -130,12 +132,14 @@ class DSTScheduler:
 
     def _arm_penalty_gradient(self, optimizer) -> None:
         """Hook ``add_penalty_gradient`` in front of the optimizer's step. The hook holds the
-        scheduler weakly and is removed with it, so a replaced scheduler adds nothing."""
+        scheduler weakly and is removed with it; a scheduler replaced by a newer one on the
+        same optimizer adds nothing even while it lives."""
         scheduler = weakref.ref(self)
+        optimizer._padst_penalty_scheduler = scheduler  # a newer scheduler takes over from this one
 
         def before_step(optimizer, args, kwargs):
             live = scheduler()
-            if live is not None:
+            if live is not None and getattr(optimizer, "_padst_penalty_scheduler", None) is scheduler:
                 live.add_penalty_gradient()
 
         weakref.finalize(self, optimizer.register_step_pre_hook(before_step).remove)
@@ -319,12 +323,16 @@ class DSTScheduler:
     def state_dict(self) -> dict:
         return {"step": self.step_count, "options": dict(self.options)}
 
-    def load_state_dict(self, state: dict) -> None:
+    def check_state_dict(self, state: dict) -> None:
+        """Refuse a scheduler checkpoint saved with other options (ValueError naming one)."""
         for option, value in state["options"].items():
             if isinstance(value, list):  # a tuple option after a trip through JSON
                 value = tuple(value)
             if self.options.get(option) != value:
                 raise ValueError(f"scheduler checkpoint was saved with {option}={value!r}, this scheduler has "
                                  f"{self.options.get(option)!r}; nothing was loaded")
+
+    def load_state_dict(self, state: dict) -> None:
+        self.check_state_dict(state)
         self.step_count = int(state["step"])
         self._arm_gradient_capture()

@@ -12,12 +12,15 @@ and starts the rest without state, exactly as the saving run would have.
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
+import torch
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict, \
+    set_state_dict
 from torch.optim import Optimizer
 
 from padst_compiler.training.scheduler import DSTScheduler
@@ -28,6 +31,23 @@ def _state(model: nn.Module, optimizer: Optimizer, scheduler: DSTScheduler) -> d
     return {"model": model_state, "optimizer": optimizer_state, "scheduler": scheduler.state_dict()}
 
 
+def _check_fits(checkpoint, saved: dict, model: nn.Module, scheduler: DSTScheduler) -> None:
+    """Every model entry saved with its shape, and a scheduler saved with the same options."""
+    for key, value in get_model_state_dict(model).items():
+        entry = saved.get(f"model.{key}")
+        size = getattr(entry, "size", None)
+        if entry is None or (torch.is_tensor(value) and size is not None and tuple(size) != tuple(value.shape)):
+            found = "no entry" if entry is None else f"shape {tuple(size)}"
+            raise ValueError(f"load_sharded: {checkpoint} has {found} for {key!r} (the model has "
+                             f"{tuple(value.shape) if torch.is_tensor(value) else type(value).__name__}); "
+                             "nothing was loaded")
+    if "scheduler.step" not in saved:
+        raise ValueError(f"load_sharded: {checkpoint} holds no PA-DST scheduler state; nothing was loaded")
+    options = {"scheduler": copy.deepcopy(scheduler.state_dict())}
+    dcp.load(options, checkpoint_id=checkpoint, planner=DefaultLoadPlanner(allow_partial_load=True))
+    scheduler.check_state_dict(options["scheduler"])
+
+
 def save_sharded(checkpoint: str | Path, model: nn.Module, optimizer: Optimizer, scheduler: DSTScheduler) -> None:
     """Write the run's state to the folder ``checkpoint`` (every rank calls it)."""
     dcp.save(_state(model, optimizer, scheduler), checkpoint_id=checkpoint)
@@ -36,14 +56,10 @@ def save_sharded(checkpoint: str | Path, model: nn.Module, optimizer: Optimizer,
 def load_sharded(checkpoint: str | Path, model: nn.Module, optimizer: Optimizer, scheduler: DSTScheduler) -> int:
     """Restore a ``save_sharded`` checkpoint into a freshly built run (every rank calls it);
     returns the scheduler's step, the step to continue from."""
-    saved = set(dcp.FileSystemReader(checkpoint).read_metadata().state_dict_metadata)
+    saved = dcp.FileSystemReader(checkpoint).read_metadata().state_dict_metadata
+    _check_fits(checkpoint, saved, model, scheduler)  # before anything is loaded: a refusal changes nothing
     state = _state(model, optimizer, scheduler)
     dcp.load(state, checkpoint_id=checkpoint, planner=DefaultLoadPlanner(allow_partial_load=True))
-    missing = [key for key in saved if key.startswith("model.")] and \
-        [key for key in state["model"] if f"model.{key}" not in saved]
-    if missing:
-        raise ValueError(f"load_sharded: {checkpoint} has no entry for {missing[0]!r} (and {len(missing) - 1} "
-                         "more) of the model; nothing of the model was loaded")
     states = state["optimizer"]["state"]
     for name in [name for name in states if not any(key.startswith(f"optimizer.state.{name}.") for key in saved)]:
         del states[name]  # idle when the checkpoint was written: it starts without state, as it did then

@@ -14,6 +14,7 @@ from torch import nn
 
 from padst_compiler.kernels.structures import Structure, Unstructured, check_sparsity
 from padst_compiler.training.layer import WARMUP_TENSORS, PADSTLinear, check_permutation_options, decode_record
+from padst_compiler.training.sharding import is_sharded
 
 
 @dataclass(frozen=True)
@@ -173,9 +174,16 @@ def sparsify(model: nn.Module, structure: Structure, sparsity: float, *, permuta
 
 def install_checkpoint_guard(model: nn.Module) -> None:
     """Make ``model.load_state_dict`` refuse a checkpoint that does not fit before copying anything."""
-    if not getattr(model, "_padst_checkpoint_guard", False):
-        model.register_load_state_dict_pre_hook(check_checkpoint_matches)
-        model._padst_checkpoint_guard = True
+    if getattr(model, "_padst_checkpoint_guard", None) is None:
+        model._padst_checkpoint_guard = model.register_load_state_dict_pre_hook(check_checkpoint_matches)
+
+
+def remove_checkpoint_guard(model: nn.Module) -> None:
+    """Give ``model.load_state_dict`` back its own behaviour (``densify`` left no PA-DST layer)."""
+    guard = getattr(model, "_padst_checkpoint_guard", None)
+    if guard is not None:
+        guard.remove()
+        del model._padst_checkpoint_guard
 
 
 def padst_layers(model: nn.Module) -> list[tuple[str, PADSTLinear]]:
@@ -214,6 +222,15 @@ def _extra_state_problem(layer: PADSTLinear, state: dict, warmup_weight) -> str 
     return None
 
 
+def storage_identity(tensor) -> tuple | None:
+    """What identifies a tensor's memory (None for non-tensors, empty and meta tensors)."""
+    if torch.is_tensor(tensor) and is_sharded(tensor):  # FSDP2: this rank's shard is what holds memory
+        tensor = tensor.to_local()
+    if not torch.is_tensor(tensor) or not tensor.numel() or tensor.device.type == "meta":
+        return None
+    return tensor.device, tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape)
+
+
 def check_checkpoint_matches(module, state_dict, prefix, local_metadata, strict, missing_keys,
                              unexpected_keys, error_msgs) -> None:
     """Refuse a checkpoint that does not fit before a single tensor is copied.
@@ -221,23 +238,21 @@ def check_checkpoint_matches(module, state_dict, prefix, local_metadata, strict,
     ``load_state_dict`` copies entry by entry and only complains at the end, which would
     leave a model half-loaded; this pre-hook runs on the root first and checks every
     entry, naming the first layer that does not match. (``strict`` is True whatever the
-    caller asked: ``load_state_dict`` passes True to every pre-hook.)
+    caller asked: ``load_state_dict`` passes True to every pre-hook, so the check is strict.)
     """
     layers = {name: layer for name, layer in padst_layers(module)}
     own_state = module.state_dict()
-    if strict:
-        extra = [key for key in state_dict if key.startswith(prefix) and key[len(prefix):] not in own_state]
-        if extra:
-            raise ValueError(f"checkpoint entry {extra[0]!r} has no place in the model; nothing was loaded")
+    extra = [key for key in state_dict if key.startswith(prefix) and key[len(prefix):] not in own_state]
+    if extra:
+        raise ValueError(f"checkpoint entry {extra[0]!r} has no place in the model; nothing was loaded")
     # a tied weight saved under one of its names only (Hugging Face checkpoints drop the tied
     # head) is loaded through that name: its other names may be missing
-    loaded_storage = {own.data_ptr() for key, own in own_state.items()
-                      if prefix + key in state_dict and torch.is_tensor(own) and own.numel()}
+    loaded_storage = {storage_identity(own) for key, own in own_state.items() if prefix + key in state_dict} - {None}
     for key, own in own_state.items():
         full_key = prefix + key
         owner = key.rpartition(".")[0]
         if full_key not in state_dict:
-            if strict and not (torch.is_tensor(own) and own.numel() and own.data_ptr() in loaded_storage):
+            if storage_identity(own) is None or storage_identity(own) not in loaded_storage:
                 raise ValueError(f"checkpoint has no entry {full_key!r} (layer {owner!r}); nothing was loaded")
             continue
         theirs = state_dict[full_key]
@@ -264,7 +279,7 @@ def check_checkpoint_matches(module, state_dict, prefix, local_metadata, strict,
             found = f"{tuple(theirs.shape)} {theirs.dtype}" if torch.is_tensor(theirs) else type(theirs).__name__
             raise ValueError(f"checkpoint does not match layer {owner!r}: {key} is {found} in the checkpoint, "
                              f"{tuple(own.shape)} {own.dtype} in the model; nothing was loaded")
-        elif key.endswith(".perm_index") and owner in layers and \
+        elif key.rpartition(".")[2] == "perm_index" and owner in layers and \
                 not torch.equal(theirs.sort().values, torch.arange(theirs.numel(), device=theirs.device)):
             raise ValueError(f"checkpoint does not match layer {owner!r}: its perm_index is not a permutation of "
                              f"0..{theirs.numel() - 1}; nothing was loaded")

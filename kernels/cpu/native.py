@@ -148,12 +148,12 @@ class ForwardCall(NamedTuple):
 _recording = threading.local()
 
 
-def output_buffer(x: torch.Tensor, out_features: int, out_index: torch.Tensor | None) -> torch.Tensor:
-    """The ``[tokens, out_features]`` output a native forward writes. The kernels scatter rows
-    through the inverse of ``out_index``; with the semantic checks off a repeated entry
-    leaves columns unwritten, so the output then starts zeroed (wrong numbers, never stale
-    memory)."""
-    if out_index is not None and not checks_enabled():
+def output_buffer(x: torch.Tensor, out_features: int, scatter: torch.Tensor | None) -> torch.Tensor:
+    """The ``[tokens, out_features]`` result a native kernel writes, its columns scattered
+    through ``scatter`` (a forward's out_index, an input gradient's in_index) when given.
+    With the semantic checks off a repeated entry leaves columns unwritten, so the result
+    then starts zeroed (wrong numbers, never stale memory)."""
+    if scatter is not None and not checks_enabled():
         return x.new_zeros(x.shape[0], out_features)
     return x.new_empty(x.shape[0], out_features)
 

@@ -118,3 +118,45 @@ def test_the_state_dict_holds_only_tensors_and_old_dict_states_still_load():
     target, _, _ = build(seed=1)
     target.load_state_dict(state)
     assert target[0].state_record() == source[0].state_record()
+
+
+def _sharded_run(structure=Block(4, 4), update_every=4):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 16))
+    sparsify(model, structure, 0.5, permutation="learned")
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    sched = DSTScheduler(model, optimizer, total_steps=TOTAL, update_every=update_every, harden_at=0.5,
+                         harden_threshold=0.0)
+    return model, optimizer, sched
+
+
+@pytest.mark.parametrize("other", ["structure", "scheduler options"])
+def test_load_sharded_refuses_another_run_before_changing_anything(tmp_path, other):
+    from padst_compiler.training.sharded_checkpoint import load_sharded, save_sharded
+
+    run = _sharded_run()
+    train(*run, 0, 3)
+    save_sharded(tmp_path / "ckpt", *run)
+    target = _sharded_run(NM(4)) if other == "structure" else _sharded_run(update_every=5)
+    before = {key: value.clone() for key, value in target[0].state_dict().items()}
+    with pytest.raises(ValueError, match="nothing was loaded"):
+        load_sharded(tmp_path / "ckpt", *target)
+    for key, value in target[0].state_dict().items():
+        assert torch.equal(value, before[key]), key
+    assert not target[1].state and target[2].step_count == 0
+
+
+def test_load_sharded_resumes_a_single_process_run_to_the_same_numbers(tmp_path):
+    from padst_compiler.training.sharded_checkpoint import load_sharded, save_sharded
+
+    reference = _sharded_run()
+    train(*reference, 0, TOTAL)
+    first = _sharded_run()
+    train(*first, 0, 5)  # still warming up: the sparse values have no optimizer state yet
+    save_sharded(tmp_path / "ckpt", *first)
+    resumed = _sharded_run()
+    start = load_sharded(tmp_path / "ckpt", *resumed)
+    assert start == 5
+    train(*resumed, start, TOTAL)
+    for key, value in reference[0].state_dict().items():
+        assert torch.equal(resumed[0].state_dict()[key], value), key

@@ -315,3 +315,13 @@ def test_a_replaced_scheduler_adds_nothing():
     optimizer.step()
     expected = torch.autograd.grad(sched.permutation_penalty(), model[0].soft_perm)[0]
     torch.testing.assert_close(model[0].soft_perm.grad, expected)
+
+
+def test_of_two_live_schedulers_on_one_optimizer_only_the_newest_adds_the_penalty():
+    model = make_layer(Block(4, 4), permutation="birkhoff", soft_noise=0.3)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    older = DSTScheduler(model, optimizer, total_steps=40)  # noqa: F841  (kept alive on purpose)
+    newest = DSTScheduler(model, optimizer, total_steps=40)
+    optimizer.step()
+    expected = torch.autograd.grad(newest.permutation_penalty(), model[0].soft_perm)[0]
+    torch.testing.assert_close(model[0].soft_perm.grad, expected)
