@@ -3,7 +3,7 @@ checkpoint must end exactly where an uninterrupted run ends, with flat memory an
 checkpoint ever left half-written.
 
     python examples/soak.py [--steps 20000] [--seed 0] [--out DIR]    (about 15 minutes on 2 cores)
-    python examples/soak.py --steps 3000                               (a quick check, about 3 minutes)
+    python examples/soak.py --steps 3000                               (a quick check, about 2 minutes)
 
 A small GPT (Block 8x8 at 0.875, learned permutations, RigL every 50 steps, hardening at 10 %)
 trains first without interruption, then again in a process that is killed at random times
