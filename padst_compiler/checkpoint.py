@@ -25,7 +25,7 @@ from torch import nn
 from padst_compiler.kernels.structures import structure_from_record, structure_record
 from padst_compiler.outputs import PathError, atomic_open, claim_directory, read_json, write_json
 from padst_compiler.training.layer import PADSTLinear
-from padst_compiler.training.sparsify import check_checkpoint_matches, install_checkpoint_guard, linear_parts, \
+from padst_compiler.training.sparsify import check_checkpoint_matches, guard_checkpoints, linear_parts, \
     padst_layers, storage_identity
 
 TENSORS, LAYERS = "model.safetensors", "padst.json"
@@ -169,6 +169,6 @@ def load(model: nn.Module | Callable[[], nn.Module], directory: str | Path) -> n
         if isinstance(error, ValueError):
             raise ValueError(f"load: {error}") from None
         raise
-    install_checkpoint_guard(model)
+    guard_checkpoints(model)
     model.load_state_dict(state)
     return model

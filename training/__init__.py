@@ -12,7 +12,7 @@ from padst_compiler.kernels.structures import NM, Block, Diagonal, Structure, Un
 from padst_compiler.training.layer import PADSTLinear
 from padst_compiler.training.densify import densify
 from padst_compiler.training.scheduler import DSTScheduler
-from padst_compiler.training.sparsify import padst_layers, sparsify, sparsity_summary
+from padst_compiler.training.sparsify import guard_checkpoints, padst_layers, sparsify, sparsity_summary
 
 
 def harden_permutations(model) -> int:
@@ -24,4 +24,5 @@ def harden_permutations(model) -> int:
 
 
 __all__ = ["Block", "NM", "Diagonal", "Unstructured", "Structure", "PADSTLinear", "DSTScheduler",
-           "sparsify", "sparsity_summary", "harden_permutations", "padst_layers", "densify"]
+           "sparsify", "sparsity_summary", "harden_permutations", "padst_layers", "densify",
+           "guard_checkpoints"]

@@ -166,14 +166,18 @@ def sparsify(model: nn.Module, structure: Structure, sparsity: float, *, permuta
         if candidate.name in layers:
             layers[candidate.name].dense_class = type(candidate.module)
             model.set_submodule(candidate.name, layers[candidate.name])
-    install_checkpoint_guard(model)
+    guard_checkpoints(model)
     if verbose:
         print(sparsity_summary(model))
     return model
 
 
-def install_checkpoint_guard(model: nn.Module) -> None:
-    """Make ``model.load_state_dict`` refuse a checkpoint that does not fit before copying anything."""
+def guard_checkpoints(model: nn.Module) -> None:
+    """Make ``model.load_state_dict`` refuse a checkpoint that does not fit before copying anything.
+
+    ``sparsify`` guards the model it was given. A module built around it later (a wrapper, a
+    bigger model) needs its own guard: torch runs a module's load hooks only when loading
+    reaches that module, after everything before it has been copied."""
     if getattr(model, "_padst_checkpoint_guard", None) is None:
         model._padst_checkpoint_guard = model.register_load_state_dict_pre_hook(check_checkpoint_matches)
 

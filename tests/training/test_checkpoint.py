@@ -160,3 +160,28 @@ def test_load_sharded_resumes_a_single_process_run_to_the_same_numbers(tmp_path)
     train(*resumed, start, TOTAL)
     for key, value in reference[0].state_dict().items():
         assert torch.equal(resumed[0].state_dict()[key], value), key
+
+
+def test_a_wrapper_built_later_loads_all_or_nothing_once_guarded():
+    from padst_compiler.training import guard_checkpoints
+
+    def wrapped(seed):
+        model, _, _ = build(seed=seed)
+        torch.manual_seed(seed)
+        return nn.Sequential(nn.Linear(16, 16), model)  # the dense layer loads before the sparse model
+
+    state = wrapped(0).state_dict()
+    state["1.2.values"] = state["1.2.values"][:1]  # does not fit the last PA-DST layer
+    unguarded = wrapped(1)
+    before = unguarded[0].weight.clone()
+    with pytest.raises(ValueError, match="layer '2'"):
+        unguarded.load_state_dict(state)
+    assert not torch.equal(unguarded[0].weight, before)  # torch copied the wrapper's own layer first
+
+    target = wrapped(1)
+    guard_checkpoints(target)
+    snapshot = {key: value.clone() for key, value in target.state_dict().items()}
+    with pytest.raises(ValueError, match=r"layer '1\.2'.*nothing was loaded"):
+        target.load_state_dict(state)
+    for key, value in target.state_dict().items():
+        assert torch.equal(value, snapshot[key]), key
