@@ -16,8 +16,11 @@ from padst_compiler.training.sparsify import guard_checkpoints, padst_layers, sp
 
 
 def harden_permutations(model) -> int:
-    """Harden every still-soft permutation of ``model`` now; returns how many were hardened."""
+    """Harden every still-soft permutation of ``model`` now; returns how many were hardened.
+    Every layer is checked first: a refusal hardens none."""
     soft = [layer for _, layer in padst_layers(model) if layer.soft]
+    for layer in soft:
+        layer.check_hardenable()
     for layer in soft:
         layer.harden()
     return len(soft)

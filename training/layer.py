@@ -280,6 +280,14 @@ class PADSTLinear(nn.Module):
         return perm.select_permutation(source, self.structure, self.sparsity, self.side, starts)
 
     @torch.no_grad()
+    def check_hardenable(self) -> None:
+        """Refuse to harden a weight holding NaN or inf (a diverged run): the permutation
+        search and the assignment problem cannot rank such entries."""
+        if self.soft and not bool(torch.isfinite(self.effective_weight()).all()):
+            raise ValueError(f"layer {self.name or 'PADSTLinear'!r}: its weight holds NaN or inf (did training "
+                             "diverge?); it cannot be hardened, nothing was changed")
+
+    @torch.no_grad()
     def harden(self) -> None:
         """Fix the permutation and fit the structured weight to what the layer computes now.
 
@@ -293,6 +301,7 @@ class PADSTLinear(nn.Module):
         """
         if not self.soft:
             return
+        self.check_hardenable()
         weight, bias = self.effective_weight(), self.effective_bias()
         if self.warming_up and self.permutation != "learned":
             index = self.perm_index

@@ -290,6 +290,9 @@ class DSTScheduler:
         update = self._update_due(self.step_count + 1)
         drop_counts = self._drop_counts(self.step_count + 1, was_warming_up) if update else {}
         self._check_update_inputs(drop_counts)
+        if self.step_count + 1 >= self.harden_step:  # every soft layer hardens now: refuse before any does
+            for _, layer in self.layers:
+                layer.check_hardenable()
         self.step_count += 1
         self._keep_soft_permutations_feasible()
         self._warmup_step()

@@ -185,3 +185,20 @@ def test_a_wrapper_built_later_loads_all_or_nothing_once_guarded():
         target.load_state_dict(state)
     for key, value in target.state_dict().items():
         assert torch.equal(value, snapshot[key]), key
+
+
+def test_a_diverged_weight_is_refused_before_any_layer_hardens():
+    from padst_compiler.training import harden_permutations
+
+    model, optimizer, sched = build()
+    with torch.no_grad():
+        model[2].dense_weight_proxy[0, 0] = float("nan")
+    before = {key: value.clone() for key, value in model.state_dict().items()}
+    with pytest.raises(ValueError, match="layer '2'.*NaN or inf.*nothing was changed"):
+        harden_permutations(model)
+    sched.step_count = sched.harden_step - 1
+    with pytest.raises(ValueError, match="layer '2'.*NaN or inf"):
+        sched.step()
+    assert sched.step_count == sched.harden_step - 1 and model[0].soft and model[2].soft
+    for key, value in model.state_dict().items():
+        assert torch.equal(value.nan_to_num(), before[key].nan_to_num()), key  # (the planted NaN stays)
