@@ -164,12 +164,23 @@ def sparsify(model: nn.Module, structure: Structure, sparsity: float, *, permuta
         warnings.warn(message, stacklevel=2)
     for candidate in candidates:
         if candidate.name in layers:
+            _keep_frozen(layers[candidate.name], candidate)
             layers[candidate.name].dense_class = type(candidate.module)
             model.set_submodule(candidate.name, layers[candidate.name])
     guard_checkpoints(model)
     if verbose:
         print(sparsity_summary(model))
     return model
+
+
+def _keep_frozen(layer: PADSTLinear, replaced: _Candidate) -> None:
+    """A frozen weight (or bias) stays frozen in the layer that replaces it."""
+    if not replaced.weight.requires_grad:
+        for param in (layer.values, layer.soft_perm, layer.dense_weight_proxy):
+            if param is not None:
+                param.requires_grad_(False)
+    if replaced.bias is not None and not replaced.bias.requires_grad:
+        layer.bias.requires_grad_(False)
 
 
 def guard_checkpoints(model: nn.Module) -> None:

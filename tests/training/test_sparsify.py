@@ -113,3 +113,13 @@ def test_a_layer_is_sparsified_once_and_the_structure_must_be_a_structure():
     assert isinstance(model[1], PADSTLinear) and model[1].structure == NM(4)
     with pytest.raises(TypeError, match="structure must be a Structure such as Block\\(8, 8\\).*got 'block8'"):
         sparsify(nn.Sequential(nn.Linear(32, 32)), "block8", 0.5)
+
+
+def test_frozen_weights_stay_frozen_in_the_layers_that_replace_them():
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 16))
+    model[0].requires_grad_(False)
+    model[2].bias.requires_grad_(False)
+    sparsify(model, Block(4, 4), 0.5, permutation="learned")
+    assert not any(param.requires_grad for param in model[0].parameters())
+    assert model[2].values.requires_grad and model[2].dense_weight_proxy.requires_grad
+    assert not model[2].bias.requires_grad
