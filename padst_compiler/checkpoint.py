@@ -26,7 +26,7 @@ from padst_compiler.kernels.structures import structure_from_record, structure_r
 from padst_compiler.outputs import PathError, atomic_open, claim_directory, read_json, write_json
 from padst_compiler.training.layer import PADSTLinear
 from padst_compiler.training.sparsify import check_checkpoint_matches, guard_checkpoints, linear_parts, \
-    padst_layers, storage_identity
+    padst_layers, replacement_layer, storage_identity
 
 TENSORS, LAYERS = "model.safetensors", "padst.json"
 HF_CONFIG = "config.json"  # a Hugging Face model's configuration, as save_pretrained writes it
@@ -133,12 +133,8 @@ def _layer_for(model: nn.Module, name: str, record: dict) -> PADSTLinear | None:
         structure = structure_from_record(record["structure_fields"])
     except ValueError as error:
         raise ValueError(f"load: layer {name!r}: {error}; nothing was loaded") from None
-    layer = PADSTLinear.from_dense(
-        weight.detach(), None if bias is None else bias.detach(), structure,
-        record["sparsity"], permutation=record["permutation"], side=record["side"], name=name,
-        seed=record["seed"], dense_warmup=record["dense_warmup"])
-    layer.dense_class = type(module)
-    return layer
+    return replacement_layer(module, structure, record["sparsity"], permutation=record["permutation"],
+                             side=record["side"], name=name, seed=record["seed"], dense_warmup=record["dense_warmup"])
 
 
 def load(model: nn.Module | Callable[[], nn.Module], directory: str | Path) -> nn.Module:

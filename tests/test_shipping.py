@@ -202,3 +202,20 @@ def test_a_save_without_a_hugging_face_config_removes_an_older_one(tmp_path):
     assert json.loads((tmp_path / "config.json").read_text())["architectures"] == ["GPT2LMHeadModel"]
     padst_compiler.save(trained_gpt(2), tmp_path)
     assert not (tmp_path / "config.json").exists()
+
+
+def test_a_300_layer_model_saves_loads_and_densifies(tmp_path):
+    """Real depth: every layer recorded, rebuilt and loaded; the dense copy computes the same."""
+    def deep(seed):
+        torch.manual_seed(seed)
+        return nn.Sequential(*[nn.Linear(16, 16) for _ in range(300)])
+
+    model = sparsify(deep(0), Block(4, 4), 0.5, permutation="random").eval()
+    padst_compiler.save(model, tmp_path)
+    loaded = padst_compiler.load(lambda: deep(1), tmp_path).eval()
+    x = torch.randn(2, 16)
+    with torch.no_grad():
+        expected = model(x)
+        torch.testing.assert_close(loaded(x), expected, rtol=0, atol=0)
+        torch.testing.assert_close(padst_compiler.densify(loaded)(x), expected)
+    assert len(json.loads((tmp_path / "padst.json").read_text())["layers"]) == 300

@@ -151,9 +151,8 @@ def sparsify(model: nn.Module, structure: Structure, sparsity: float, *, permuta
     layers = {}
     for position, candidate in enumerate(candidates):
         try:
-            layers[candidate.name] = PADSTLinear.from_dense(
-                candidate.weight.detach(), None if candidate.bias is None else candidate.bias.detach(),
-                structure, sparsities[candidate.name], permutation=permutation, side=side,
+            layers[candidate.name] = replacement_layer(
+                candidate.module, structure, sparsities[candidate.name], permutation=permutation, side=side,
                 name=candidate.name, soft_noise=soft_noise, seed=seed + position, dense_warmup=dense_warmup)
         except ValueError as error:
             rejected.append(str(error))
@@ -162,25 +161,29 @@ def sparsify(model: nn.Module, structure: Structure, sparsity: float, *, permuta
         if strict:
             raise ValueError(message + "\nnothing was changed (strict=True)")
         warnings.warn(message, stacklevel=2)
-    for candidate in candidates:
-        if candidate.name in layers:
-            _keep_frozen(layers[candidate.name], candidate)
-            layers[candidate.name].dense_class = type(candidate.module)
-            model.set_submodule(candidate.name, layers[candidate.name])
+    for name, layer in layers.items():
+        model.set_submodule(name, layer)
     guard_checkpoints(model)
     if verbose:
         print(sparsity_summary(model))
     return model
 
 
-def _keep_frozen(layer: PADSTLinear, replaced: _Candidate) -> None:
-    """A frozen weight (or bias) stays frozen in the layer that replaces it."""
-    if not replaced.weight.requires_grad:
+def replacement_layer(module: nn.Module, structure: Structure, sparsity: float, **options) -> PADSTLinear:
+    """The ``PADSTLinear`` that takes the place of the linear layer ``module`` (``nn.Linear`` or
+    ``Conv1D``): its weight projected onto the structure, frozen where ``module`` was frozen,
+    remembering the class ``densify`` gives back."""
+    weight, bias = linear_parts(module)
+    layer = PADSTLinear.from_dense(weight.detach(), None if bias is None else bias.detach(), structure, sparsity,
+                                   **options)
+    if not weight.requires_grad:
         for param in (layer.values, layer.soft_perm, layer.dense_weight_proxy):
             if param is not None:
                 param.requires_grad_(False)
-    if replaced.bias is not None and not replaced.bias.requires_grad:
+    if bias is not None and not bias.requires_grad:
         layer.bias.requires_grad_(False)
+    layer.dense_class = type(module)
+    return layer
 
 
 def guard_checkpoints(model: nn.Module) -> None:

@@ -168,6 +168,12 @@ def test_a_hard_flag_that_disagrees_with_the_warmup_state_is_refused(case):
 # --------------------------------------------------------------------------- raw ops
 
 
+def run_isolated(script: str) -> None:
+    """Run ``script`` in a fresh interpreter (a raw-op case may crash the process) and require it to pass."""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
 def test_raw_ops_refuse_negative_sizes_by_name():
     # in a subprocess, like every raw-op fuzz case: a size the checks miss must not crash the session
     script = """
@@ -184,8 +190,7 @@ for call in calls:
     else:
         raise AssertionError("a negative size was accepted")
 """
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
+    run_isolated(script)
 
 
 def test_block_values_with_zero_width_blocks_are_refused_by_name():
@@ -200,5 +205,4 @@ except ValueError as error:
 else:
     raise AssertionError("zero-width blocks were accepted")
 """
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
+    run_isolated(script)
