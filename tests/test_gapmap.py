@@ -89,6 +89,19 @@ def test_a_run_resumes_and_refuses_runs_of_other_settings(tmp_path, monkeypatch)
         gapmap.run(cells, tmp_path, workers=1, progress=False)
 
 
+def test_more_seeds_train_only_the_new_ones_and_fewer_summarise_the_first(tmp_path, monkeypatch, fake_training):
+    cells = [Cell("digits", 2, "dense")]
+    monkeypatch.setattr(gapmap, "grid", lambda quick, tasks: cells)
+    monkeypatch.setitem(gapmap.TASKS, "digits", replace(TASKS["digits"], seeds=2))
+    gapmap.gap_map(tasks=("digits",), out=tmp_path)
+    monkeypatch.setitem(gapmap.TASKS, "digits", replace(TASKS["digits"], seeds=3))
+    gapmap.gap_map(tasks=("digits",), out=tmp_path)
+    assert [seed for _, seed in fake_training] == [0, 1, 2]  # the two recorded runs were kept
+    monkeypatch.setitem(gapmap.TASKS, "digits", replace(TASKS["digits"], seeds=2))
+    summary = gapmap.gap_map(tasks=("digits",), out=tmp_path)
+    assert summary["cells"][cells[0].key]["seeds"] == 2 and len(fake_training) == 3
+
+
 class _InlineExecutor:
     """A stand-in for the process pool that runs each job at submit time."""
 

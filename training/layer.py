@@ -160,6 +160,12 @@ class PADSTLinear(nn.Module):
         return self.soft and self.dense_weight_proxy is not None
 
     @property
+    def frozen(self) -> bool:
+        """Whether none of the layer's weights trains (``requires_grad_(False)``, as when
+        fine-tuning part of a model): the DST scheduler then leaves the layer as it is."""
+        return not any(p.requires_grad for p in (self.values, self.dense_weight_proxy, self.soft_perm) if p is not None)
+
+    @property
     def soft(self) -> bool:
         """Whether the permutation is still being learned (dense warm-up or soft matrix)."""
         return not self.hard

@@ -17,7 +17,8 @@ structure fitted to it (``anneal=True`` first shrinks the weights outside the st
 to zero over the warm-up). It keeps ``"birkhoff"`` soft matrices in the Birkhoff polytope
 and hardens each one when its penalty falls under the threshold or at ``harden_at`` (the
 paper's recipe uses 0.5). Every ``update_every`` steps until ``t_end`` it moves the sparse
-masks (drop by magnitude, grow by RigL or SET) without changing any shape.
+masks (drop by magnitude, grow by RigL or SET) without changing any shape. A frozen layer
+(``requires_grad_(False)`` on its weights) is left exactly as it is until it trains again.
 """
 
 from __future__ import annotations
@@ -102,6 +103,11 @@ class DSTScheduler:
 
     # ------------------------------------------------------------------ permutations
 
+    def _training_layers(self) -> list[tuple[str, nn.Module]]:
+        """The layers the schedule moves: a frozen layer (no weight trains) keeps its
+        permutation, warm-up, soft matrix and mask until it trains again."""
+        return [(name, layer) for name, layer in self.layers if not layer.frozen]
+
     def current_penalty_weight(self) -> float:
         """Geometric ramp from ``penalty_start`` to ``penalty_weight`` over the soft phase: weak
         at first so the matrix can fit the task, strong at the end so it reaches a vertex."""
@@ -111,7 +117,7 @@ class DSTScheduler:
         return self.penalty_start * (self.penalty_weight / self.penalty_start) ** progress
 
     def _soft_matrices(self) -> list[nn.Parameter]:
-        return [layer.soft_perm for _, layer in self.layers if layer.soft and layer.soft_perm is not None]
+        return [layer.soft_perm for _, layer in self._training_layers() if layer.soft and layer.soft_perm is not None]
 
     def permutation_penalty(self) -> torch.Tensor:
         """``lambda * sum`` of the normalised penalties of the still-soft layers.
@@ -162,7 +168,7 @@ class DSTScheduler:
 
     @torch.no_grad()
     def _keep_soft_permutations_feasible(self) -> None:
-        for _, layer in self.layers:
+        for _, layer in self._training_layers():
             if layer.soft and layer.soft_perm is not None:
                 matrix = whole(layer.soft_perm).clone()
                 assign(layer.soft_perm, project_to_birkhoff_(matrix, self.sinkhorn_iterations))
@@ -180,7 +186,7 @@ class DSTScheduler:
             return
         sample = step - end // 2
         left = lambda t: 1 - (t / end) ** 3  # noqa: E731
-        for _, layer in self.layers:
+        for _, layer in self._training_layers():
             if sample >= 1:
                 layer.average_warmup_weight(sample)
             if step == end:
@@ -192,7 +198,7 @@ class DSTScheduler:
 
     @torch.no_grad()
     def _harden_due(self) -> None:
-        for _, layer in self.layers:
+        for _, layer in self._training_layers():
             if not layer.soft:
                 continue
             below_threshold = layer.soft_perm is not None and float(layer.penalty()) < self.harden_threshold
@@ -218,7 +224,7 @@ class DSTScheduler:
     def _arm_gradient_capture(self) -> None:
         due = self.growth == "rigl" and self._update_due(self.step_count + 1)
         for _, layer in self.layers:
-            capture = due and not layer.warming_up
+            capture = due and not layer.warming_up and not layer.frozen
             layer.capture_dense_grad = capture
             if not capture:
                 layer.dense_grad = None
@@ -237,7 +243,7 @@ class DSTScheduler:
         """Units each layer drops at ``step`` (layers in ``skip`` and layers dropping none left out)."""
         fraction = dst.drop_fraction_at(step, self.drop_fraction, self.end_step)
         counts = {}
-        for name, layer in self.layers:
+        for name, layer in self._training_layers():
             if name not in skip:
                 kept = int(layer.structure.index_to_units(layer.index, layer.out_features, layer.in_features).sum())
                 if round(fraction * kept):
@@ -291,7 +297,7 @@ class DSTScheduler:
         drop_counts = self._drop_counts(self.step_count + 1, was_warming_up) if update else {}
         self._check_update_inputs(drop_counts)
         if self.step_count + 1 >= self.harden_step:  # every soft layer hardens now: refuse before any does
-            for _, layer in self.layers:
+            for _, layer in self._training_layers():
                 layer.check_hardenable()
         self.step_count += 1
         self._keep_soft_permutations_feasible()

@@ -162,6 +162,31 @@ def test_rigl_without_a_backward_pass_is_explained_and_changes_nothing():
     assert sched.step_count == 2 and not torch.equal(before[0]["0.index"], model[0].index)
 
 
+@pytest.mark.parametrize("growth", ["rigl", "set"])
+@pytest.mark.parametrize("frozen", [0, 1])
+def test_a_frozen_layer_keeps_its_mask_and_values_while_the_others_move(growth, frozen):
+    """A layer whose values do not train (fine-tuning part of a model) is no DST layer: RigL
+    captured nothing for it (the first layer's output has no graph to hook) and SET moved it."""
+    torch.manual_seed(0)
+    model = nn.Sequential(PADSTLinear(32, 32, Block(4, 4), 0.5), nn.ReLU(), PADSTLinear(32, 16, Block(4, 4), 0.5))
+    layers = [model[0], model[2]]
+    layers[frozen].requires_grad_(False)
+    before = {name: t.clone() for name, t in layers[frozen].state_dict().items()}
+    trained_index = layers[1 - frozen].index.clone()
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    sched = DSTScheduler(model, optimizer, total_steps=10, update_every=2, t_end=1.0, growth=growth)
+    x = torch.randn(8, 32)
+    for _ in range(6):
+        one_step(model, optimizer, sched, x)
+    assert all(torch.equal(before[name], t) for name, t in layers[frozen].state_dict().items())
+    assert not torch.equal(trained_index, layers[1 - frozen].index)
+    assert layers[frozen].warming_up and not layers[1 - frozen].warming_up  # hardened at step 1
+    layers[frozen].requires_grad_(True)  # trains again: hardens at its next step, past the hardening step
+    optimizer.add_param_group({"params": list(layers[frozen].parameters())})
+    one_step(model, optimizer, sched, x)
+    assert not layers[frozen].warming_up
+
+
 def test_scheduler_hardens_at_the_configured_fraction_and_penalty_vanishes():
     model = make_layer(Block(4, 4), permutation="learned")
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
