@@ -3,7 +3,8 @@
 For each structure, layer shape, token count and sparsity it times, interleaved and as
 medians of repeats: the structured forward, the same forward with a fused ``in_index``,
 and forward+backward (gradients of input, kept values and bias), each against
-``F.linear`` with a dense weight of the same shape. The forward is timed as inference
+``F.linear`` with a dense weight of the same shape, and the share of a forward+backward
+with a fused ``in_index`` spent in the index range checks that no flag turns off. The forward is timed as inference
 runs it, on frozen values (as ``optimize`` leaves them, so value repackings are kept
 between calls); forward+backward on trainable values, as a training step runs it. The implementation each op ran (as
 picked by measurement, see ``kernels/eager/select.py``) is printed alongside, and the results can
@@ -12,6 +13,7 @@ be written as JSON.
 
 from __future__ import annotations
 
+import time
 from dataclasses import asdict, dataclass, fields
 
 import torch
@@ -21,6 +23,7 @@ from tabulate import tabulate
 from padst_compiler import outputs
 from padst_compiler.kernels import NM, Block, Diagonal, Structure, set_checks
 from padst_compiler.kernels.eager import select
+from padst_compiler.kernels.ops import checks
 from padst_compiler.timing import interleaved_medians
 
 STRUCTURES: tuple[Structure, ...] = (Block(32, 32), Block(64, 64), NM(32), Diagonal())
@@ -42,6 +45,7 @@ class KernelResult:
     in_index_cost: float  # forward with a fused in_index over the same forward without, minus 1
     train_ms: float
     dense_train_ms: float
+    range_check_share: float  # of a forward+backward with a fused in_index, in the always-on range checks
     implementations: str
 
     @property
@@ -91,11 +95,39 @@ def measure(structure: Structure, in_features: int, out_features: int, tokens: i
         train = interleaved_medians({
             "sparse": sync(lambda: sparse(values=values).backward(grad)),
             "dense": sync(lambda: F.linear(x, dense, bias).backward(grad))}, repeats=repeats)
+    range_checks = _range_check_share(sync(lambda: sparse(in_index, values).backward(grad)), train["sparse"])
     # run() clears the choices before each case, so every record here is this case's
     chosen = sorted({f"{r['op'].split('_', 1)[1]}={r['chosen']}" for r in select.choices()})
     return KernelResult(str(structure), in_features, out_features, tokens, sparsity, weight.kept_fraction,
                         forward["sparse"] * 1e3, forward["dense"] * 1e3, fused["in_index"] / fused["sparse"] - 1,
-                        train["sparse"] * 1e3, train["dense"] * 1e3, " ".join(chosen) or "-")
+                        train["sparse"] * 1e3, train["dense"] * 1e3, range_checks, " ".join(chosen) or "-")
+
+
+def _range_check_share(step, step_seconds: float, cover: float = 0.2) -> float:
+    """Share of ``step``'s time spent inside ``checks.check_in_range``, which every op runs on
+    each index it reads or writes through, whatever ``set_checks`` says (in steady state: the
+    result is kept per index tensor and version, so a call pays a lookup). Timed over enough
+    steps to cover ``cover`` seconds; the timer around each check makes this an upper bound."""
+    original, spent = checks.check_in_range, []
+
+    def timed(*args):
+        start = time.perf_counter()
+        try:
+            original(*args)
+        finally:
+            spent.append(time.perf_counter() - start)
+
+    checks.check_in_range = timed
+    try:
+        step()  # computes and files each check once, as a layer's first call does
+        spent.clear()
+        start, calls = time.perf_counter(), max(3, round(cover / step_seconds))
+        for _ in range(calls):
+            step()
+        total = time.perf_counter() - start
+    finally:
+        checks.check_in_range = original
+    return sum(spent) / total
 
 
 def run(structures=STRUCTURES, shapes=SHAPES, tokens=TOKENS, sparsities=SPARSITIES, device: str = "cpu",
@@ -127,7 +159,8 @@ def run(structures=STRUCTURES, shapes=SHAPES, tokens=TOKENS, sparsities=SPARSITI
 def table(results: list[KernelResult]) -> str:
     rows = [(r.structure, f"{r.in_features}->{r.out_features}", r.tokens, r.sparsity, f"{r.kept_fraction:.3f}",
              f"{r.forward_ms:.3f}", f"{r.forward_speedup:.2f}x", f"{r.in_index_cost * 100:+.0f}%",
-             f"{r.train_ms:.3f}", f"{r.train_speedup:.2f}x", r.implementations) for r in results]
+             f"{r.train_ms:.3f}", f"{r.train_speedup:.2f}x", f"{r.range_check_share * 100:.2f}%", r.implementations)
+            for r in results]
     return tabulate(rows, headers=["structure", "shape", "tokens", "sparsity", "kept", "fwd ms", "fwd vs dense",
-                                   "in_index", "fwd+bwd ms", "fwd+bwd vs dense", "implementation"],
+                                   "in_index", "fwd+bwd ms", "fwd+bwd vs dense", "range checks", "implementation"],
                     disable_numparse=True)

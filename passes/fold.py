@@ -93,8 +93,17 @@ def _fold_linear_input(gm, ctx: PassContext, node: fx.Node) -> bool:
     return True
 
 
+def rows_fold(ctx: PassContext, node: fx.Node) -> bool:
+    """Whether an ``out_index`` of structured op ``node`` folds into its weight's rows (an N:M
+    op with constant weights, in inference): there it costs nothing at run time."""
+    if not (ctx.inference and canonical_target(node) is torch.ops.padst.nm_linear.default):
+        return False
+    args = structured_args(node)
+    return _constant_args(ctx, args[VALUES], args[INDEX], args[BIAS]) is not None
+
+
 def _fold_nm_rows(gm, ctx: PassContext, node: fx.Node) -> bool:
-    if canonical_target(node) is not torch.ops.padst.nm_linear.default:
+    if not rows_fold(ctx, node):
         return False
     args = structured_args(node)
     if args[OUT_INDEX] is None:

@@ -5,7 +5,10 @@
 
 Each rewrite needs the permute (first) or the structured op (second) to have no other
 user: otherwise the permute stays and fusing would only add an indexed access. Indices are composed
-at compile time, so both must be known (they always are after canonicalize).
+at compile time, so both must be known (they always are after canonicalize). A permute
+between two structured ops becomes the consumer's ``in_index``, which costs the kernels
+less than the producer's ``out_index`` (see ``propagate``), unless that ``out_index`` folds
+into the producer's weight (an N:M layer in inference).
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import torch
 from torch import fx
 
 from padst_compiler.passes.context import PassContext
+from padst_compiler.passes.fold import rows_fold
 from padst_compiler.passes.indices import compose
 from padst_compiler.passes.graph import IN_INDEX, OUT_INDEX, X, is_permute, is_structured, set_structured_args, \
     structured_args
@@ -34,6 +38,15 @@ def _known(ctx: PassContext, node) -> tuple[bool, torch.Tensor | None]:
     return value is not None, value
 
 
+def _read_as_in_index(ctx: PassContext, permute: fx.Node) -> bool:
+    """Whether ``permute``'s only user is a structured op that will take it as its in_index."""
+    users = list(permute.users)
+    if len(users) != 1 or not is_structured(users[0]):
+        return False
+    args = structured_args(users[0])
+    return args[X] is permute and _known(ctx, args[IN_INDEX])[0]
+
+
 def fuse_permutations(gm: fx.GraphModule, ctx: PassContext) -> bool:
     changed = False
     for node in list(gm.graph.nodes):
@@ -49,7 +62,8 @@ def fuse_permutations(gm: fx.GraphModule, ctx: PassContext) -> bool:
                 gm.graph.erase_node(source)
                 changed = True
         users = list(node.users)
-        if len(users) == 1 and is_permute(users[0]) and users[0].args[0] is node:
+        if len(users) == 1 and is_permute(users[0]) and users[0].args[0] is node and \
+                (rows_fold(ctx, node) or not _read_as_in_index(ctx, users[0])):
             permute = users[0]
             (known_o, o), (known_q, q) = _known(ctx, args[OUT_INDEX]), _known(ctx, permute.args[1])
             if known_o and known_q:

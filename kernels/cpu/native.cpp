@@ -57,12 +57,24 @@ static inline V splat(float s) { return s - V{}; }
 // (128 KiB) would otherwise be mapped afresh and page-faulted in on every call, which costs
 // more than a small call's arithmetic. Not zeroed. A thread's slots are distinct buffers;
 // each grows to the largest call it served and is kept (a few MiB for GPT-2-sized layers).
-enum Slot { SHARED, ROWS, TILE, SLOTS };
+enum Slot { SHARED, ROWS, TILE, OUTPUT, SLOTS };
 static float* buffer(Slot slot, size_t count) {
     thread_local std::vector<float> buffers[SLOTS];
     std::vector<float>& b = buffers[slot];
     if (b.size() < count) b.resize(count);
     return b.data();
+}
+
+// Threads that split the output columns of the same rows of y, through a scattering map
+// (an out_index), would store into each other's cache lines on every row: both cores then
+// fight over them (a 16-token call of a 256-wide layer took 2-2.5x as long as without the
+// map). Such kernels write z, the rows in their own column order, and then scatter whole
+// rows: y[t, ocol[j]] = z[t, j], each thread its own tokens. Called inside a parallel
+// region, after the barrier that completes z.
+static void scatter_rows(const float* z, int64_t width, float* y, int64_t ys, int64_t tokens, const int64_t* ocol) {
+#pragma omp for schedule(static)
+    for (int64_t t = 0; t < tokens; ++t)
+        for (int64_t j = 0; j < width; ++j) y[t * ys + ocol[j]] = z[t * width + j];
 }
 
 // ------------------------------------------------------------------------- block_mm
@@ -128,7 +140,8 @@ static void pack_row(const float* row, const int32_t* in_map, int64_t in_feature
 // applied by packing rows of x in map order into a buffer that the tiles then read like an
 // unpermuted x (read through the map directly, every column of a panel would be a
 // different cache line of every row): per item when items are whole rows of y, once for
-// all tokens when the blocks are split (few tokens).
+// all tokens when the blocks are split (few tokens; with an out_index their tiles then
+// write z, see scatter_rows).
 template <typename V, int NV, int MR>
 static void block_mm_run(const BlockMM& a, int64_t tokens, int64_t blocks, const int32_t* in_map,
                          int64_t in_features) {
@@ -138,6 +151,9 @@ static void block_mm_run(const BlockMM& a, int64_t tokens, int64_t blocks, const
     const int64_t per_split = (blocks + splits - 1) / splits;
     const bool pack_all = in_map && splits > 1, pack_items = in_map && splits == 1;
     float* all = pack_all ? buffer(SHARED, tokens * in_features) : nullptr;
+    const bool scatter_after = a.ocol && splits > 1;
+    const int64_t z_width = blocks * a.width;
+    float* z = scatter_after ? buffer(OUTPUT, tokens * z_width) : nullptr;
 #pragma omp parallel
     {
         float* scratch = in_map ? buffer(ROWS, in_features) : nullptr;
@@ -149,6 +165,11 @@ static void block_mm_run(const BlockMM& a, int64_t tokens, int64_t blocks, const
         float* packed = pack_items ? buffer(TILE, MR * in_features) : nullptr;
         BlockMM item = a;
         if (in_map) item.x_stride = in_features;
+        if (scatter_after) {
+            item.y = z;
+            item.y_stride = z_width;
+            item.ocol = nullptr;
+        }
 #pragma omp for collapse(2) schedule(dynamic, 1)
         for (int64_t g = 0; g < groups; ++g) {
             for (int64_t part = 0; part < splits; ++part) {
@@ -170,6 +191,7 @@ static void block_mm_run(const BlockMM& a, int64_t tokens, int64_t blocks, const
                     }
             }
         }
+        if (scatter_after) scatter_rows(z, z_width, a.y, a.y_stride, tokens, a.ocol);
     }
 }
 
@@ -408,6 +430,7 @@ static void ell_mm_run(const float* x, int64_t xs, float* y, int64_t ys, int64_t
     constexpr int64_t lanes = NT * 16;
     if (rows == 0) return;
     const RowSplit split(tokens, lanes, rows);
+    float* z = ocol && split.chunks > 1 ? buffer(OUTPUT, tokens * rows) : nullptr;  // see scatter_rows
 #pragma omp parallel
     {
         float* xt = buffer(ROWS, features * lanes);
@@ -425,10 +448,15 @@ static void ell_mm_run(const float* x, int64_t xs, float* y, int64_t ys, int64_t
                 ell_mm_row<NT>(xt, yt + (o - r0) * lanes, cols, vals, row_ptr[o], row_ptr[o + 1],
                                bias ? bias[o] : 0.0f);
             for (int64_t l = 0; l < count; ++l) {
-                float* out = y + (t0 + l) * ys;
-                for (int64_t o = r0; o < r1; ++o) out[ocol ? ocol[o] : o] = yt[(o - r0) * lanes + l];
+                if (z) {
+                    for (int64_t o = r0; o < r1; ++o) z[(t0 + l) * rows + o] = yt[(o - r0) * lanes + l];
+                } else {
+                    float* out = y + (t0 + l) * ys;
+                    for (int64_t o = r0; o < r1; ++o) out[ocol ? ocol[o] : o] = yt[(o - r0) * lanes + l];
+                }
             }
         }
+        if (z) scatter_rows(z, rows, y, ys, tokens, ocol);
     }
 }
 
@@ -467,11 +495,17 @@ static inline float gather_dot(const float* xr, const int32_t* cols, const float
 static void ell_mm_few_tokens(const float* x, int64_t xs, float* y, int64_t ys, int64_t tokens, int64_t rows,
                               const int64_t* row_ptr, const int32_t* cols, const float* vals,
                               const int32_t* val_of, const float* bias, const int64_t* ocol) {
-#pragma omp parallel for schedule(static)
-    for (int64_t o = 0; o < rows; ++o)
-        for (int64_t t = 0; t < tokens; ++t)
-            y[t * ys + (ocol ? ocol[o] : o)] =
-                gather_dot(x + t * xs, cols, vals, val_of, row_ptr[o], row_ptr[o + 1]) + (bias ? bias[o] : 0.0f);
+    float* z = ocol ? buffer(OUTPUT, tokens * rows) : y;  // see scatter_rows
+    const int64_t zs = ocol ? rows : ys;
+#pragma omp parallel
+    {
+#pragma omp for schedule(static)
+        for (int64_t o = 0; o < rows; ++o)
+            for (int64_t t = 0; t < tokens; ++t)
+                z[t * zs + o] = gather_dot(x + t * xs, cols, vals, val_of, row_ptr[o], row_ptr[o + 1]) +
+                                (bias ? bias[o] : 0.0f);
+        if (ocol) scatter_rows(z, rows, y, ys, tokens, ocol);
+    }
 }
 
 // val_of (optional) reorders the values, see value_of: a handful of tokens reads them through
@@ -584,6 +618,8 @@ extern "C" int padst_nm_mm(const float* x, int64_t xs, float* y, int64_t ys, int
     // each token's inputs (through in_index), padded so a group's two vectors never read past the end
     const int64_t padded = in + 2 * L;
     float* inputs = buffer(SHARED, tokens * padded);
+    float* z = ocol ? buffer(OUTPUT, tokens * out) : y;  // threads own chunks of columns: see scatter_rows
+    const int64_t zs = ocol ? out : ys;
 #pragma omp parallel
     {
 #pragma omp for schedule(static)
@@ -610,9 +646,10 @@ extern "C" int padst_nm_mm(const float* x, int64_t xs, float* y, int64_t ys, int
                 const v16 sum = acc[0] + acc[1];
                 for (int64_t l = 0; l < L && c * L + l < out; ++l) {
                     const int64_t o = c * L + l;
-                    y[t * ys + (ocol ? ocol[o] : o)] = sum[l] + (bias ? bias[o] : 0.0f);
+                    z[t * zs + o] = sum[l] + (bias ? bias[o] : 0.0f);
                 }
             }
+        if (ocol) scatter_rows(z, out, y, ys, tokens, ocol);
     }
     return 0;
 }
@@ -632,7 +669,7 @@ extern "C" int padst_diag_mm(const float* x, int64_t xs, float* y, int64_t ys, i
     constexpr int64_t L = 16, U = 4 * L;  // 4 vectors of u per step
     const int64_t shorter = std::min(in, out), length = std::max(in, out), chunks = length / shorter;
     float* twice = buffer(SHARED, tokens * 2 * in);
-    float* z = ocol ? buffer(ROWS, tokens * out) : y;  // z rows in their own order; y directly without an out_index
+    float* z = ocol ? buffer(OUTPUT, tokens * out) : y;  // threads own ranges of rows: see scatter_rows
     const int64_t zs = ocol ? out : ys;
 #pragma omp parallel
     {
@@ -683,9 +720,7 @@ extern "C" int padst_diag_mm(const float* x, int64_t xs, float* y, int64_t ys, i
         }
         if (ocol) {
 #pragma omp barrier
-#pragma omp for schedule(static)
-            for (int64_t t = 0; t < tokens; ++t)
-                for (int64_t o = 0; o < out; ++o) y[t * ys + ocol[o]] = z[t * out + o];
+            scatter_rows(z, out, y, ys, tokens, ocol);
         }
     }
     return 0;

@@ -58,7 +58,7 @@ def structured_linear(op, x, values, index, out_features, bias=None, in_index=No
         y = native.output_buffer(x2, out_features, out_index)
         recorded[1].replay(x2, y)
         return y.view(*x.shape[:-1], out_features)
-    with native.recording() as last:
+    with native.recording() as last, select.replayed():
         y = direct(x, values, index, out_features, bias, in_index, out_index)
     layer.pop("replay", None)
     if last and x2.stride(-1) == 1:

@@ -76,7 +76,7 @@ def test_gpt_training_matches_eager_with_padst_ops_in_forward_and_backward():
     assert "padst.nm_linear_grad_values.default" in code
 
 
-def test_gpt_inference_graph_has_no_standalone_permute_and_mlp_reads_without_gather():
+def test_gpt_inference_graph_has_no_standalone_permute_and_every_layer_reads_through_its_in_index():
     model = small_gpt(Block(8, 8)).eval()
     idx = torch.randint(0, 256, (2, 16))
     graphs = []
@@ -89,8 +89,9 @@ def test_gpt_inference_graph_has_no_standalone_permute_and_mlp_reads_without_gat
         torch.compile(model, backend=inspect)(idx)
     counts = pipeline.node_counts(graphs[0])
     assert counts["permutes"] == 0 and counts["block_linear"] == 4
-    proj = [n for n in graphs[0].graph.nodes if n.op == "call_function" and "block_linear" in str(n.target)][-1]
-    assert proj.args[5] is None, "the MLP's second layer still gathers its input"
+    # an in_index costs the CPU kernels less than an out_index (see passes/propagate.py)
+    layers = [n for n in graphs[0].graph.nodes if n.op == "call_function" and "block_linear" in str(n.target)]
+    assert all(n.args[5] is not None and n.args[6] is None for n in layers)
     optimized = padst_compiler.optimize(model, [idx], mode="inference")
     with torch.no_grad():
         torch.testing.assert_close(optimized(idx), model(idx), rtol=1e-5, atol=1e-5)

@@ -1,5 +1,6 @@
 """fuse, fold and cleanup: before/after on tiny graphs."""
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch.testing import FileCheck
@@ -30,6 +31,26 @@ def test_fuse_moves_neighbouring_permutes_into_the_op_indices():
     FileCheck().check_not("padst.permute.default(").check("block_linear.default(x, v, i, 16, None, _padst_fused") \
         .run(code)
     assert node_counts(gm)["permutes"] == 0 and node_counts(gm)["fused_gathers"] == 2
+
+
+@pytest.mark.parametrize("mode", ["training", "inference"])
+@pytest.mark.parametrize("first", ["block_linear", "nm_linear"])
+def test_a_permute_between_two_structured_ops_becomes_the_consumers_in_index(mode, first):
+    """Unless the producer is an N:M layer in inference, whose out_index folds into its rows."""
+    def fn(m, x):
+        y = getattr(torch.ops.padst, first)(x, m.v1, m.i1, 16)
+        return torch.ops.padst.block_linear(permute(y, m.p), m.v2, m.i2, 16)
+
+    x = torch.randn(3, 16)
+    weight, second = NMW if first == "nm_linear" else W, Block(4, 4).project(torch.randn(16, 16), 0.5)
+    gm, ctx = trace(fn, [x], mode, v1=weight.values, i1=weight.index, p=P, v2=second.values, i2=second.index)
+    code = check_pass(fuse_permutations, gm, ctx, [x])
+    if first == "nm_linear" and mode == "inference":
+        FileCheck().check(f"{first}.default(x, v1, i1, 16, None, None, p)").check("block_linear(").run(code)
+    else:
+        FileCheck().check(f"{first}(x, v1, i1, 16)").check("block_linear.default(").check(", v2, i2, 16, None, p") \
+            .run(code)
+    assert node_counts(gm)["permutes"] == 0
 
 
 def test_fuse_keeps_an_output_permute_when_the_op_has_other_users():
