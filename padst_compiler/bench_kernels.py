@@ -1,8 +1,8 @@
 """``padst bench kernels``: every structured op against the dense op, one process.
 
 For each structure, layer shape, token count and sparsity it times, interleaved and as
-medians of repeats: the structured forward, the same forward with a fused ``in_index``,
-and forward+backward (gradients of input, kept values and bias), each against
+medians of repeats: the structured forward, the same forward with a fused ``in_index`` and
+with a fused ``out_index``, and forward+backward (gradients of input, kept values and bias), each against
 ``F.linear`` with a dense weight of the same shape, and the share of a forward+backward
 with a fused ``in_index`` spent in the index range checks that no flag turns off. The forward is timed as inference
 runs it, on frozen values (as ``optimize`` leaves them, so value repackings are kept
@@ -43,6 +43,7 @@ class KernelResult:
     forward_ms: float
     dense_forward_ms: float
     in_index_cost: float  # forward with a fused in_index over the same forward without, minus 1
+    out_index_cost: float  # the same for a fused out_index
     train_ms: float
     dense_train_ms: float
     range_check_share: float  # of a forward+backward with a fused in_index, in the always-on range checks
@@ -72,11 +73,12 @@ def measure(structure: Structure, in_features: int, out_features: int, tokens: i
     bias = torch.randn(out_features, generator=gen).to(device).requires_grad_()
     grad = torch.randn(tokens, out_features, generator=gen).to(device)
     in_index = torch.randperm(in_features, generator=gen).to(device)
+    out_index = torch.randperm(out_features, generator=gen).to(device)
     frozen = weight.values.to(device)
     values = frozen.clone().requires_grad_()
 
-    def sparse(in_index=None, values=frozen):
-        return structure.linear(x, values, index, out_features, bias, in_index)
+    def sparse(in_index=None, values=frozen, out_index=None):
+        return structure.linear(x, values, index, out_features, bias, in_index, out_index)
 
     def sync(fn):
         def run():
@@ -91,7 +93,8 @@ def measure(structure: Structure, in_features: int, out_features: int, tokens: i
                 "sparse": sync(sparse), "dense": sync(lambda: F.linear(x, dense, bias))}, repeats=repeats)
             # a pair of its own: after the dense op the caches are cold for whichever runs next
             fused = interleaved_medians({
-                "sparse": sync(sparse), "in_index": sync(lambda: sparse(in_index))}, repeats=repeats)
+                "sparse": sync(sparse), "in_index": sync(lambda: sparse(in_index)),
+                "out_index": sync(lambda: sparse(out_index=out_index))}, repeats=repeats)
         train = interleaved_medians({
             "sparse": sync(lambda: sparse(values=values).backward(grad)),
             "dense": sync(lambda: F.linear(x, dense, bias).backward(grad))}, repeats=repeats)
@@ -100,6 +103,7 @@ def measure(structure: Structure, in_features: int, out_features: int, tokens: i
     chosen = sorted({f"{r['op'].split('_', 1)[1]}={r['chosen']}" for r in select.choices()})
     return KernelResult(str(structure), in_features, out_features, tokens, sparsity, weight.kept_fraction,
                         forward["sparse"] * 1e3, forward["dense"] * 1e3, fused["in_index"] / fused["sparse"] - 1,
+                        fused["out_index"] / fused["sparse"] - 1,
                         train["sparse"] * 1e3, train["dense"] * 1e3, range_checks, " ".join(chosen) or "-")
 
 
@@ -159,8 +163,9 @@ def run(structures=STRUCTURES, shapes=SHAPES, tokens=TOKENS, sparsities=SPARSITI
 def table(results: list[KernelResult]) -> str:
     rows = [(r.structure, f"{r.in_features}->{r.out_features}", r.tokens, r.sparsity, f"{r.kept_fraction:.3f}",
              f"{r.forward_ms:.3f}", f"{r.forward_speedup:.2f}x", f"{r.in_index_cost * 100:+.0f}%",
+             f"{r.out_index_cost * 100:+.0f}%",
              f"{r.train_ms:.3f}", f"{r.train_speedup:.2f}x", f"{r.range_check_share * 100:.2f}%", r.implementations)
             for r in results]
     return tabulate(rows, headers=["structure", "shape", "tokens", "sparsity", "kept", "fwd ms", "fwd vs dense",
-                                   "in_index", "fwd+bwd ms", "fwd+bwd vs dense", "range checks", "implementation"],
+                                   "in_index", "out_index", "fwd+bwd ms", "fwd+bwd vs dense", "range checks", "implementation"],
                     disable_numparse=True)

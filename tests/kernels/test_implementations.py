@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from padst_compiler.kernels import NM, Block, Diagonal
+from padst_compiler.kernels import NM, Block, Diagonal, implementations
 from padst_compiler.kernels.cpu import native
 from padst_compiler.kernels.eager import select
 from .reference import dense_reference
@@ -133,6 +133,34 @@ def test_autotune_measures_once_per_regime_and_records_the_choice():
     assert len(records) == 1
     assert records[0]["chosen"] in records[0]["ms"] and set(records[0]["ms"]) >= {"torch", "dense"}
     assert select.token_bucket(33) == select.token_bucket(64) == 64 and select.token_bucket(1) == 1
+
+
+@needs_native
+def test_eager_calls_that_replay_are_chosen_for_apart_and_by_their_kernel_call_alone():
+    """A no-grad eager call replays its native kernel call, so its choice times that replay;
+    a call that records gradients runs the whole implementation and is chosen for apart."""
+    weight, x, *_ = _case(Block(16, 16), 64, 64, 16, "plain")
+    select.clear()
+    with select.set_autotune(True), torch.no_grad():
+        weight.linear(x)
+    weight.linear(x.clone().requires_grad_())
+    records = {r["replayed"]: r for r in select.choices() if r["op"] == "block_forward"}
+    assert set(records) == {True, False} and records[True]["regime"] == records[False]["regime"]
+
+    prepared = []
+
+    def native_candidate():
+        prepared.append(1)  # the Python a replay skips
+        with select.only("native"):
+            return implementations.block_forward(x, weight.values, weight.index, 64, None, None, None)
+
+    def torch_candidate():
+        return x * 2
+
+    repeat = select._as_repeated(native_candidate)
+    for _ in range(3):
+        repeat()
+    assert len(prepared) == 1 and select._as_repeated(torch_candidate) is torch_candidate
 
 
 def test_ranks_of_a_distributed_run_take_the_preferred_implementation_without_measuring(monkeypatch):
