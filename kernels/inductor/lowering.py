@@ -165,7 +165,8 @@ class _Template(ABC):
 
     @abstractmethod
     def configs(self) -> list[dict]:
-        """Tile configurations (meta-parameters and num_warps) to offer the autotuner."""
+        """Tile configurations (meta-parameters and num_warps) to offer the autotuner: those
+        of the launcher kernel of the same forward, fresh copies (the caller pops from them)."""
 
     @abstractmethod
     def random_index(self, values, index, in_features: int, out_features: int) -> torch.Tensor:
@@ -185,7 +186,9 @@ class _BlockTemplate(_Template):
         return cdiv(tokens, meta["BLOCK_T"]), out_features // meta["ROWS"], 1
 
     def configs(self):
-        return [dict(BLOCK_T=t, num_warps=w) for t in (16, 32, 64, 128) for w in (4, 8)]
+        from padst_compiler.kernels.triton import kernels as triton_kernels
+
+        return [dict(tile) for tile in triton_kernels.BLOCK_FORWARD_TILES]
 
     def random_index(self, values, index, in_features, out_features):
         n_rows, kept, _, block_cols = _sizes(values)
@@ -199,7 +202,9 @@ class _RowsTemplate(_Template):
         return cdiv(tokens, meta["BLOCK_T"]), cdiv(out_features, meta["BLOCK_O"]), 1
 
     def configs(self):
-        return [dict(BLOCK_T=t, BLOCK_O=o, num_warps=4) for t in (16, 64) for o in (32, 64)]
+        from padst_compiler.kernels.triton import kernels as triton_kernels
+
+        return [dict(tile) for tile in triton_kernels.ROWS_FORWARD_TILES]
 
 
 class _NMTemplate(_RowsTemplate):

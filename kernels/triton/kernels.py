@@ -38,8 +38,20 @@ def _autotune(configs, key):
     return triton.autotune(configs[:1] if INTERPRETED else configs, key=key)
 
 
-def _token_configs(*block_tokens):
-    return [triton.Config({"BLOCK_T": t}, num_warps=w) for t in block_tokens for w in (4, 8)]
+def _configs(tiles):
+    """``triton.Config`` objects of tile dicts (meta-parameters and ``num_warps``)."""
+    return [triton.Config({k: v for k, v in tile.items() if k != "num_warps"}, num_warps=tile["num_warps"])
+            for tile in tiles]
+
+
+def _token_tiles(*block_tokens):
+    return tuple({"BLOCK_T": t, "num_warps": w} for t in block_tokens for w in (4, 8))
+
+
+# Tiles of the forward kernels. The Inductor templates of the same forwards
+# (kernels/inductor/lowering.py) offer the autotuner these very tiles.
+BLOCK_FORWARD_TILES = _token_tiles(16, 32, 64, 128)
+ROWS_FORWARD_TILES = tuple({"BLOCK_T": t, "BLOCK_O": o, "num_warps": 4} for t in (16, 64) for o in (32, 64))
 
 
 # ------------------------------------------------------------------ launching
@@ -102,7 +114,7 @@ def block_tile(block_rows, block_cols):
                 USE_DOT=use_dot)
 
 
-@_autotune(_token_configs(16, 32, 64, 128), key=["n_tokens", "kept", "ROWS", "COLS"])
+@_autotune(_configs(BLOCK_FORWARD_TILES), key=["n_tokens", "kept", "ROWS", "COLS"])
 @triton.jit
 def _block_forward_kernel(x_ptr, values_ptr, col_blocks_ptr, bias_ptr, in_map_ptr, out_pos_ptr, y_ptr,
                           n_tokens, in_features, out_features, kept,
@@ -137,7 +149,7 @@ def _block_forward_kernel(x_ptr, values_ptr, col_blocks_ptr, bias_ptr, in_map_pt
              mask=t_mask[:, None] & r_mask[None, :])
 
 
-@_autotune(_token_configs(16, 32, 64, 128), key=["n_tokens", "ROWS", "COLS"])
+@_autotune(_configs(_token_tiles(16, 32, 64, 128)), key=["n_tokens", "ROWS", "COLS"])
 @triton.jit
 def _block_grad_input_kernel(grad_ptr, values_ptr, starts_ptr, counts_ptr, block_rows_ptr, kept_blocks_ptr,
                              in_map_ptr, out_pos_ptr, dx_ptr, n_tokens, in_features, out_features,
@@ -170,7 +182,7 @@ def _block_grad_input_kernel(grad_ptr, values_ptr, starts_ptr, counts_ptr, block
              mask=t_mask[:, None] & c_mask[None, :])
 
 
-@_autotune(_token_configs(16, 32, 64), key=["n_tokens", "ROWS", "COLS"])
+@_autotune(_configs(_token_tiles(16, 32, 64)), key=["n_tokens", "ROWS", "COLS"])
 @triton.jit
 def _block_grad_values_kernel(grad_ptr, x_ptr, col_blocks_ptr, in_map_ptr, out_pos_ptr, partial_ptr,
                               n_tokens, in_features, out_features, kept, n_kept_blocks, tokens_per_split,
@@ -252,7 +264,7 @@ def block_grad_values(grad, x, values, col_blocks, in_index, out_index):
 # ----------------------------------------------------------- row-sparse (ELL)
 
 
-@_autotune([triton.Config({"BLOCK_T": t, "BLOCK_O": o}, num_warps=4) for t in (16, 64) for o in (32, 64)],
+@_autotune(_configs(ROWS_FORWARD_TILES),
            key=["n_tokens", "out_features", "nnz"])
 @triton.jit
 def _ell_forward_kernel(x_ptr, cols_ptr, vals_ptr, bias_ptr, in_map_ptr, out_pos_ptr, y_ptr,

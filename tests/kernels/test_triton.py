@@ -60,6 +60,17 @@ def test_template_lowerings_register_on_this_torch():
                           inductor_lowering._Lowering), structure
 
 
+def test_the_inductor_templates_offer_the_tiles_of_the_launcher_kernels():
+    triton_kernels = pytest.importorskip("padst_compiler.kernels.triton.kernels")
+    for op, kernel, tiles in (("block_linear", triton_kernels._block_forward_kernel, triton_kernels.BLOCK_FORWARD_TILES),
+                              ("nm_linear", triton_kernels._ell_forward_kernel, triton_kernels.ROWS_FORWARD_TILES),
+                              ("diag_linear", triton_kernels._ell_forward_kernel, triton_kernels.ROWS_FORWARD_TILES)):
+        offered = inductor_lowering._TEMPLATES[op].configs()
+        assert offered == [dict(tile) for tile in tiles] and offered[0] is not tiles[0]
+        launched = [{**config.kwargs, "num_warps": config.num_warps} for config in kernel.configs]
+        assert launched == list(tiles)[:len(launched)]  # the interpreter keeps the first only
+
+
 def test_functionalization_keeps_the_ops_opaque_off_cuda():
     """The CUDA-only decomposition rule is registered on this torch and passes CPU ops through."""
     from functorch.compile import aot_function, make_boxed_func
