@@ -46,11 +46,10 @@ from padst_compiler.passes.graph import (
 )
 
 STANDALONE = 1.0  # a gather pass over a tensor
-# Fused indices cost little, loads less than stores: on the CPU kernels a forward+backward of
-# a 768 -> 3072 layer at 4096 tokens took 2-3 % longer with an in_index and 25-33 % longer with
-# an out_index (block, N:M, diagonal), the 3072 -> 768 one 5-11 % with either
-# (`padst bench kernels` has the in_index column). An out_index the fold pass moves into an
-# N:M weight's rows costs nothing.
+# Fused indices cost little, loads less than stores (`padst bench kernels`, columns in_index
+# and out_index, AVX2): a 768 -> 3072 forward took -5..+8 % longer with an in_index and
+# +13..+66 % with an out_index, a 3072 -> 768 one -2..+46 % and +4..+54 %. An out_index the
+# fold pass moves into an N:M weight's rows costs nothing.
 FUSED_LOAD = 0.001  # an in_index: indexed load inside the consuming kernel
 FUSED_STORE = 0.002  # an out_index: indexed store inside the producing kernel
 _REDUCTIONS = {torch.sum, torch.mean, torch.amax, torch.amin, torch.logsumexp}
