@@ -1,4 +1,6 @@
 """Optional integrations with other libraries; each module imports its library on import."""
 
 if __name__ != "padst_compiler.integrations":  # pragma: no cover - exercised in a subprocess test
-    raise ImportError(f"this package must be imported as padst_compiler.integrations, not {__name__!r}")
+    from padst_compiler.misplaced import stand_in
+
+    stand_in(__name__, "padst_compiler.integrations")

@@ -4,10 +4,9 @@ Depends on nothing else in the project (design section 7).
 """
 
 if __name__ != "padst_compiler.kernels":  # pragma: no cover - exercised in a subprocess test
-    raise ImportError(
-        f"this package must be imported as padst_compiler.kernels, not {__name__!r}; "
-        "install the project (pip install -e .) and import it through padst_compiler"
-    )
+    from padst_compiler.misplaced import stand_in
+
+    stand_in(__name__, "padst_compiler.kernels")
 
 from padst_compiler.kernels.eager import derived, select
 from padst_compiler.kernels.ops import registry  # noqa: F401  (registers torch.ops.padst.*)

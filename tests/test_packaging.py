@@ -13,11 +13,23 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("folder", ["kernels", "passes", "training", "integrations"])
-def test_root_folders_cannot_be_imported_under_a_second_name(folder):
-    result = subprocess.run([sys.executable, "-c", f"import {folder}"], cwd=ROOT,
-                            capture_output=True, text=True)
+def test_root_folders_cannot_be_used_under_a_second_name(folder):
+    """From the repository root ``import kernels`` finds the folder: a stand-in with no file or
+    version (what a package probe reads as "not installed") that refuses any use."""
+    code = (f"import {folder}; assert getattr({folder}, '__file__', None) is None; "
+            f"assert getattr({folder}, '__version__', 'N/A') == 'N/A'; {folder}.anything")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode != 0
-    assert f"must be imported as padst_compiler.{folder}" in result.stderr
+    assert f"ImportError: this package must be imported as padst_compiler.{folder}" in result.stderr
+
+
+def test_transformers_imports_its_trainer_from_the_repository_root():
+    """transformers imports a ``kernels`` package it finds on sys.path (the Hub's kernels);
+    the root folder of that name used to make ``from transformers import Trainer`` fail."""
+    pytest.importorskip("transformers")
+    result = subprocess.run([sys.executable, "-c", "from transformers import Trainer"], cwd=ROOT,
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
 
 
 def test_subpackages_resolve_to_the_root_folders():

@@ -6,7 +6,9 @@
 """
 
 if __name__ != "padst_compiler.training":  # pragma: no cover - exercised in a subprocess test
-    raise ImportError(f"this package must be imported as padst_compiler.training, not {__name__!r}")
+    from padst_compiler.misplaced import stand_in
+
+    stand_in(__name__, "padst_compiler.training")
 
 from padst_compiler.kernels.structures import NM, Block, Diagonal, Structure, Unstructured
 from padst_compiler.training.layer import PADSTLinear

@@ -1,0 +1,37 @@
+"""What the repository's root folders (``kernels/``, ``passes/``, ``training/``,
+``integrations/``) become when Python finds them as top-level packages, because the
+repository root is on ``sys.path`` (the current directory of ``python -c``, ``python -m``,
+a REPL or a notebook started there).
+
+They are subpackages of ``padst_compiler``; under a second name they would be a second copy
+of the code, so any use is refused. A bare ``import`` must still succeed: libraries probe
+for packages of the same name, and transformers imports any ``kernels`` it finds (the
+Hub's kernels package) while importing its ``Trainer``, which then failed in such a
+directory. The stand-in has no file and no version, which such probes read as a folder
+shadowing a package that is not installed.
+"""
+
+from __future__ import annotations
+
+import sys
+import types
+
+
+class MisplacedPackage(types.ModuleType):
+    """A module whose every public attribute raises an ``ImportError`` naming the right import."""
+
+    def __init__(self, name: str, proper: str):
+        super().__init__(name)
+        self._proper = proper
+
+    def __getattr__(self, attribute: str):
+        if attribute.startswith("__") and attribute.endswith("__"):  # probes: __file__, __version__, __path__
+            raise AttributeError(attribute)
+        raise ImportError(f"this package must be imported as {self._proper}, not {self.__name__!r}; install the "
+                          "project (pip install -e .) and import it through padst_compiler")
+
+
+def stand_in(name: str, proper: str) -> None:
+    """Make the module being imported as ``name`` a ``MisplacedPackage`` (the rest of its file
+    still runs, into the module object this discards)."""
+    sys.modules[name] = MisplacedPackage(name, proper)
