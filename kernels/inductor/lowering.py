@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import textwrap
 import threading
 from abc import ABC, abstractmethod
 from pathlib import Path
@@ -42,17 +43,22 @@ _INPUTS = """\
     + (["IN_MAP"] if HAS_IN_MAP else []) + (["OUT_INDEX", "OUT_POS"] if HAS_OUT_POS else []) %}
 {{def_kernel(*inputs)}}
     n_tokens = {{size("X", 0)}}
+    in_features = {{size("X", 1)}}
     stride_xt = {{stride("X", 0)}}
     stride_xi = {{stride("X", 1)}}
 """
 
-# Reads the tile of x at the columns ``cols`` (through in_index when there is one).
+# Reads the tile of x at the columns ``cols`` (through in_index when there is one). Columns
+# taken from index values are masked to x's width: a compiled graph reads the index buffers
+# without the ops' range checks (see ``_inside`` in the launcher kernels).
 _LOAD_X = """\
+        cols_ok = cols_mask & (cols >= 0) & (cols < in_features)
 {%- if HAS_IN_MAP %}
-        cols = tl.load(IN_MAP + cols, mask=cols_mask, other=0)
+        cols = tl.load(IN_MAP + cols, mask=cols_ok, other=0)
+        cols_ok = cols_ok & (cols >= 0) & (cols < in_features)
 {%- endif %}
         x = tl.load(X + tokens[:, None] * stride_xt + cols[None, :] * stride_xi,
-                    mask=t_mask[:, None] & cols_mask[None, :], other=0.0)
+                    mask=t_mask[:, None] & cols_ok[None, :], other=0.0)
 """
 
 
@@ -128,7 +134,7 @@ DIAG_SOURCE = _ROWS_HEAD + """\
             j = z_rows + repeat * OUT
             cols = (j + offset) % IN
             v = tl.load(VALUES + k * LENGTH + j, mask=z_mask, other=0.0).to(tl.float32)
-""" + _ROWS_ACCUMULATE.replace("\n        ", "\n            ") + _store("BLOCK_O")
+""" + textwrap.indent(_ROWS_ACCUMULATE, "    ") + _store("BLOCK_O")
 
 
 # ------------------------------------------------------------------ structures

@@ -92,6 +92,15 @@ def dot_precision(dtype):
 
 
 @triton.jit
+def _inside(index, size):
+    """Lanes whose index value addresses one of ``size`` entries. Every address a kernel takes
+    from an index tensor's values is masked with this: the ops check index ranges before
+    launching, but a graph compiled by Inductor reads the index buffers without those checks,
+    and no value may make a kernel read or write outside its tensors."""
+    return (index >= 0) & (index < size)
+
+
+@triton.jit
 def _matmul_acc(acc, a, b, USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """``acc + a @ b`` in fp32. ``tl.dot`` needs every dimension >= 16 (the launchers pad
     to that when it wastes at most half a tile); smaller blocks use a broadcast product."""
@@ -132,10 +141,12 @@ def _block_forward_kernel(x_ptr, values_ptr, col_blocks_ptr, bias_ptr, in_map_pt
     for slot in range(kept):
         kept_block = block_row * kept + slot
         cols = tl.load(col_blocks_ptr + kept_block) * COLS + c
+        cols_ok = c_mask & _inside(cols, in_features)
         if HAS_IN_MAP:
-            cols = tl.load(in_map_ptr + cols, mask=c_mask, other=0)
+            cols = tl.load(in_map_ptr + cols, mask=cols_ok, other=0)
+            cols_ok = cols_ok & _inside(cols, in_features)
         x = tl.load(x_ptr + tokens[:, None] * in_features + cols[None, :],
-                    mask=t_mask[:, None] & c_mask[None, :], other=0.0)
+                    mask=t_mask[:, None] & cols_ok[None, :], other=0.0)
         w_t = tl.load(values_ptr + (kept_block * ROWS + r[None, :]) * COLS + c[:, None],
                       mask=c_mask[:, None] & r_mask[None, :], other=0.0)
         acc = _matmul_acc(acc, x, w_t, USE_DOT, DOT_PRECISION)
@@ -176,10 +187,12 @@ def _block_grad_input_kernel(grad_ptr, values_ptr, starts_ptr, counts_ptr, block
                     mask=r_mask[:, None] & c_mask[None, :], other=0.0)
         acc = _matmul_acc(acc, g, w, USE_DOT, DOT_PRECISION)
     cols = col_block * COLS + c
+    cols_ok = c_mask
     if HAS_IN_MAP:
         cols = tl.load(in_map_ptr + cols, mask=c_mask, other=0)
+        cols_ok = cols_ok & _inside(cols, in_features)
     tl.store(dx_ptr + tokens[:, None] * in_features + cols[None, :], acc.to(dx_ptr.dtype.element_ty),
-             mask=t_mask[:, None] & c_mask[None, :])
+             mask=t_mask[:, None] & cols_ok[None, :])
 
 
 @_autotune(_configs(_token_tiles(16, 32, 64)), key=["n_tokens", "ROWS", "COLS"])
@@ -199,8 +212,10 @@ def _block_grad_values_kernel(grad_ptr, x_ptr, col_blocks_ptr, in_map_ptr, out_p
     if HAS_OUT_POS:
         grad_cols = tl.load(out_pos_ptr + grad_cols, mask=r_mask, other=0)
     x_cols = tl.load(col_blocks_ptr + kept_block) * COLS + c
+    x_ok = c_mask & _inside(x_cols, in_features)
     if HAS_IN_MAP:
-        x_cols = tl.load(in_map_ptr + x_cols, mask=c_mask, other=0)
+        x_cols = tl.load(in_map_ptr + x_cols, mask=x_ok, other=0)
+        x_ok = x_ok & _inside(x_cols, in_features)
     first = split * tokens_per_split
     end = tl.minimum(first + tokens_per_split, n_tokens)
     acc = tl.zeros((ROWS_PAD, COLS_PAD), dtype=tl.float32)
@@ -210,7 +225,7 @@ def _block_grad_values_kernel(grad_ptr, x_ptr, col_blocks_ptr, in_map_ptr, out_p
         g_t = tl.load(grad_ptr + tokens[None, :] * out_features + grad_cols[:, None],
                       mask=r_mask[:, None] & t_mask[None, :], other=0.0)
         x = tl.load(x_ptr + tokens[:, None] * in_features + x_cols[None, :],
-                    mask=t_mask[:, None] & c_mask[None, :], other=0.0)
+                    mask=t_mask[:, None] & x_ok[None, :], other=0.0)
         acc = _matmul_acc(acc, g_t, x, USE_DOT, DOT_PRECISION)
     out = partial_ptr + ((split * n_kept_blocks + kept_block) * ROWS + r[:, None]) * COLS + c[None, :]
     tl.store(out, acc, mask=r_mask[:, None] & c_mask[None, :])
@@ -278,11 +293,13 @@ def _ell_forward_kernel(x_ptr, cols_ptr, vals_ptr, bias_ptr, in_map_ptr, out_pos
     acc = tl.zeros((BLOCK_T, BLOCK_O), dtype=tl.float32)
     for slot in range(nnz):
         cols = tl.load(cols_ptr + rows * nnz + slot, mask=r_mask, other=0)
+        cols_ok = r_mask & _inside(cols, in_features)
         if HAS_IN_MAP:
-            cols = tl.load(in_map_ptr + cols, mask=r_mask, other=0)
+            cols = tl.load(in_map_ptr + cols, mask=cols_ok, other=0)
+            cols_ok = cols_ok & _inside(cols, in_features)
         v = tl.load(vals_ptr + rows * nnz + slot, mask=r_mask, other=0.0).to(tl.float32)
         x = tl.load(x_ptr + tokens[:, None] * in_features + cols[None, :],
-                    mask=t_mask[:, None] & r_mask[None, :], other=0.0)
+                    mask=t_mask[:, None] & cols_ok[None, :], other=0.0)
         acc += x.to(tl.float32) * v[None, :]
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rows, mask=r_mask, other=0.0).to(tl.float32)[None, :]
@@ -318,10 +335,12 @@ def _ell_grad_input_kernel(grad_ptr, starts_ptr, counts_ptr, rows_ptr, vals_ptr,
                     mask=t_mask[:, None] & e_mask[None, :], other=0.0)
         acc += g.to(tl.float32) * w[None, :]
     dst = cols
+    dst_ok = c_mask
     if HAS_IN_MAP:
         dst = tl.load(in_map_ptr + cols, mask=c_mask, other=0)
+        dst_ok = dst_ok & _inside(dst, in_features)
     tl.store(dx_ptr + tokens[:, None] * in_features + dst[None, :], acc.to(dx_ptr.dtype.element_ty),
-             mask=t_mask[:, None] & c_mask[None, :])
+             mask=t_mask[:, None] & dst_ok[None, :])
 
 
 @_autotune([triton.Config({"BLOCK_T": t, "BLOCK_E": e}, num_warps=4) for t in (16, 32) for e in (64, 128)],
@@ -339,8 +358,10 @@ def _ell_grad_values_kernel(grad_ptr, x_ptr, cols_ptr, in_map_ptr, out_pos_ptr, 
     if HAS_OUT_POS:
         grad_cols = tl.load(out_pos_ptr + grad_cols, mask=e_mask, other=0)
     x_cols = tl.load(cols_ptr + entries, mask=e_mask, other=0)
+    x_ok = e_mask & _inside(x_cols, in_features)
     if HAS_IN_MAP:
-        x_cols = tl.load(in_map_ptr + x_cols, mask=e_mask, other=0)
+        x_cols = tl.load(in_map_ptr + x_cols, mask=x_ok, other=0)
+        x_ok = x_ok & _inside(x_cols, in_features)
     first = split * tokens_per_split
     end = tl.minimum(first + tokens_per_split, n_tokens)
     acc = tl.zeros((BLOCK_E,), dtype=tl.float32)
@@ -348,7 +369,7 @@ def _ell_grad_values_kernel(grad_ptr, x_ptr, cols_ptr, in_map_ptr, out_pos_ptr, 
         tokens = (t0 + tl.arange(0, BLOCK_T)).to(tl.int64)
         mask = (tokens < end)[:, None] & e_mask[None, :]
         g = tl.load(grad_ptr + tokens[:, None] * out_features + grad_cols[None, :], mask=mask, other=0.0)
-        x = tl.load(x_ptr + tokens[:, None] * in_features + x_cols[None, :], mask=mask, other=0.0)
+        x = tl.load(x_ptr + tokens[:, None] * in_features + x_cols[None, :], mask=mask & x_ok[None, :], other=0.0)
         acc += tl.sum(g.to(tl.float32) * x.to(tl.float32), axis=0)
     tl.store(partial_ptr + split * n_entries + entries, acc, mask=e_mask)
 

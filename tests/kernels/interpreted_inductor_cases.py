@@ -217,3 +217,18 @@ def test_a_failing_template_falls_back_to_the_opaque_op_with_a_warning(monkeypat
     torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4)
     assert "lowering padst.block_linear.default failed" in caplog.text and "template codegen broke" in caplog.text
     FileCheck().check("torch.ops.padst.block_linear.default(").run(code[0])
+
+
+@pytest.mark.parametrize("structure", [Block(16, 16), NM(4), Diagonal()], ids=str)
+@pytest.mark.parametrize("value", [1 << 40, -3])
+def test_a_compiled_template_masks_index_values_outside_their_tensors(structure, value):
+    """A compiled graph hands the template its index buffer without the ops' range checks:
+    the template masks every column it takes from an index value (a wild read of 1 << 40
+    elements would crash this process), so a corrupted index gives finite numbers."""
+    weight, x, residual, bias, in_index, out_index = _case(structure, (OUT, IN), True)
+    compiled = torch.compile(_epilogue_model(structure, OUT), fullgraph=True)
+    compiled(x, residual, weight.values, weight.index, bias, in_index, out_index)
+    corrupted, bad_in_index = weight.index.clone(), in_index.clone()
+    corrupted.view(-1)[0], bad_in_index[0] = value, value
+    for index, mapped in ((corrupted, in_index), (weight.index, bad_in_index)):
+        assert torch.isfinite(compiled(x, residual, weight.values, index, bias, mapped, out_index)).all()

@@ -74,3 +74,28 @@ HALF_CASES = [(case, torch.float16) for case in CASES[::2]] + \
 def test_half_precision_matches_dense_reference(case, dtype):
     # the tolerance covers rounding the 16-bit inputs and outputs
     check_against_reference(case, dtype, atol=0.1, rtol=0.02)
+
+
+# Index values no range check has seen, as a graph compiled by Inductor hands them to the
+# kernels: far outside, negative, one block or feature past the end. Every address taken from
+# an index value is masked, so nothing outside the tensors is read or written (a wild read
+# of 1 << 40 elements would crash this process) and what the kernels return is finite; host
+# preparation that builds a transposed structure from the index refuses instead (a torch error).
+@pytest.mark.parametrize("prefix,structure", [("block", Block(8, 8)), ("nm", NM(4)), ("diag", Diagonal())],
+                         ids=["block", "nm", "diag"])
+@pytest.mark.parametrize("target", ["index", "in_index"])
+@pytest.mark.parametrize("value", [1 << 40, -3, 128])
+def test_index_values_outside_their_tensors_address_nothing(prefix, structure, target, value):
+    weight, x, grad, bias, in_index, out_index = make_inputs(structure, 64, 128, 5, {IN})
+    (weight.index if target == "index" else in_index).view(-1)[0] = value
+    from padst_compiler.kernels.triton import kernels as triton_kernels
+
+    y = triton_kernels.__dict__[f"{prefix}_forward"](x, weight.values, weight.index, 64, bias, in_index, out_index)
+    assert torch.isfinite(y).all()
+    for part, args in (("grad_input", (grad, weight.values, weight.index, 128, in_index, out_index)),
+                       ("grad_values", (grad, x, weight.values, weight.index, in_index, out_index))):
+        try:
+            result = triton_kernels.__dict__[f"{prefix}_{part}"](*args)
+        except RuntimeError:
+            continue
+        assert torch.isfinite(result).all(), part
