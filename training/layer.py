@@ -163,7 +163,8 @@ class PADSTLinear(nn.Module):
     def frozen(self) -> bool:
         """Whether none of the layer's weights trains (``requires_grad_(False)``, as when
         fine-tuning part of a model): the DST scheduler then leaves the layer as it is."""
-        return not any(p.requires_grad for p in (self.values, self.dense_weight_proxy, self.soft_perm) if p is not None)
+        weights = (self._parameters[name] for name in ("values", "dense_weight_proxy", "soft_perm"))  # no __getattr__
+        return not any(p is not None and p.requires_grad for p in weights)
 
     @property
     def soft(self) -> bool:

@@ -103,10 +103,11 @@ class DSTScheduler:
 
     # ------------------------------------------------------------------ permutations
 
-    def _training_layers(self) -> list[tuple[str, nn.Module]]:
-        """The layers the schedule moves: a frozen layer (no weight trains) keeps its
-        permutation, warm-up, soft matrix and mask until it trains again."""
-        return [(name, layer) for name, layer in self.layers if not layer.frozen]
+    def _soft_layers(self) -> list[nn.Module]:
+        """The still-soft layers the schedule moves: a frozen layer (no weight trains) keeps
+        its permutation, warm-up, soft matrix and mask until it trains again. (``soft`` is
+        tested first: after hardening, a step checks no layer for being frozen.)"""
+        return [layer for _, layer in self.layers if layer.soft and not layer.frozen]
 
     def current_penalty_weight(self) -> float:
         """Geometric ramp from ``penalty_start`` to ``penalty_weight`` over the soft phase: weak
@@ -117,7 +118,7 @@ class DSTScheduler:
         return self.penalty_start * (self.penalty_weight / self.penalty_start) ** progress
 
     def _soft_matrices(self) -> list[nn.Parameter]:
-        return [layer.soft_perm for _, layer in self._training_layers() if layer.soft and layer.soft_perm is not None]
+        return [layer.soft_perm for layer in self._soft_layers() if layer.soft_perm is not None]
 
     def permutation_penalty(self) -> torch.Tensor:
         """``lambda * sum`` of the normalised penalties of the still-soft layers.
@@ -168,8 +169,8 @@ class DSTScheduler:
 
     @torch.no_grad()
     def _keep_soft_permutations_feasible(self) -> None:
-        for _, layer in self._training_layers():
-            if layer.soft and layer.soft_perm is not None:
+        for layer in self._soft_layers():
+            if layer.soft_perm is not None:
                 matrix = whole(layer.soft_perm).clone()
                 assign(layer.soft_perm, project_to_birkhoff_(matrix, self.sinkhorn_iterations))
 
@@ -186,7 +187,7 @@ class DSTScheduler:
             return
         sample = step - end // 2
         left = lambda t: 1 - (t / end) ** 3  # noqa: E731
-        for _, layer in self._training_layers():
+        for layer in self._soft_layers():
             if sample >= 1:
                 layer.average_warmup_weight(sample)
             if step == end:
@@ -198,9 +199,7 @@ class DSTScheduler:
 
     @torch.no_grad()
     def _harden_due(self) -> None:
-        for _, layer in self._training_layers():
-            if not layer.soft:
-                continue
+        for layer in self._soft_layers():
             below_threshold = layer.soft_perm is not None and float(layer.penalty()) < self.harden_threshold
             if self.step_count >= self.harden_step or below_threshold:
                 layer.harden()
@@ -243,8 +242,8 @@ class DSTScheduler:
         """Units each layer drops at ``step`` (layers in ``skip`` and layers dropping none left out)."""
         fraction = dst.drop_fraction_at(step, self.drop_fraction, self.end_step)
         counts = {}
-        for name, layer in self._training_layers():
-            if name not in skip:
+        for name, layer in self.layers:
+            if name not in skip and not layer.frozen:
                 kept = int(layer.structure.index_to_units(layer.index, layer.out_features, layer.in_features).sum())
                 if round(fraction * kept):
                     counts[name] = round(fraction * kept)
@@ -297,7 +296,7 @@ class DSTScheduler:
         drop_counts = self._drop_counts(self.step_count + 1, was_warming_up) if update else {}
         self._check_update_inputs(drop_counts)
         if self.step_count + 1 >= self.harden_step:  # every soft layer hardens now: refuse before any does
-            for _, layer in self._training_layers():
+            for layer in self._soft_layers():
                 layer.check_hardenable()
         self.step_count += 1
         self._keep_soft_permutations_feasible()
