@@ -86,6 +86,14 @@ def _index_maps(in_index, out_index, fallback):
     return in_map, out_pos, in_index is not None, out_index is not None
 
 
+def _output(like, rows, cols, scatter):
+    """The result a kernel writes, its columns scattered through ``scatter`` (a forward's
+    out_index, an input gradient's in_index) when given. A repeated or out-of-range entry
+    there leaves columns unwritten, so the result then starts zeroed (wrong numbers, never
+    stale memory), as the native kernels' ``output_buffer`` does."""
+    return like.new_empty(rows, cols) if scatter is None else like.new_zeros(rows, cols)
+
+
 def dot_precision(dtype):
     """fp32 inputs multiply in full precision, like torch's default matmul."""
     return "ieee" if dtype == torch.float32 else "tf32"
@@ -235,7 +243,7 @@ def block_forward(x, values, col_blocks, out_features, bias, in_index, out_index
     x, values = x.contiguous(), values.contiguous()
     n_rows, kept, block_rows, block_cols = values.shape
     n_tokens, in_features = x.shape
-    y = x.new_empty(n_tokens, out_features)
+    y = _output(x, n_tokens, out_features, out_index)
     in_map, out_pos, has_in, has_out = _index_maps(in_index, out_index, col_blocks)
     grid = lambda meta: (triton.cdiv(n_tokens, meta["BLOCK_T"]), n_rows)  # noqa: E731
     _launch(_block_forward_kernel, grid)(
@@ -251,7 +259,7 @@ def block_grad_input(grad, values, col_blocks, in_features, in_index, out_index)
     n_tokens, out_features = grad.shape
     kept_ids = torch.arange(n_rows * kept, device=col_blocks.device).view(n_rows, kept)
     readers = implementations.transpose_rows(col_blocks, kept_ids, in_features // block_cols)
-    dx = grad.new_empty(n_tokens, in_features)
+    dx = _output(grad, n_tokens, in_features, in_index)
     in_map, out_pos, has_in, has_out = _index_maps(in_index, out_index, col_blocks)
     grid = lambda meta: (triton.cdiv(n_tokens, meta["BLOCK_T"]), in_features // block_cols)  # noqa: E731
     _launch(_block_grad_input_kernel, grid)(
@@ -378,7 +386,7 @@ def ell_forward(x, cols, vals, bias, in_index, out_index):
     x, cols, vals = x.contiguous(), cols.contiguous(), vals.contiguous()
     n_tokens, in_features = x.shape
     out_features, nnz = cols.shape
-    y = x.new_empty(n_tokens, out_features)
+    y = _output(x, n_tokens, out_features, out_index)
     in_map, out_pos, has_in, has_out = _index_maps(in_index, out_index, cols)
     grid = lambda meta: (triton.cdiv(n_tokens, meta["BLOCK_T"]), triton.cdiv(out_features, meta["BLOCK_O"]))  # noqa: E731
     _launch(_ell_forward_kernel, grid)(
@@ -392,7 +400,7 @@ def ell_grad_input(grad, cols, vals, in_features, in_index, out_index):
     grad = grad.contiguous()
     n_tokens, out_features = grad.shape
     readers = implementations.transpose_rows(cols, vals, in_features)
-    dx = grad.new_empty(n_tokens, in_features)
+    dx = _output(grad, n_tokens, in_features, in_index)
     in_map, out_pos, has_in, has_out = _index_maps(in_index, out_index, cols)
     grid = lambda meta: (triton.cdiv(n_tokens, meta["BLOCK_T"]), triton.cdiv(in_features, meta["BLOCK_I"]))  # noqa: E731
     _launch(_ell_grad_input_kernel, grid)(
