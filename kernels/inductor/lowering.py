@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import textwrap
 import threading
 from abc import ABC, abstractmethod
 from pathlib import Path
@@ -33,108 +32,69 @@ log = logging.getLogger(__name__)
 
 # ----------------------------------------------------------------- template sources
 #
-# Jinja sources for Inductor's TritonTemplate. ``def_kernel`` names the inputs, which
-# differ by the optional bias and permutations; ``store_output`` is Inductor's store, where
-# an epilogue fuses. The column indices of that store come from OUT_POS, the inverse of
-# out_index: a template writes each z row straight to its permuted output column.
+# Jinja sources for Inductor's TritonTemplate. Each runs the forward body its launcher
+# kernel runs (kernels/triton/bodies.py, imported by the generated module), so a template
+# differs from the launcher only in how it stores: ``store_output`` is Inductor's store,
+# where an epilogue fuses. ``def_kernel`` names the inputs, which differ by the optional
+# bias and permutations; an absent one is passed as INDEX, which the body never reads
+# through it. The column indices of the store come from OUT_POS, the inverse of out_index:
+# a template writes each z row straight to its permuted output column.
 
-_INPUTS = """\
+_HEAD = """\
+from padst_compiler.kernels.triton import bodies as padst_bodies
 {%- set inputs = ["X", "VALUES", "INDEX"] + (["BIAS"] if HAS_BIAS else [])
     + (["IN_MAP"] if HAS_IN_MAP else []) + (["OUT_INDEX", "OUT_POS"] if HAS_OUT_POS else []) %}
 {{def_kernel(*inputs)}}
     n_tokens = {{size("X", 0)}}
     in_features = {{size("X", 1)}}
-    stride_xt = {{stride("X", 0)}}
-    stride_xi = {{stride("X", 1)}}
+    tokens, t_mask = padst_bodies.token_tile(BLOCK_T, n_tokens)
 """
 
-# Reads the tile of x at the columns ``cols`` (through in_index when there is one). Columns
-# taken from index values are masked to x's width: a compiled graph reads the index buffers
-# without the ops' range checks (see ``_inside`` in the launcher kernels).
-_LOAD_X = """\
-        cols_ok = cols_mask & (cols >= 0) & (cols < in_features)
-{%- if HAS_IN_MAP %}
-        cols = tl.load(IN_MAP + cols, mask=cols_ok, other=0)
-        cols_ok = cols_ok & (cols >= 0) & (cols < in_features)
-{%- endif %}
-        x = tl.load(X + tokens[:, None] * stride_xt + cols[None, :] * stride_xi,
-                    mask=t_mask[:, None] & cols_ok[None, :], other=0.0)
-"""
+# The arguments every body starts with: x, its strides, the structure and in_index.
+_X_VALUES_INDEX = ('X, {{stride("X", 0)}}, {{stride("X", 1)}}, VALUES, INDEX, '
+                   '{{"IN_MAP" if HAS_IN_MAP else "INDEX"}}, tokens, t_mask')
 
 
 def _store(tile_rows: str) -> str:
     """Adds the bias, maps the z rows ``z_rows`` to their output columns and stores the
     ``[BLOCK_T, tile_rows]`` accumulator through Inductor (where an epilogue fuses)."""
     return """\
-{%- if HAS_BIAS %}
-    acc += tl.load(BIAS + z_rows, mask=z_mask, other=0.0).to(tl.float32)[None, :]
-{%- endif %}
-{%- if HAS_OUT_POS %}
-    out_cols = tl.load(OUT_POS + z_rows, mask=z_mask, other=0)
-{%- else %}
-    out_cols = z_rows
-{%- endif %}
+    acc, out_cols, out_ok = padst_bodies.bias_and_columns(
+        acc, {{"BIAS" if HAS_BIAS else "INDEX"}}, {{"OUT_POS" if HAS_OUT_POS else "INDEX"}}, z_rows, z_mask, OUT,
+        HAS_BIAS, HAS_OUT_POS)
     idx_t = tokens[:, None]
     idx_n = out_cols[None, :]
-    mask = t_mask[:, None] & z_mask[None, :]
+    mask = t_mask[:, None] & out_ok[None, :]
     {{store_output(("idx_t", "idx_n"), "acc", "mask", val_shape=("BLOCK_T", "TILE_ROWS"))}}
 """.replace("TILE_ROWS", tile_rows)
 
-# One program: a tile of tokens times one block-row of z, summing its kept blocks.
-BLOCK_SOURCE = _INPUTS + """\
+
+BLOCK_SOURCE = _HEAD + """\
     block_row = tl.program_id(1)
-    tokens = (tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
+    acc = padst_bodies.block_forward(
+        """ + _X_VALUES_INDEX + """, block_row, in_features, KEPT,
+        ROWS, COLS, ROWS_PAD, COLS_PAD, USE_DOT, DOT_PRECISION, HAS_IN_MAP, BLOCK_T)
     r = tl.arange(0, ROWS_PAD)
-    c = tl.arange(0, COLS_PAD)
-    t_mask = tokens < n_tokens
-    z_mask = r < ROWS
-    cols_mask = c < COLS
-    acc = tl.zeros((BLOCK_T, ROWS_PAD), dtype=tl.float32)
-    for slot in range(KEPT):
-        kept_block = block_row * KEPT + slot
-        cols = tl.load(INDEX + kept_block) * COLS + c
-""" + _LOAD_X + """\
-        w_t = tl.load(VALUES + (kept_block * ROWS + r[None, :]) * COLS + c[:, None],
-                      mask=cols_mask[:, None] & z_mask[None, :], other=0.0)
-{%- if USE_DOT %}
-        acc = tl.dot(x, w_t, acc, input_precision=DOT_PRECISION)
-{%- else %}
-        acc += tl.sum(x.to(tl.float32)[:, :, None] * w_t.to(tl.float32)[None, :, :], axis=1)
-{%- endif %}
     z_rows = block_row * ROWS + r
+    z_mask = r < ROWS
 """ + _store("ROWS_PAD")
 
-# One program: a tile of tokens times a tile of z rows, a gather-dot per row. N:M reads
-# its kept positions per group, the diagonals their wrap-around columns; both read the
-# structure's own compressed form, so nothing is converted on the host.
-_ROWS_HEAD = _INPUTS + """\
-    tokens = (tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
+_ROWS_TILE = """\
     z_rows = tl.program_id(1) * BLOCK_O + tl.arange(0, BLOCK_O)
-    t_mask = tokens < n_tokens
     z_mask = z_rows < OUT
-    cols_mask = z_mask
-    acc = tl.zeros((BLOCK_T, BLOCK_O), dtype=tl.float32)
 """
 
-_ROWS_ACCUMULATE = _LOAD_X + """\
-        acc += x.to(tl.float32) * v[None, :]
-"""
+NM_SOURCE = _HEAD + _ROWS_TILE + """\
+    acc = padst_bodies.nm_forward(
+        """ + _X_VALUES_INDEX + """, z_rows, z_mask, in_features,
+        NNZ, KEPT, GROUP, HAS_IN_MAP, BLOCK_T, BLOCK_O)
+""" + _store("BLOCK_O")
 
-NM_SOURCE = _ROWS_HEAD + """\
-    for slot in range(NNZ):
-        cols = (slot // KEPT) * GROUP + tl.load(INDEX + z_rows * NNZ + slot, mask=z_mask, other=0)
-        v = tl.load(VALUES + z_rows * NNZ + slot, mask=z_mask, other=0.0).to(tl.float32)
-""" + _ROWS_ACCUMULATE + _store("BLOCK_O")
-
-# Entry j of diagonal k sits at (j % OUT, (j + offsets[k]) % IN); row i holds j = i + t*OUT.
-DIAG_SOURCE = _ROWS_HEAD + """\
-    for k in range(N_DIAG):
-        offset = tl.load(INDEX + k)
-        for repeat in range(REPEATS):
-            j = z_rows + repeat * OUT
-            cols = (j + offset) % IN
-            v = tl.load(VALUES + k * LENGTH + j, mask=z_mask, other=0.0).to(tl.float32)
-""" + textwrap.indent(_ROWS_ACCUMULATE, "    ") + _store("BLOCK_O")
+DIAG_SOURCE = _HEAD + _ROWS_TILE + """\
+    acc = padst_bodies.diag_forward(
+        """ + _X_VALUES_INDEX + """, z_rows, z_mask,
+        N_DIAG, LENGTH, OUT, IN, HAS_IN_MAP, BLOCK_T, BLOCK_O)
+""" + _store("BLOCK_O")
 
 
 # ------------------------------------------------------------------ structures
@@ -186,7 +146,7 @@ class _BlockTemplate(_Template):
         from padst_compiler.kernels.triton import kernels as triton_kernels
 
         _, kept, block_rows, block_cols = _sizes(values)
-        return dict(KEPT=kept, **triton_kernels.block_tile(block_rows, block_cols))
+        return dict(KEPT=kept, OUT=out_features, **triton_kernels.block_tile(block_rows, block_cols))
 
     def grid(self, tokens, out_features, meta, *, cdiv):
         return cdiv(tokens, meta["BLOCK_T"]), out_features // meta["ROWS"], 1
@@ -230,8 +190,7 @@ class _DiagonalTemplate(_RowsTemplate):
 
     def constants(self, values, index, in_features, out_features):
         n_diag, length = _sizes(values)
-        return dict(N_DIAG=n_diag, LENGTH=length, REPEATS=length // out_features, OUT=out_features,
-                    IN=in_features)
+        return dict(N_DIAG=n_diag, LENGTH=length, OUT=out_features, IN=in_features)
 
     def random_index(self, values, index, in_features, out_features):
         (n_diag,) = _sizes(index)
@@ -431,9 +390,12 @@ def ensure_registered() -> None:
 
 def _tag_compile_caches() -> None:
     """Inductor's on-disk caches do not see lowerings: a graph compiled without these (or
-    with another version of them) would be loaded as it was compiled. The tag puts this
-    module's source into every compile cache key of the process."""
-    tag = "padst-lowering-" + hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16]
+    with another version of them, or of the kernel bodies its templates import) would be
+    loaded as it was compiled. The tag puts the sources of this module and of those bodies
+    into every compile cache key of the process."""
+    bodies = Path(__file__).parents[1] / "triton" / "bodies.py"
+    sources = hashlib.sha256(Path(__file__).read_bytes() + bodies.read_bytes())
+    tag = "padst-lowering-" + sources.hexdigest()[:16]
     current = torch.compiler.config.cache_key_tag
     if tag not in current:
         torch.compiler.config.cache_key_tag = f"{current}+{tag}" if current else tag

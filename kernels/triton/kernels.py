@@ -6,7 +6,8 @@ are fused into the kernels: ``in_index`` is an indexed load of ``x`` (and an ind
 store of ``dx``), ``out_index`` an indexed store of ``y`` through its inverse (and an
 indexed load of the incoming gradient). Every kernel accumulates in fp32 and writes each
 output element exactly once: the input gradient reads the transposed structure, built
-on the host by one sort, so no kernel needs atomics.
+on the host by one sort, so no kernel needs atomics. The forward kernels run the bodies
+of :mod:`.bodies`, which the Inductor templates of the same forwards run too.
 
 The kernels are plain ``@triton.jit`` functions: with ``TRITON_INTERPRET=1`` set before
 this module is imported they run on CPU tensors.
@@ -24,6 +25,8 @@ import triton.language as tl
 
 from padst_compiler.kernels import implementations
 from padst_compiler.kernels.permutation import inverse_permutation
+from padst_compiler.kernels.triton import bodies
+from padst_compiler.kernels.triton.bodies import inside, matmul_acc
 
 # The interpreter runs the kernels in Python: one configuration keeps it fast and skips
 # benchmarking, which needs a GPU.
@@ -99,26 +102,6 @@ def dot_precision(dtype):
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-@triton.jit
-def _inside(index, size):
-    """Lanes whose index value addresses one of ``size`` entries. Every address a kernel takes
-    from an index tensor's values is masked with this: the ops check index ranges before
-    launching, but a graph compiled by Inductor reads the index buffers without those checks,
-    and no value may make a kernel read or write outside its tensors."""
-    return (index >= 0) & (index < size)
-
-
-@triton.jit
-def _matmul_acc(acc, a, b, USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """``acc + a @ b`` in fp32. ``tl.dot`` needs every dimension >= 16 (the launchers pad
-    to that when it wastes at most half a tile); smaller blocks use a broadcast product."""
-    if USE_DOT:
-        out = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
-    else:
-        out = acc + tl.sum(a.to(tl.float32)[:, :, None] * b.to(tl.float32)[None, :, :], axis=1)
-    return out
-
-
 # ----------------------------------------------------------------------- block
 
 
@@ -141,31 +124,15 @@ def _block_forward_kernel(x_ptr, values_ptr, col_blocks_ptr, bias_ptr, in_map_pt
                           BLOCK_T: tl.constexpr):
     """One program: a tile of tokens times one block-row of the output."""
     block_row = tl.program_id(1)
-    tokens = (tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
+    tokens, t_mask = bodies.token_tile(BLOCK_T, n_tokens)
+    acc = bodies.block_forward(x_ptr, in_features, 1, values_ptr, col_blocks_ptr, in_map_ptr, tokens, t_mask,
+                               block_row, in_features, kept, ROWS, COLS, ROWS_PAD, COLS_PAD, USE_DOT,
+                               DOT_PRECISION, HAS_IN_MAP, BLOCK_T)
     r = tl.arange(0, ROWS_PAD)
-    c = tl.arange(0, COLS_PAD)
-    t_mask, r_mask, c_mask = tokens < n_tokens, r < ROWS, c < COLS
-    acc = tl.zeros((BLOCK_T, ROWS_PAD), dtype=tl.float32)
-    for slot in range(kept):
-        kept_block = block_row * kept + slot
-        cols = tl.load(col_blocks_ptr + kept_block) * COLS + c
-        cols_ok = c_mask & _inside(cols, in_features)
-        if HAS_IN_MAP:
-            cols = tl.load(in_map_ptr + cols, mask=cols_ok, other=0)
-            cols_ok = cols_ok & _inside(cols, in_features)
-        x = tl.load(x_ptr + tokens[:, None] * in_features + cols[None, :],
-                    mask=t_mask[:, None] & cols_ok[None, :], other=0.0)
-        w_t = tl.load(values_ptr + (kept_block * ROWS + r[None, :]) * COLS + c[:, None],
-                      mask=c_mask[:, None] & r_mask[None, :], other=0.0)
-        acc = _matmul_acc(acc, x, w_t, USE_DOT, DOT_PRECISION)
-    z_rows = block_row * ROWS + r
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + z_rows, mask=r_mask, other=0.0).to(tl.float32)[None, :]
-    out_cols = z_rows
-    if HAS_OUT_POS:
-        out_cols = tl.load(out_pos_ptr + z_rows, mask=r_mask, other=0)
+    acc, out_cols, out_ok = bodies.bias_and_columns(acc, bias_ptr, out_pos_ptr, block_row * ROWS + r, r < ROWS,
+                                                    out_features, HAS_BIAS, HAS_OUT_POS)
     tl.store(y_ptr + tokens[:, None] * out_features + out_cols[None, :], acc.to(y_ptr.dtype.element_ty),
-             mask=t_mask[:, None] & r_mask[None, :])
+             mask=t_mask[:, None] & out_ok[None, :])
 
 
 @_autotune(_configs(_token_tiles(16, 32, 64, 128)), key=["n_tokens", "ROWS", "COLS"])
@@ -193,12 +160,12 @@ def _block_grad_input_kernel(grad_ptr, values_ptr, starts_ptr, counts_ptr, block
                     mask=t_mask[:, None] & r_mask[None, :], other=0.0)
         w = tl.load(values_ptr + (kept_block * ROWS + r[:, None]) * COLS + c[None, :],
                     mask=r_mask[:, None] & c_mask[None, :], other=0.0)
-        acc = _matmul_acc(acc, g, w, USE_DOT, DOT_PRECISION)
+        acc = matmul_acc(acc, g, w, USE_DOT, DOT_PRECISION)
     cols = col_block * COLS + c
     cols_ok = c_mask
     if HAS_IN_MAP:
         cols = tl.load(in_map_ptr + cols, mask=c_mask, other=0)
-        cols_ok = cols_ok & _inside(cols, in_features)
+        cols_ok = cols_ok & inside(cols, in_features)
     tl.store(dx_ptr + tokens[:, None] * in_features + cols[None, :], acc.to(dx_ptr.dtype.element_ty),
              mask=t_mask[:, None] & cols_ok[None, :])
 
@@ -220,10 +187,10 @@ def _block_grad_values_kernel(grad_ptr, x_ptr, col_blocks_ptr, in_map_ptr, out_p
     if HAS_OUT_POS:
         grad_cols = tl.load(out_pos_ptr + grad_cols, mask=r_mask, other=0)
     x_cols = tl.load(col_blocks_ptr + kept_block) * COLS + c
-    x_ok = c_mask & _inside(x_cols, in_features)
+    x_ok = c_mask & inside(x_cols, in_features)
     if HAS_IN_MAP:
         x_cols = tl.load(in_map_ptr + x_cols, mask=x_ok, other=0)
-        x_ok = x_ok & _inside(x_cols, in_features)
+        x_ok = x_ok & inside(x_cols, in_features)
     first = split * tokens_per_split
     end = tl.minimum(first + tokens_per_split, n_tokens)
     acc = tl.zeros((ROWS_PAD, COLS_PAD), dtype=tl.float32)
@@ -234,7 +201,7 @@ def _block_grad_values_kernel(grad_ptr, x_ptr, col_blocks_ptr, in_map_ptr, out_p
                       mask=r_mask[:, None] & t_mask[None, :], other=0.0)
         x = tl.load(x_ptr + tokens[:, None] * in_features + x_cols[None, :],
                     mask=t_mask[:, None] & x_ok[None, :], other=0.0)
-        acc = _matmul_acc(acc, g_t, x, USE_DOT, DOT_PRECISION)
+        acc = matmul_acc(acc, g_t, x, USE_DOT, DOT_PRECISION)
     out = partial_ptr + ((split * n_kept_blocks + kept_block) * ROWS + r[:, None]) * COLS + c[None, :]
     tl.store(out, acc, mask=r_mask[:, None] & c_mask[None, :])
 
@@ -284,38 +251,51 @@ def block_grad_values(grad, x, values, col_blocks, in_index, out_index):
     return partial.sum(0).to(values.dtype)
 
 
-# ----------------------------------------------------------- row-sparse (ELL)
+# ------------------------------------------------------------------ row-sparse
+#
+# A tile of z rows per program. The N:M and diagonal forwards read the structures' own
+# compressed forms (the bodies the Inductor templates share); their gradients run the
+# row-sparse (ELL) kernels on the row layouts of implementations.py.
 
 
-@_autotune(_configs(ROWS_FORWARD_TILES),
-           key=["n_tokens", "out_features", "nnz"])
 @triton.jit
-def _ell_forward_kernel(x_ptr, cols_ptr, vals_ptr, bias_ptr, in_map_ptr, out_pos_ptr, y_ptr,
-                        n_tokens, in_features, out_features, nnz,
-                        HAS_BIAS: tl.constexpr, HAS_IN_MAP: tl.constexpr, HAS_OUT_POS: tl.constexpr,
-                        BLOCK_T: tl.constexpr, BLOCK_O: tl.constexpr):
-    """One program: a tile of tokens times a tile of output rows, a gather-dot per row."""
-    tokens = (tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
-    rows = tl.program_id(1) * BLOCK_O + tl.arange(0, BLOCK_O)
-    t_mask, r_mask = tokens < n_tokens, rows < out_features
-    acc = tl.zeros((BLOCK_T, BLOCK_O), dtype=tl.float32)
-    for slot in range(nnz):
-        cols = tl.load(cols_ptr + rows * nnz + slot, mask=r_mask, other=0)
-        cols_ok = r_mask & _inside(cols, in_features)
-        if HAS_IN_MAP:
-            cols = tl.load(in_map_ptr + cols, mask=cols_ok, other=0)
-            cols_ok = cols_ok & _inside(cols, in_features)
-        v = tl.load(vals_ptr + rows * nnz + slot, mask=r_mask, other=0.0).to(tl.float32)
-        x = tl.load(x_ptr + tokens[:, None] * in_features + cols[None, :],
-                    mask=t_mask[:, None] & cols_ok[None, :], other=0.0)
-        acc += x.to(tl.float32) * v[None, :]
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + rows, mask=r_mask, other=0.0).to(tl.float32)[None, :]
-    out_cols = rows
-    if HAS_OUT_POS:
-        out_cols = tl.load(out_pos_ptr + rows, mask=r_mask, other=0)
+def _store_rows(acc, bias_ptr, out_pos_ptr, y_ptr, tokens, t_mask, z_rows, z_mask, out_features,
+                HAS_BIAS: tl.constexpr, HAS_OUT_POS: tl.constexpr):
+    acc, out_cols, out_ok = bodies.bias_and_columns(acc, bias_ptr, out_pos_ptr, z_rows, z_mask, out_features,
+                                                    HAS_BIAS, HAS_OUT_POS)
     tl.store(y_ptr + tokens[:, None] * out_features + out_cols[None, :], acc.to(y_ptr.dtype.element_ty),
-             mask=t_mask[:, None] & r_mask[None, :])
+             mask=t_mask[:, None] & out_ok[None, :])
+
+
+@_autotune(_configs(ROWS_FORWARD_TILES), key=["n_tokens", "out_features", "NNZ"])
+@triton.jit
+def _nm_forward_kernel(x_ptr, values_ptr, positions_ptr, bias_ptr, in_map_ptr, out_pos_ptr, y_ptr,
+                       n_tokens, in_features, out_features, NNZ: tl.constexpr, KEPT: tl.constexpr,
+                       GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_IN_MAP: tl.constexpr,
+                       HAS_OUT_POS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_O: tl.constexpr):
+    """One program: a tile of tokens times a tile of output rows."""
+    tokens, t_mask = bodies.token_tile(BLOCK_T, n_tokens)
+    z_rows = tl.program_id(1) * BLOCK_O + tl.arange(0, BLOCK_O)
+    z_mask = z_rows < out_features
+    acc = bodies.nm_forward(x_ptr, in_features, 1, values_ptr, positions_ptr, in_map_ptr, tokens, t_mask,
+                            z_rows, z_mask, in_features, NNZ, KEPT, GROUP, HAS_IN_MAP, BLOCK_T, BLOCK_O)
+    _store_rows(acc, bias_ptr, out_pos_ptr, y_ptr, tokens, t_mask, z_rows, z_mask, out_features, HAS_BIAS,
+                HAS_OUT_POS)
+
+
+@_autotune(_configs(ROWS_FORWARD_TILES), key=["n_tokens", "OUT", "IN", "N_DIAG"])
+@triton.jit
+def _diag_forward_kernel(x_ptr, values_ptr, offsets_ptr, bias_ptr, in_map_ptr, out_pos_ptr, y_ptr,
+                         n_tokens, N_DIAG: tl.constexpr, LENGTH: tl.constexpr, OUT: tl.constexpr,
+                         IN: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_IN_MAP: tl.constexpr,
+                         HAS_OUT_POS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_O: tl.constexpr):
+    """One program: a tile of tokens times a tile of output rows."""
+    tokens, t_mask = bodies.token_tile(BLOCK_T, n_tokens)
+    z_rows = tl.program_id(1) * BLOCK_O + tl.arange(0, BLOCK_O)
+    z_mask = z_rows < OUT
+    acc = bodies.diag_forward(x_ptr, IN, 1, values_ptr, offsets_ptr, in_map_ptr, tokens, t_mask, z_rows, z_mask,
+                              N_DIAG, LENGTH, OUT, IN, HAS_IN_MAP, BLOCK_T, BLOCK_O)
+    _store_rows(acc, bias_ptr, out_pos_ptr, y_ptr, tokens, t_mask, z_rows, z_mask, OUT, HAS_BIAS, HAS_OUT_POS)
 
 
 @_autotune([triton.Config({"BLOCK_T": t, "BLOCK_I": i}, num_warps=4) for t in (16, 64) for i in (32, 64)],
@@ -346,7 +326,7 @@ def _ell_grad_input_kernel(grad_ptr, starts_ptr, counts_ptr, rows_ptr, vals_ptr,
     dst_ok = c_mask
     if HAS_IN_MAP:
         dst = tl.load(in_map_ptr + cols, mask=c_mask, other=0)
-        dst_ok = dst_ok & _inside(dst, in_features)
+        dst_ok = dst_ok & inside(dst, in_features)
     tl.store(dx_ptr + tokens[:, None] * in_features + dst[None, :], acc.to(dx_ptr.dtype.element_ty),
              mask=t_mask[:, None] & dst_ok[None, :])
 
@@ -366,10 +346,10 @@ def _ell_grad_values_kernel(grad_ptr, x_ptr, cols_ptr, in_map_ptr, out_pos_ptr, 
     if HAS_OUT_POS:
         grad_cols = tl.load(out_pos_ptr + grad_cols, mask=e_mask, other=0)
     x_cols = tl.load(cols_ptr + entries, mask=e_mask, other=0)
-    x_ok = e_mask & _inside(x_cols, in_features)
+    x_ok = e_mask & inside(x_cols, in_features)
     if HAS_IN_MAP:
         x_cols = tl.load(in_map_ptr + x_cols, mask=x_ok, other=0)
-        x_ok = x_ok & _inside(x_cols, in_features)
+        x_ok = x_ok & inside(x_cols, in_features)
     first = split * tokens_per_split
     end = tl.minimum(first + tokens_per_split, n_tokens)
     acc = tl.zeros((BLOCK_E,), dtype=tl.float32)
@@ -380,20 +360,6 @@ def _ell_grad_values_kernel(grad_ptr, x_ptr, cols_ptr, in_map_ptr, out_pos_ptr, 
         x = tl.load(x_ptr + tokens[:, None] * in_features + x_cols[None, :], mask=mask & x_ok[None, :], other=0.0)
         acc += tl.sum(g.to(tl.float32) * x.to(tl.float32), axis=0)
     tl.store(partial_ptr + split * n_entries + entries, acc, mask=e_mask)
-
-
-def ell_forward(x, cols, vals, bias, in_index, out_index):
-    x, cols, vals = x.contiguous(), cols.contiguous(), vals.contiguous()
-    n_tokens, in_features = x.shape
-    out_features, nnz = cols.shape
-    y = _output(x, n_tokens, out_features, out_index)
-    in_map, out_pos, has_in, has_out = _index_maps(in_index, out_index, cols)
-    grid = lambda meta: (triton.cdiv(n_tokens, meta["BLOCK_T"]), triton.cdiv(out_features, meta["BLOCK_O"]))  # noqa: E731
-    _launch(_ell_forward_kernel, grid)(
-        x, cols, vals, vals if bias is None else bias, in_map, out_pos, y,
-        n_tokens, in_features, out_features, nnz,
-        HAS_BIAS=bias is not None, HAS_IN_MAP=has_in, HAS_OUT_POS=has_out)
-    return y
 
 
 def ell_grad_input(grad, cols, vals, in_features, in_index, out_index):
@@ -423,13 +389,28 @@ def ell_grad_values(grad, x, cols, in_index, out_index):
     return partial.sum(0).to(x.dtype)
 
 
-# ------------------------------------------------------ N:M and diagonal as ELL
+# ------------------------------------------------------------ N:M and diagonal
 
-# The structures' own row layouts come from implementations.py; only the kernels differ.
+
+def _rows_forward(kernel, x, values, index, out_features, bias, in_index, out_index, shape: dict):
+    """Launches an N:M or diagonal forward kernel (a tile of z rows per program) with the
+    kernel's ``shape`` arguments."""
+    x, values, index = x.contiguous(), values.contiguous(), index.contiguous()
+    n_tokens = x.shape[0]
+    y = _output(x, n_tokens, out_features, out_index)
+    in_map, out_pos, has_in, has_out = _index_maps(in_index, out_index, index)
+    grid = lambda meta: (triton.cdiv(n_tokens, meta["BLOCK_T"]), triton.cdiv(out_features, meta["BLOCK_O"]))  # noqa: E731
+    _launch(kernel, grid)(x, values, index, values if bias is None else bias, in_map, out_pos, y, n_tokens, **shape,
+                          HAS_BIAS=bias is not None, HAS_IN_MAP=has_in, HAS_OUT_POS=has_out)
+    return y
 
 
 def nm_forward(x, values, positions, out_features, bias, in_index, out_index):
-    return ell_forward(x, *implementations.nm_to_rows(values, positions, x.shape[1]), bias, in_index, out_index)
+    _, groups, kept = positions.shape
+    in_features = x.shape[1]
+    return _rows_forward(_nm_forward_kernel, x, values, positions, out_features, bias, in_index, out_index,
+                         dict(in_features=in_features, out_features=out_features, NNZ=groups * kept, KEPT=kept,
+                              GROUP=in_features // groups))
 
 
 def nm_grad_input(grad, values, positions, in_features, in_index, out_index):
@@ -441,8 +422,9 @@ def nm_grad_values(grad, x, values, positions, in_index, out_index):
 
 
 def diag_forward(x, values, offsets, out_features, bias, in_index, out_index):
-    return ell_forward(x, *implementations.diagonal_to_rows(values, offsets, out_features, x.shape[1]), bias, in_index,
-                       out_index)
+    n_diag, length = values.shape
+    return _rows_forward(_diag_forward_kernel, x, values, offsets, out_features, bias, in_index, out_index,
+                         dict(N_DIAG=n_diag, LENGTH=length, OUT=out_features, IN=x.shape[1]))
 
 
 def diag_grad_input(grad, values, offsets, in_features, in_index, out_index):

@@ -60,12 +60,13 @@ def test_template_lowerings_register_on_this_torch():
                           inductor_lowering._Lowering), structure
 
 
-def test_the_inductor_templates_offer_the_tiles_of_the_launcher_kernels():
+def test_the_inductor_templates_run_the_bodies_and_tiles_of_the_launcher_kernels():
     triton_kernels = pytest.importorskip("padst_compiler.kernels.triton.kernels")
-    for op, kernel, tiles in (("block_linear", triton_kernels._block_forward_kernel, triton_kernels.BLOCK_FORWARD_TILES),
-                              ("nm_linear", triton_kernels._ell_forward_kernel, triton_kernels.ROWS_FORWARD_TILES),
-                              ("diag_linear", triton_kernels._ell_forward_kernel, triton_kernels.ROWS_FORWARD_TILES)):
-        offered = inductor_lowering._TEMPLATES[op].configs()
+    for prefix, tiles in (("block", triton_kernels.BLOCK_FORWARD_TILES), ("nm", triton_kernels.ROWS_FORWARD_TILES),
+                          ("diag", triton_kernels.ROWS_FORWARD_TILES)):
+        template, kernel = inductor_lowering._TEMPLATES[f"{prefix}_linear"], getattr(triton_kernels, f"_{prefix}_forward_kernel")
+        assert f"padst_bodies.{prefix}_forward(" in template.source and f"bodies.{prefix}_forward(" in kernel.fn.src
+        offered = template.configs()
         assert offered == [dict(tile) for tile in tiles] and offered[0] is not tiles[0]
         launched = [{**config.kwargs, "num_warps": config.num_warps} for config in kernel.configs]
         assert launched == list(tiles)[:len(launched)]  # the interpreter keeps the first only
