@@ -47,7 +47,13 @@ _SIGNATURES = {
     "padst_ell_sddmm": (_P, _I, _P, _I, _I, _I, _I, _P, _P, _P),
     "padst_diag_mm": (_P, _I, _P, _I, _I, _I, _I, _I, _P, _P, _P, _P, _P),
     "padst_nm_mm": (_P, _I, _P, _I, _I, _I, _I, _I, _I, _P, _P, _P, _P, _P),
+    "padst_advise_huge_pages": (_P, _I),
 }
+
+# Results of at least this size get huge pages: glibc's largest dynamic mmap threshold on
+# 64-bit systems, so such a result is always a fresh mapping, faulted in page by page as a
+# kernel writes it (smaller ones come back from the heap, already faulted in).
+HUGE_PAGE_RESULT_BYTES = 32 << 20
 
 
 class NativeUnavailable(RuntimeError):
@@ -152,10 +158,12 @@ def output_buffer(x: torch.Tensor, out_features: int, scatter: torch.Tensor | No
     """The ``[tokens, out_features]`` result a native kernel writes, its columns scattered
     through ``scatter`` (a forward's out_index, an input gradient's in_index) when given.
     With the semantic checks off a repeated entry leaves columns unwritten, so the result
-    then starts zeroed (wrong numbers, never stale memory)."""
-    if scatter is not None and not checks_enabled():
-        return x.new_zeros(x.shape[0], out_features)
-    return x.new_empty(x.shape[0], out_features)
+    then starts zeroed (wrong numbers, never stale memory). A large result is backed by huge
+    pages (see ``padst_advise_huge_pages`` in native.cpp)."""
+    y = x.new_empty(x.shape[0], out_features)
+    if y.nbytes >= HUGE_PAGE_RESULT_BYTES:
+        library().padst_advise_huge_pages(y.data_ptr(), y.nbytes)
+    return y.zero_() if scatter is not None and not checks_enabled() else y
 
 
 def forward(name: str, x: torch.Tensor, y: torch.Tensor, *rest) -> None:

@@ -234,3 +234,32 @@ def test_frozen_values_are_packed_once_and_repacked_after_a_change():
         with torch.no_grad():
             weight.values.mul_(2)  # in place: the packed copy must not be reused
         torch.testing.assert_close(weight.linear(x), 2 * before)
+
+
+def _vm_flags(address: int) -> list[str]:
+    """The VmFlags of the mapping of this process that holds ``address``."""
+    start = end = None
+    for line in open("/proc/self/smaps"):
+        head = line.split()[0]
+        if "-" in head and ":" not in head:
+            start, end = (int(part, 16) for part in head.split("-"))
+        elif head == "VmFlags:" and start <= address < end:
+            return line.split()[1:]
+    raise AssertionError(f"no mapping holds {address:#x}")
+
+
+@needs_native
+@pytest.mark.skipif(not os.path.exists("/proc/self/smaps"), reason="reads the mappings from /proc (Linux)")
+@pytest.mark.parametrize("out_index", [False, True])
+def test_a_large_result_is_backed_by_huge_pages_and_still_right(out_index):
+    structure, tokens, in_features = Block(32, 32), 2048, 64
+    out_features = native.HUGE_PAGE_RESULT_BYTES // (4 * tokens)  # exactly the threshold
+    weight, x, _, _, index = _case(structure, out_features, in_features, tokens,
+                                   "out_index" if out_index else "plain")
+    with torch.no_grad(), select.only("native"):
+        y = structure.op(x, weight.values, weight.index, out_features, None, None, index)
+        small = native.output_buffer(x[:1], out_features, None)
+    assert "hg" in _vm_flags(y.data_ptr() + y.nbytes // 2)  # madvise(MADV_HUGEPAGE) marks the mapping
+    assert "hg" not in _vm_flags(small.data_ptr())
+    torch.testing.assert_close(y, dense_reference(structure, x, weight.values, weight.index, out_features, None,
+                                                  None, index), rtol=1e-5, atol=1e-4)
