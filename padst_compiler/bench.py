@@ -13,7 +13,7 @@ from torch import nn
 from padst_compiler import outputs
 from padst_compiler.kernels import set_checks
 from padst_compiler.kernels.structures import NM, Block, Diagonal, Structure
-from padst_compiler.timing import interleaved_medians
+from padst_compiler.timing import interleaved_medians, machine
 
 # the keys of the JSON results (--out FILE), by which an earlier result is told from another file
 MODEL_RESULT_KEYS = ("tokens", "sequence", "layers", "sparsity", "d_model", "device", "rows")
@@ -121,7 +121,8 @@ def model_speed(layers: int = 2, tokens: int = 4096, sequence: int = 512, sparsi
     def ms(value):  # a one-token step takes about a millisecond
         return f"{value:.0f}" if value >= 100 else f"{value:.2f}"
 
-    print(f"GPT {layers} layers, d {d_model}, {tokens} tokens ({sequence} per sequence), {device}")
+    where = machine() if device == "cpu" else torch.cuda.get_device_name()
+    print(f"GPT {layers} layers, d {d_model}, {tokens} tokens ({sequence} per sequence), {device}: {where}")
     print(tabulate([(r["model"], ms(r["inference_ms"]), f"{r['inference_speedup']:.2f}x",
                      ms(r["train_step_ms"]), f"{r['train_speedup']:.2f}x", f"{r['compile_s']:.0f}",
                      f"{r['parameter_mib']:.0f}", f"{r['step_peak_mib']:.0f}")
@@ -134,7 +135,7 @@ def model_speed(layers: int = 2, tokens: int = 4096, sequence: int = 512, sparsi
           f"{(train_times['PA-DST (padst)'] / train_times['PA-DST no permutation (padst)'] - 1) * 100:+.1f} %")
     if out:
         outputs.write_json(out, {"tokens": tokens, "sequence": sequence, "layers": layers, "sparsity": sparsity,
-                                 "d_model": d_model, "device": device, "rows": rows})
+                                 "d_model": d_model, "device": device, "machine": where, "rows": rows})
     return rows
 
 

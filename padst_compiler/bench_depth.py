@@ -19,7 +19,7 @@ from torch import nn
 from padst_compiler import outputs
 from padst_compiler.kernels import Block, set_checks
 from padst_compiler.kernels.structures import Structure
-from padst_compiler.timing import interleaved_medians
+from padst_compiler.timing import interleaved_medians, machine
 
 RESULT_KEYS = ("structure", "sparsity", "rows")  # the keys of the JSON result (--out FILE)
 
@@ -99,6 +99,7 @@ def spread(rows: list[dict], column: str) -> dict[tuple[int, int], float]:
 
 def _report(rows: list[dict]) -> None:
     columns = [c for c in ("dense eager us/layer", "padst eager us/layer", "padst optimize us/layer") if c in rows[0]]
+    print(machine())
     print(tabulate([(r["width"], r["depth"], r["tokens"], *(f"{r[c]:.1f}" for c in columns),
                      f"{r['dense eager us/layer'] / r['padst eager us/layer']:.2f}x",
                      "" if r["compile_s"] is None else f"{r['compile_s']:.0f}") for r in rows],

@@ -24,7 +24,7 @@ from padst_compiler import outputs
 from padst_compiler.kernels import NM, Block, Diagonal, Structure, set_checks
 from padst_compiler.kernels.eager import select
 from padst_compiler.kernels.ops import checks
-from padst_compiler.timing import interleaved_medians
+from padst_compiler.timing import interleaved_medians, machine
 
 STRUCTURES: tuple[Structure, ...] = (Block(32, 32), Block(64, 64), NM(32), Diagonal())
 SHAPES = ((768, 3072), (3072, 768))  # (in, out)
@@ -139,8 +139,9 @@ def run(structures=STRUCTURES, shapes=SHAPES, tokens=TOKENS, sparsities=SPARSITI
     if out:  # refused now, not after minutes of timing
         outputs.check_file(out, "a padst bench kernels result", outputs.json_with_keys(RESULT_KEYS))
     dense_name = "F.linear fp32" if device == "cpu" else "F.linear (cuBLAS)"
+    where = machine() if device == "cpu" else torch.cuda.get_device_name()
     print(f"padst bench kernels: structured ops vs {dense_name} on {device} "
-          f"({torch.get_num_threads()} threads); medians of {repeats} interleaved runs\n", flush=True)
+          f"({where}); medians of {repeats} interleaved runs\n", flush=True)
     results = []
     for in_features, out_features in shapes:
         for structure in structures:

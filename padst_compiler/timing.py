@@ -6,9 +6,11 @@ candidate to the same machine state, so a ratio measured in one process is fair.
 
 from __future__ import annotations
 
+import platform
 import statistics
 import time
 from collections.abc import Callable, Mapping
+from pathlib import Path
 
 
 def interleaved_medians(candidates: Mapping[str, Callable[[], object]], repeats: int = 7, warmup: int = 1,
@@ -64,3 +66,22 @@ def interleaved_self_timed_medians(samplers: Mapping[str, Callable[[int], float]
             time.sleep(settle_seconds)
             samples[name].append(sampler(calls[name]) / calls[name])
     return {name: statistics.median(times) for name, times in samples.items()}
+
+
+def machine() -> str:
+    """The processor a benchmark ran on: its model name, widest vector instruction set and
+    thread count. The same command gives different ratios on different processors (the dense
+    baseline's library gains more from AVX-512 on some than the sparse kernels do), so every
+    benchmark prints this beside its figures."""
+    fields = {}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            fields.setdefault(key.strip(), value.strip())
+    except OSError:
+        pass
+    flags = fields.get("flags", "").split()
+    isa = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else platform.machine()
+    import torch
+
+    return f"{fields.get('model name') or platform.processor() or 'unknown CPU'}, {isa}, {torch.get_num_threads()} threads"

@@ -31,3 +31,14 @@ def test_fast_candidates_get_rounds_until_the_time_is_covered_and_slow_ones_get_
 def test_rejects_no_repeats():
     with pytest.raises(ValueError, match="repeats must be at least 1"):
         interleaved_medians({"a": lambda: None}, repeats=0)
+
+
+def test_machine_names_the_processor_its_vector_width_and_threads(monkeypatch):
+    import torch
+
+    from padst_compiler import timing
+
+    monkeypatch.setattr(timing.Path, "read_text", lambda self: "model name\t: Some CPU 9000\nflags\t\t: fpu avx2 fma\n")
+    assert timing.machine() == f"Some CPU 9000, AVX2, {torch.get_num_threads()} threads"
+    monkeypatch.setattr(timing.Path, "read_text", lambda self: "model name\t: Other\nflags\t: avx2 avx512f\n")
+    assert timing.machine().startswith("Other, AVX-512, ")
