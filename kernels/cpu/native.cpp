@@ -269,10 +269,12 @@ static void block_sddmm_tile(const BlockSDDMM& a, int64_t e, int64_t c0, int64_t
             for (int v = 0; v < NV; ++v) acc[c][v] += s * g[v];
         }
     }
-    // out is [rows, cols] of entry e: transpose the [CB][rows] accumulators on the way out
+    // out is entry e's gradient transposed, [cols, rows]: each accumulator adds as one vector
     for (int c = 0; c < CB; ++c)
-        for (int v = 0; v < NV; ++v)
-            for (int l = 0; l < L; ++l) out[(v0 + v * L + l) * a.cols + c0 + c] += acc[c][v][l];
+        for (int v = 0; v < NV; ++v) {
+            float* dst = out + (c0 + c) * a.rows + v0 + v * L;
+            store<V>(dst, load<V>(dst) + acc[c][v]);
+        }
 }
 
 // RB weight rows by NV vectors of weight columns from column v0: the variant for a gradient
@@ -314,19 +316,23 @@ using SddmmTile = void (*)(const BlockSDDMM&, int64_t, int64_t, int64_t, int64_t
 // however the permutations scatter the columns read. ``extent`` (columns or rows of a
 // block) is walked in chunks of ``step`` by ``full`` and the remainder by ``tail``; the
 // other side of the block, ``vectors`` wide, in chunks of ``vector_step`` (one tile's vectors).
+// With ``transposed`` the tiles add into a per-thread [cols, rows] copy of each block, which
+// is transposed into dv once at the end: adding scalars into [rows, cols] after every token
+// tile cost as much as the tile's arithmetic.
 static void block_sddmm_run(const BlockSDDMM& a, int64_t entries, int64_t extent, int64_t step, int64_t vectors,
-                            int64_t vector_step, SddmmTile full, SddmmTile tail) {
-    const int64_t tile = SDDMM_TOKEN_TILE;
+                            int64_t vector_step, SddmmTile full, SddmmTile tail, bool transposed) {
+    const int64_t tile = SDDMM_TOKEN_TILE, block = a.rows * a.cols;
 #pragma omp parallel
     {
         const int64_t threads = omp_get_num_threads(), me = omp_get_thread_num();
         const int64_t per = (entries + threads - 1) / threads;
         const int64_t e0 = std::min(entries, me * per), e1 = std::min(entries, e0 + per);
-        std::memset(a.dv + e0 * a.rows * a.cols, 0, sizeof(float) * (e1 - e0) * a.rows * a.cols);
+        float* sums = transposed ? buffer(TILE, (e1 - e0) * block) : a.dv + e0 * block;
+        std::memset(sums, 0, sizeof(float) * (e1 - e0) * block);
         for (int64_t t0 = 0; t0 < a.tokens; t0 += tile) {
             const int64_t t1 = std::min(a.tokens, t0 + tile);
             for (int64_t e = e0; e < e1; ++e) {
-                float* out = a.dv + e * a.rows * a.cols;
+                float* out = sums + (e - e0) * block;
                 for (int64_t v0 = 0; v0 < vectors; v0 += vector_step) {
                     int64_t c = 0;
                     for (; c + step <= extent; c += step) full(a, e, c, v0, t0, t1, out);
@@ -334,19 +340,24 @@ static void block_sddmm_run(const BlockSDDMM& a, int64_t entries, int64_t extent
                 }
             }
         }
+        if (transposed)
+            for (int64_t e = e0; e < e1; ++e)
+                for (int64_t c = 0; c < a.cols; ++c)
+                    for (int64_t r = 0; r < a.rows; ++r)
+                        a.dv[e * block + r * a.cols + c] = sums[(e - e0) * block + c * a.rows + r];
     }
 }
 
 template <typename V, int NV, int CB>
 static void block_sddmm_columns(const BlockSDDMM& a, int64_t entries) {
     block_sddmm_run(a, entries, a.cols, CB, a.rows, NV * sizeof(V) / sizeof(float), block_sddmm_tile<V, NV, CB>,
-                    block_sddmm_tile<V, NV, 1>);
+                    block_sddmm_tile<V, NV, 1>, true);
 }
 
 template <typename V, int NV, int RB>
 static void block_sddmm_rows(const BlockSDDMM& a, int64_t entries) {
     block_sddmm_run(a, entries, a.rows, RB, a.cols, NV * sizeof(V) / sizeof(float),
-                    block_sddmm_rows_tile<V, NV, RB>, block_sddmm_rows_tile<V, NV, 1>);
+                    block_sddmm_rows_tile<V, NV, RB>, block_sddmm_rows_tile<V, NV, 1>, false);
 }
 
 // Vectors along the block's columns where the gradient's rows are scattered (zcol), else along its rows.
@@ -372,7 +383,7 @@ extern "C" int padst_block_sddmm(const float* dz, int64_t dz_stride, const float
     else if (vectors == 16)
         block_sddmm<v16, 1, 12>(a, entries);
     else if (vectors == 32)
-        block_sddmm<v16, 2, 10>(a, entries);
+        block_sddmm<v16, 2, 8>(a, entries);
     else if (vectors == 48)
         block_sddmm<v16, 3, 6>(a, entries);
     else
