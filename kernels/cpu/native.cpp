@@ -172,7 +172,7 @@ static void block_mm_run(const BlockMM& a, int64_t tokens, int64_t blocks, const
     const int64_t per_split = (blocks + splits - 1) / splits;
     const bool pack_all = in_map && splits > 1, pack_items = in_map && splits == 1;
     float* all = pack_all ? buffer(SHARED, tokens * in_features) : nullptr;
-    const bool scatter_after = a.ocol && splits > 1;
+    const bool scatter_after = a.ocol && splits > 1, scatter_items = a.ocol && splits == 1;
     const int64_t z_width = blocks * a.width;
     float* z = scatter_after ? buffer(OUTPUT, tokens * z_width) : nullptr;
 #pragma omp parallel
@@ -184,10 +184,11 @@ static void block_mm_run(const BlockMM& a, int64_t tokens, int64_t blocks, const
                 pack_row(a.x + t * a.x_stride, in_map, in_features, scratch, all + t * in_features);
         }
         float* packed = pack_items ? buffer(TILE, MR * in_features) : nullptr;
+        float* z_item = scatter_items ? buffer(OUTPUT, MR * z_width) : nullptr;
         BlockMM item = a;
         if (in_map) item.x_stride = in_features;
-        if (scatter_after) {
-            item.y = z;
+        if (scatter_after || scatter_items) {
+            item.y = scatter_after ? z : z_item;
             item.y_stride = z_width;
             item.ocol = nullptr;
         }
@@ -202,13 +203,20 @@ static void block_mm_run(const BlockMM& a, int64_t tokens, int64_t blocks, const
                         pack_row(a.x + (t0 + m) * a.x_stride, in_map, in_features, scratch, packed + m * in_features);
                     rows = packed;
                 }
+                const int64_t z0 = scatter_items ? 0 : t0;  // the item's first row in item.y
                 for (int64_t o = part * per_split; o < o1; ++o)
                     for (int64_t c0 = 0; c0 < a.width; c0 += NV * (int64_t)(sizeof(V) / sizeof(float))) {
                         if (count == MR)
-                            block_mm_tile<V, NV, MR>(item, rows, t0, o, c0);
+                            block_mm_tile<V, NV, MR>(item, rows, z0, o, c0);
                         else
                             for (int64_t m = 0; m < count; ++m)
-                                block_mm_tile<V, NV, 1>(item, rows + m * item.x_stride, t0 + m, o, c0);
+                                block_mm_tile<V, NV, 1>(item, rows + m * item.x_stride, z0 + m, o, c0);
+                    }
+                if (scatter_items)
+                    for (int64_t m = 0; m < count; ++m) {
+                        float* yrow = a.y + (t0 + m) * a.y_stride;
+                        const float* zrow = z_item + m * z_width;
+                        for (int64_t j = 0; j < z_width; ++j) yrow[a.ocol[j]] = zrow[j];
                     }
             }
         }
