@@ -150,9 +150,17 @@ static void block_mm_tile(const BlockMM& a, const float* xrow, int64_t t0, int64
 
 // row[in_map[f]] for f < in_features into out. The row is first copied front to back, which
 // the hardware prefetcher streams, instead of being read in map order, one cache miss at a time.
+// On AVX-512 the copy, in L1, is read with 16-lane gathers (a 3072 -> 768 Block(32x32) forward
+// through in_index at 4096 tokens: 12.7 -> 10.3 ms); AVX2 builds keep the scalar loop, as
+// AVX2 gathers were not measured.
 static void pack_row(const float* row, const int32_t* in_map, int64_t in_features, float* scratch, float* out) {
     std::memcpy(scratch, row, sizeof(float) * in_features);
-    for (int64_t f = 0; f < in_features; ++f) out[f] = scratch[in_map[f]];
+    int64_t f = 0;
+#if defined(__AVX512F__)
+    for (; f + 16 <= in_features; f += 16)
+        _mm512_storeu_ps(out + f, _mm512_i32gather_ps(_mm512_loadu_si512(in_map + f), scratch, 4));
+#endif
+    for (; f < in_features; ++f) out[f] = scratch[in_map[f]];
 }
 
 // Each work item is MR tokens across every output block, so each thread writes whole rows
