@@ -24,7 +24,7 @@ def test_fast_candidates_get_rounds_until_the_time_is_covered_and_slow_ones_get_
     slow, slow_calls = _counting(0.03)
     other, other_calls = _counting(0)
     medians = interleaved_medians({"slow": slow, "other": other}, repeats=3, warmup=1, min_seconds=0.02)
-    assert len(slow_calls) == len(other_calls) == 1 + 3  # interleaved: every round calls both
+    assert len(slow_calls) == len(other_calls) == 1 + 2 * 3  # interleaved, a lead-in call before each timed one
     assert 0.03 <= medians["slow"] < 0.1 and medians["other"] < medians["slow"]
 
 
@@ -42,3 +42,18 @@ def test_machine_names_the_processor_its_vector_width_and_threads(monkeypatch):
     assert timing.machine() == f"Some CPU 9000, AVX2, {torch.get_num_threads()} threads"
     monkeypatch.setattr(timing.Path, "read_text", lambda self: "model name\t: Other\nflags\t: avx2 avx512f\n")
     assert timing.machine().startswith("Other, AVX-512, ")
+
+
+def test_the_lead_in_call_keeps_a_candidate_from_paying_for_the_one_before_it():
+    last = []
+
+    def heavy():
+        last.append("heavy")
+
+    def after():  # slow right after the other candidate, as a step after a dense step that freed its memory
+        time.sleep(0.03 if last and last[-1] == "heavy" else 0.001)
+        last.append("after")
+
+    candidates = {"heavy": heavy, "after": after}
+    assert interleaved_medians(candidates, repeats=3, min_seconds=0)["after"] < 0.02
+    assert interleaved_medians(candidates, repeats=3, min_seconds=0, lead_in=False)["after"] >= 0.03
