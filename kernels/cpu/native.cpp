@@ -48,6 +48,9 @@ constexpr bool WIDE_REGISTERS = true;
 constexpr bool WIDE_REGISTERS = false;
 #endif
 
+// The register width the kernels were built for (what a benchmark or test reports).
+extern "C" int padst_vector_bits() { return WIDE_REGISTERS ? 512 : 256; }
+
 // Unaligned vector access (memcpy compiles to one vmovups; the pointers are only float-aligned).
 template <typename V>
 static inline V load(const float* p) { V v; std::memcpy(&v, p, sizeof(V)); return v; }

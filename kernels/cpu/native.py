@@ -35,6 +35,12 @@ from padst_compiler.kernels.ops.checks import checks_enabled
 SOURCE = Path(__file__).with_name("native.cpp")
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
 
+
+def _flags() -> tuple[str, ...]:
+    """The build flags: ``FLAGS`` and any in ``$PADST_NATIVE_FLAGS`` after them, such as
+    ``-mno-avx512f`` to build (and test, or time) the AVX2 kernels on an AVX-512 machine."""
+    return FLAGS + tuple(os.environ.get("PADST_NATIVE_FLAGS", "").split())
+
 # Output block widths the block kernels are specialised for (the switches in native.cpp).
 BLOCK_WIDTHS = (8, 16, 32, 48, 64)
 
@@ -48,6 +54,7 @@ _SIGNATURES = {
     "padst_diag_mm": (_P, _I, _P, _I, _I, _I, _I, _I, _P, _P, _P, _P, _P),
     "padst_nm_mm": (_P, _I, _P, _I, _I, _I, _I, _I, _I, _P, _P, _P, _P, _P),
     "padst_advise_huge_pages": (_P, _I),
+    "padst_vector_bits": (),
 }
 
 # Results of at least this size get huge pages: glibc's largest dynamic mmap threshold on
@@ -77,7 +84,7 @@ def _cpu_signature() -> str:
 
 def _build_dir(compiler: str) -> Path:
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
-    key = hashlib.sha256("\n".join([SOURCE.read_text(), compiler, version, " ".join(FLAGS),
+    key = hashlib.sha256("\n".join([SOURCE.read_text(), compiler, version, " ".join(_flags()),
                                     _cpu_signature()]).encode()).hexdigest()[:16]
     root = Path(os.environ.get("PADST_CACHE_DIR") or Path.home() / ".cache" / "padst_compiler")
     return root / f"native-{key}"
@@ -88,7 +95,7 @@ def _build(compiler: str, target: Path) -> None:
     fd, scratch = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     try:
-        result = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", scratch], capture_output=True, text=True)
+        result = subprocess.run([compiler, *_flags(), str(SOURCE), "-o", scratch], capture_output=True, text=True)
         if result.returncode != 0:
             raise NativeUnavailable(f"compiling {SOURCE.name} failed:\n{result.stderr.strip()[-2000:]}")
         os.replace(scratch, target)  # atomic: a concurrent build of the same source is identical

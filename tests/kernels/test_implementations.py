@@ -192,6 +192,29 @@ def test_a_fresh_cache_directory_builds_the_library(tmp_path):
     assert len(built) == 1
 
 
+def _has_avx512() -> bool:
+    try:
+        return "avx512f" in open("/proc/cpuinfo").read().split()
+    except OSError:
+        return False
+
+
+@needs_native
+@pytest.mark.skipif(not _has_avx512(), reason="this machine runs the AVX2 kernels natively, in the tests above")
+def test_the_avx2_kernels_match_the_dense_reference_on_an_avx512_machine(tmp_path):
+    """The kernels are written once for both vector widths but built for this machine's:
+    here the AVX2 build (narrower tiles, scalar packing) runs the reference cases too."""
+    env = {**os.environ, "PADST_CACHE_DIR": str(tmp_path), "PADST_NATIVE_FLAGS": "-mno-avx512f"}
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:randomly",
+                          "-k", "native and (matches_dense_reference or packing_rows)", __file__],
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0 and " passed" in run.stdout, run.stdout[-3000:] + run.stderr[-2000:]
+    bits = subprocess.run([sys.executable, "-c", "from padst_compiler.kernels.cpu import native; "
+                           "print(native.library().padst_vector_bits())"], env=env, capture_output=True, text=True,
+                          timeout=120, check=True)
+    assert bits.stdout.split() == ["256"] and native.library().padst_vector_bits() == 512
+
+
 def test_missing_compiler_falls_back_with_one_warning(tmp_path):
     code = ("import warnings, torch\n"
             "from padst_compiler.kernels import NM\nfrom padst_compiler.kernels.cpu import native\n"
