@@ -79,10 +79,13 @@ static float* buffer(Slot slot, size_t count) {
 // map). Such kernels write z, the rows in their own column order, and then scatter whole
 // rows: y[t, ocol[j]] = z[t, j], each thread its own tokens. Called inside a parallel
 // region, after the barrier that completes z.
+static void scatter_row(const float* z, int64_t width, float* y, const int64_t* ocol) {
+    for (int64_t j = 0; j < width; ++j) y[ocol[j]] = z[j];
+}
+
 static void scatter_rows(const float* z, int64_t width, float* y, int64_t ys, int64_t tokens, const int64_t* ocol) {
 #pragma omp for schedule(static)
-    for (int64_t t = 0; t < tokens; ++t)
-        for (int64_t j = 0; j < width; ++j) y[t * ys + ocol[j]] = z[t * width + j];
+    for (int64_t t = 0; t < tokens; ++t) scatter_row(z + t * width, width, y + t * ys, ocol);
 }
 
 // Asks the kernel to back [p, p + bytes) with transparent huge pages (where the system
@@ -224,11 +227,8 @@ static void block_mm_run(const BlockMM& a, int64_t tokens, int64_t blocks, const
                                 block_mm_tile<V, NV, 1>(item, rows + m * item.x_stride, z0 + m, o, c0);
                     }
                 if (scatter_items)
-                    for (int64_t m = 0; m < count; ++m) {
-                        float* yrow = a.y + (t0 + m) * a.y_stride;
-                        const float* zrow = z_item + m * z_width;
-                        for (int64_t j = 0; j < z_width; ++j) yrow[a.ocol[j]] = zrow[j];
-                    }
+                    for (int64_t m = 0; m < count; ++m)
+                        scatter_row(z_item + m * z_width, z_width, a.y + (t0 + m) * a.y_stride, a.ocol);
             }
         }
         if (scatter_after) scatter_rows(z, z_width, a.y, a.y_stride, tokens, a.ocol);

@@ -102,6 +102,16 @@ def dot_precision(dtype):
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
+@triton.jit
+def _store_z(acc, bias_ptr, out_pos_ptr, y_ptr, tokens, t_mask, z_rows, z_mask, out_features,
+             HAS_BIAS: tl.constexpr, HAS_OUT_POS: tl.constexpr):
+    """Stores a forward's z tile (bias added) to its output columns: every launcher forward ends so."""
+    acc, out_cols, out_ok = bodies.bias_and_columns(acc, bias_ptr, out_pos_ptr, z_rows, z_mask, out_features,
+                                                    HAS_BIAS, HAS_OUT_POS)
+    tl.store(y_ptr + tokens[:, None] * out_features + out_cols[None, :], acc.to(y_ptr.dtype.element_ty),
+             mask=t_mask[:, None] & out_ok[None, :])
+
+
 # ----------------------------------------------------------------------- block
 
 
@@ -129,10 +139,8 @@ def _block_forward_kernel(x_ptr, values_ptr, col_blocks_ptr, bias_ptr, in_map_pt
                                block_row, in_features, kept, ROWS, COLS, ROWS_PAD, COLS_PAD, USE_DOT,
                                DOT_PRECISION, HAS_IN_MAP, BLOCK_T)
     r = tl.arange(0, ROWS_PAD)
-    acc, out_cols, out_ok = bodies.bias_and_columns(acc, bias_ptr, out_pos_ptr, block_row * ROWS + r, r < ROWS,
-                                                    out_features, HAS_BIAS, HAS_OUT_POS)
-    tl.store(y_ptr + tokens[:, None] * out_features + out_cols[None, :], acc.to(y_ptr.dtype.element_ty),
-             mask=t_mask[:, None] & out_ok[None, :])
+    _store_z(acc, bias_ptr, out_pos_ptr, y_ptr, tokens, t_mask, block_row * ROWS + r, r < ROWS, out_features,
+             HAS_BIAS, HAS_OUT_POS)
 
 
 @_autotune(_configs(_token_tiles(16, 32, 64, 128)), key=["n_tokens", "ROWS", "COLS"])
@@ -258,15 +266,6 @@ def block_grad_values(grad, x, values, col_blocks, in_index, out_index):
 # row-sparse (ELL) kernels on the row layouts of implementations.py.
 
 
-@triton.jit
-def _store_rows(acc, bias_ptr, out_pos_ptr, y_ptr, tokens, t_mask, z_rows, z_mask, out_features,
-                HAS_BIAS: tl.constexpr, HAS_OUT_POS: tl.constexpr):
-    acc, out_cols, out_ok = bodies.bias_and_columns(acc, bias_ptr, out_pos_ptr, z_rows, z_mask, out_features,
-                                                    HAS_BIAS, HAS_OUT_POS)
-    tl.store(y_ptr + tokens[:, None] * out_features + out_cols[None, :], acc.to(y_ptr.dtype.element_ty),
-             mask=t_mask[:, None] & out_ok[None, :])
-
-
 @_autotune(_configs(ROWS_FORWARD_TILES), key=["n_tokens", "out_features", "NNZ"])
 @triton.jit
 def _nm_forward_kernel(x_ptr, values_ptr, positions_ptr, bias_ptr, in_map_ptr, out_pos_ptr, y_ptr,
@@ -279,8 +278,7 @@ def _nm_forward_kernel(x_ptr, values_ptr, positions_ptr, bias_ptr, in_map_ptr, o
     z_mask = z_rows < out_features
     acc = bodies.nm_forward(x_ptr, in_features, 1, values_ptr, positions_ptr, in_map_ptr, tokens, t_mask,
                             z_rows, z_mask, in_features, NNZ, KEPT, GROUP, HAS_IN_MAP, BLOCK_T, BLOCK_O)
-    _store_rows(acc, bias_ptr, out_pos_ptr, y_ptr, tokens, t_mask, z_rows, z_mask, out_features, HAS_BIAS,
-                HAS_OUT_POS)
+    _store_z(acc, bias_ptr, out_pos_ptr, y_ptr, tokens, t_mask, z_rows, z_mask, out_features, HAS_BIAS, HAS_OUT_POS)
 
 
 @_autotune(_configs(ROWS_FORWARD_TILES), key=["n_tokens", "OUT", "IN", "N_DIAG"])
@@ -295,7 +293,7 @@ def _diag_forward_kernel(x_ptr, values_ptr, offsets_ptr, bias_ptr, in_map_ptr, o
     z_mask = z_rows < OUT
     acc = bodies.diag_forward(x_ptr, IN, 1, values_ptr, offsets_ptr, in_map_ptr, tokens, t_mask, z_rows, z_mask,
                               N_DIAG, LENGTH, OUT, IN, HAS_IN_MAP, BLOCK_T, BLOCK_O)
-    _store_rows(acc, bias_ptr, out_pos_ptr, y_ptr, tokens, t_mask, z_rows, z_mask, OUT, HAS_BIAS, HAS_OUT_POS)
+    _store_z(acc, bias_ptr, out_pos_ptr, y_ptr, tokens, t_mask, z_rows, z_mask, OUT, HAS_BIAS, HAS_OUT_POS)
 
 
 @_autotune([triton.Config({"BLOCK_T": t, "BLOCK_I": i}, num_warps=4) for t in (16, 64) for i in (32, 64)],
