@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from pathlib import Path
 
 import torch
 from tabulate import tabulate
@@ -13,6 +12,7 @@ from torch import nn
 from padst_compiler import outputs
 from padst_compiler.kernels import set_checks
 from padst_compiler.kernels.structures import NM, Block, Diagonal, Structure
+from padst_compiler.memory import tensor_peak_bytes
 from padst_compiler.timing import interleaved_medians, machine
 
 # the keys of the JSON results (--out FILE), by which an earlier result is told from another file
@@ -64,8 +64,8 @@ def model_speed(layers: int = 2, tokens: int = 4096, sequence: int = 512, sparsi
     PA-DST model (Block 32x32, hardened permutations) against the dense model compiled with
     Inductor and against the same PA-DST model without permutations (the permutation tax);
     medians of interleaved repeats in one process, the inference compile time with compile
-    caches off (model construction excluded), parameter bytes and the peak memory one
-    training step adds (RSS on the CPU, allocated memory on CUDA)."""
+    caches off (model construction excluded), parameter bytes and the peak tensor memory
+    of a training step."""
     import time
 
     from padst_compiler.api import optimize
@@ -125,10 +125,10 @@ def model_speed(layers: int = 2, tokens: int = 4096, sequence: int = 512, sparsi
     print(f"GPT {layers} layers, d {d_model}, {tokens} tokens ({sequence} per sequence), {device}: {where}")
     print(tabulate([(r["model"], ms(r["inference_ms"]), f"{r['inference_speedup']:.2f}x",
                      ms(r["train_step_ms"]), f"{r['train_speedup']:.2f}x", f"{r['compile_s']:.0f}",
-                     f"{r['parameter_mib']:.0f}", f"{r['step_peak_mib']:.0f}")
+                     f"{r['parameter_mib']:.0f}", f"{r['step_peak_mib']:.0f}", f"{r['train_peak_mib']:.0f}")
                     for r in rows],
                    headers=["model", "inference ms", "vs dense", "train step ms", "vs dense", "compile s (inference)",
-                            "params MiB", "step peak MiB"],
+                            "params MiB", "step adds MiB", "train peak MiB"],
                    disable_numparse=True))
     tax = infer_times["PA-DST (padst)"] / infer_times["PA-DST no permutation (padst)"] - 1
     print(f"permutation tax: inference {tax * 100:+.1f} %, training step "
@@ -140,34 +140,14 @@ def model_speed(layers: int = 2, tokens: int = 4096, sequence: int = 512, sparsi
 
 
 def _training_step_memory(model: nn.Module, scalar: Callable[[], torch.Tensor], device: str) -> dict[str, float]:
-    """Parameter and buffer MiB, and the peak MiB one training step (forward and backward)
-    adds over what was resident before it: allocated memory on CUDA, the process's RSS high
-    water mark on the CPU (reset through ``/proc/self/clear_refs``; 0 where Linux cannot)."""
+    """Parameter and buffer MiB, the peak tensor MiB one training step (forward and
+    backward, gradients set to None before it) adds, and their sum: the model's memory at
+    the peak of a step, optimizer state aside (see :mod:`padst_compiler.memory`)."""
     mib = 2 ** 20
     parameters = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers())) / mib
     model.zero_grad(set_to_none=True)
-    if device == "cuda":
-        torch.cuda.synchronize()
-        before = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        scalar().backward()
-        torch.cuda.synchronize()
-        return {"parameter_mib": parameters, "step_peak_mib": (torch.cuda.max_memory_allocated() - before) / mib}
-    try:
-        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
-        before = _proc_status_kib("VmRSS")
-        scalar().backward()
-        return {"parameter_mib": parameters, "step_peak_mib": (_proc_status_kib("VmHWM") - before) / 1024}
-    except OSError:
-        scalar().backward()
-        return {"parameter_mib": parameters, "step_peak_mib": 0.0}
-
-
-def _proc_status_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise OSError(f"no {field} in /proc/self/status")
+    step = tensor_peak_bytes(lambda: scalar().backward(), device) / mib
+    return {"parameter_mib": parameters, "step_peak_mib": step, "train_peak_mib": parameters + step}
 
 
 def hardening_speed(structures: tuple[Structure, ...] = (Block(32, 32), Block(64, 64), NM(32), Diagonal()), layers: int = 12,

@@ -139,6 +139,20 @@ def test_depth_benchmark_prints_per_layer_times_and_their_spread(tmp_path, capsy
 
 
 @pytest.mark.slow
+def test_model_benchmark_reports_speed_and_the_tensor_memory_of_a_training_step(tmp_path, capsys):
+    out = tmp_path / "model.json"
+    assert cli.main(["bench", "model", *BENCH_JSON["model"], "--out", str(out)]) == 0
+    assert "train peak MiB" in capsys.readouterr().out
+    rows = {r["model"]: r for r in json.loads(out.read_text())["rows"]}
+    assert all(r["inference_ms"] > 0 and r["train_step_ms"] > 0 and r["compile_s"] > 0 for r in rows.values())
+    for r in rows.values():  # the step's gradients alone are as large as the linear weights
+        assert r["train_peak_mib"] == pytest.approx(r["parameter_mib"] + r["step_peak_mib"])
+        assert r["step_peak_mib"] > 0.5 * r["parameter_mib"]
+    dense, sparse = rows["dense (Inductor)"], rows["PA-DST (padst)"]
+    assert sparse["parameter_mib"] < dense["parameter_mib"] / 5 and sparse["train_peak_mib"] < dense["train_peak_mib"]
+
+
+@pytest.mark.slow
 def test_export_benchmark_times_both_packages(tmp_path, capsys):
     out = tmp_path / "export.json"
     assert cli.main(["bench", "export", *BENCH_JSON["export"], "--out", str(out)]) == 0
