@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import statistics
 from collections.abc import Callable, Mapping
 
 import torch
@@ -13,7 +14,7 @@ from padst_compiler import outputs
 from padst_compiler.kernels import set_checks
 from padst_compiler.kernels.structures import NM, Block, Diagonal, Structure
 from padst_compiler.memory import tensor_peak_bytes
-from padst_compiler.timing import interleaved_medians, machine
+from padst_compiler.timing import interleaved_medians, interleaved_samples, machine, paired_ratio
 
 # the keys of the JSON results (--out FILE), by which an earlier result is told from another file
 MODEL_RESULT_KEYS = ("tokens", "sequence", "layers", "sparsity", "d_model", "device", "rows")
@@ -31,12 +32,12 @@ def _cold_compile_caches():
     return stack
 
 
-def speed_medians(inference: Mapping[str, Callable[[], object]],
+def speed_samples(inference: Mapping[str, Callable[[], object]],
                   training: Mapping[str, tuple[nn.Module, Callable[[], torch.Tensor]]],
-                  repeats: int) -> tuple[dict[str, float], dict[str, float]]:
-    """Median seconds of one inference call and of one training step (zero the gradients,
-    forward to a scalar, backward) per candidate, each set interleaved (``timing``), with the
-    index value checks off: they are a debugging aid, not part of the kernels' cost."""
+                  repeats: int) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Seconds of one inference call and of one training step (zero the gradients, forward
+    to a scalar, backward) per candidate and round, each set interleaved (``timing``), with
+    the index value checks off: they are a debugging aid, not part of the kernels' cost."""
     sync = torch.cuda.synchronize if torch.cuda.is_initialized() else (lambda: None)
 
     def infer(fn):
@@ -50,11 +51,19 @@ def speed_medians(inference: Mapping[str, Callable[[], object]],
         sync()
 
     with set_checks(False):
-        infer_times = interleaved_medians({name: (lambda f=fn: infer(f)) for name, fn in inference.items()},
+        infer_times = interleaved_samples({name: (lambda f=fn: infer(f)) for name, fn in inference.items()},
                                           repeats=repeats)
-        train_times = interleaved_medians({name: (lambda m=model, f=fn: step(m, f))
+        train_times = interleaved_samples({name: (lambda m=model, f=fn: step(m, f))
                                            for name, (model, fn) in training.items()}, repeats=repeats)
     return infer_times, train_times
+
+
+def speed_medians(inference: Mapping[str, Callable[[], object]],
+                  training: Mapping[str, tuple[nn.Module, Callable[[], torch.Tensor]]],
+                  repeats: int) -> tuple[dict[str, float], dict[str, float]]:
+    """Median seconds of :func:`speed_samples`."""
+    return tuple({name: statistics.median(times) for name, times in samples.items()}
+                 for samples in speed_samples(inference, training, repeats))
 
 
 def model_speed(layers: int = 2, tokens: int = 4096, sequence: int = 512, sparsity: float = 0.9,
@@ -107,14 +116,15 @@ def model_speed(layers: int = 2, tokens: int = 4096, sequence: int = 512, sparsi
         memory[name] = _training_step_memory(model, lambda c=compiled: c(idx).float().mean(), device)
         training[name] = (model, compiled)
 
-    infer_times, train_times = speed_medians(
+    infer_times, train_times = speed_samples(
         {name: (lambda n=name: inference[n](idx)) for name in variants},
         {name: (model, lambda c=compiled: c(idx).float().mean()) for name, (model, compiled) in training.items()},
         repeats)
-    dense = "dense (Inductor)"
-    rows = [{"model": name, "inference_ms": infer_times[name] * 1e3, "train_step_ms": train_times[name] * 1e3,
-             "inference_speedup": infer_times[dense] / infer_times[name],
-             "train_speedup": train_times[dense] / train_times[name], "compile_s": compile_seconds[name],
+    dense, permuted, unpermuted = variants
+    rows = [{"model": name, "inference_ms": statistics.median(infer_times[name]) * 1e3,
+             "train_step_ms": statistics.median(train_times[name]) * 1e3,
+             "inference_speedup": paired_ratio(infer_times[dense], infer_times[name]),
+             "train_speedup": paired_ratio(train_times[dense], train_times[name]), "compile_s": compile_seconds[name],
              **memory[name]}
             for name in variants]
 
@@ -130,12 +140,14 @@ def model_speed(layers: int = 2, tokens: int = 4096, sequence: int = 512, sparsi
                    headers=["model", "inference ms", "vs dense", "train step ms", "vs dense", "compile s (inference)",
                             "params MiB", "step adds MiB", "train peak MiB"],
                    disable_numparse=True))
-    tax = infer_times["PA-DST (padst)"] / infer_times["PA-DST no permutation (padst)"] - 1
-    print(f"permutation tax: inference {tax * 100:+.1f} %, training step "
-          f"{(train_times['PA-DST (padst)'] / train_times['PA-DST no permutation (padst)'] - 1) * 100:+.1f} %")
+    tax = {kind: paired_ratio(times[permuted], times[unpermuted]) - 1
+           for kind, times in (("inference", infer_times), ("train_step", train_times))}
+    print(f"permutation tax: inference {tax['inference'] * 100:+.1f} %, training step {tax['train_step'] * 100:+.1f} % "
+          f"(ratios: medians of per-round ratios over {len(infer_times[dense])} and {len(train_times[dense])} rounds)")
     if out:
         outputs.write_json(out, {"tokens": tokens, "sequence": sequence, "layers": layers, "sparsity": sparsity,
-                                 "d_model": d_model, "device": device, "machine": where, "rows": rows})
+                                 "d_model": d_model, "device": device, "machine": where, "rows": rows,
+                                 "permutation_tax": tax})
     return rows
 
 

@@ -143,7 +143,9 @@ def test_model_benchmark_reports_speed_and_the_tensor_memory_of_a_training_step(
     out = tmp_path / "model.json"
     assert cli.main(["bench", "model", *BENCH_JSON["model"], "--out", str(out)]) == 0
     assert "train peak MiB" in capsys.readouterr().out
-    rows = {r["model"]: r for r in json.loads(out.read_text())["rows"]}
+    result = json.loads(out.read_text())
+    assert set(result["permutation_tax"]) == {"inference", "train_step"}
+    rows = {r["model"]: r for r in result["rows"]}
     assert all(r["inference_ms"] > 0 and r["train_step_ms"] > 0 and r["compile_s"] > 0 for r in rows.values())
     for r in rows.values():  # the step's gradients alone are as large as the linear weights
         assert r["train_peak_mib"] == pytest.approx(r["parameter_mib"] + r["step_peak_mib"])

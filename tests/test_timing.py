@@ -57,3 +57,27 @@ def test_the_lead_in_call_keeps_a_candidate_from_paying_for_the_one_before_it():
     candidates = {"heavy": heavy, "after": after}
     assert interleaved_medians(candidates, repeats=3, min_seconds=0)["after"] < 0.02
     assert interleaved_medians(candidates, repeats=3, min_seconds=0, lead_in=False)["after"] >= 0.03
+
+
+def test_samples_are_per_round_and_a_paired_ratio_keeps_still_through_a_slow_phase():
+    import statistics
+
+    from padst_compiler.timing import interleaved_samples, paired_ratio
+
+    calls = []
+    slow_from = 2 + 2 * 2 + 1  # after a warm-up round of both: from `single` in the third timed round on
+
+    def sleeping(name, seconds):
+        def fn():  # the machine turns 3x slower and stays so
+            time.sleep(seconds * (3 if len(calls) >= slow_from else 1))
+            calls.append(name)
+        return fn
+
+    samples = interleaved_samples({"double": sleeping("double", 0.004), "single": sleeping("single", 0.002)},
+                                  repeats=5, warmup=1, min_seconds=0, lead_in=False)
+    assert len(samples["double"]) == len(samples["single"]) == 5
+    assert paired_ratio(samples["double"], samples["single"]) == pytest.approx(2, rel=0.25)
+    # medians taken apart see `double` fast (2 slow rounds of 5) and `single` slow (3 of 5)
+    assert statistics.median(samples["double"]) / statistics.median(samples["single"]) < 1
+    with pytest.raises(ValueError, match="same non-zero length, got 5 and 4"):
+        paired_ratio(samples["double"], samples["single"][:4])
