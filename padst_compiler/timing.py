@@ -27,9 +27,9 @@ def interleaved_medians(candidates: Mapping[str, Callable[[], object]], repeats:
 def paired_ratio(numerator: Sequence[float], denominator: Sequence[float]) -> float:
     """Median over rounds of ``numerator[i] / denominator[i]``, two candidates' samples from
     the same :func:`interleaved_samples` rounds. A slow phase of the machine that spans a
-    round scales both times of that round, so their ratio keeps still where a ratio of two
-    separately taken medians moves: a 12-layer model's permutation tax read +0.1, +8.0 and
-    +16.3 % in three runs of the same code as a ratio of medians."""
+    round scales both times of that round and leaves their ratio alone, where two medians
+    taken apart can each land on either side of the phase. Differences between processes
+    (where each one's memory landed) stay: state a ratio of a few percent over several runs."""
     if len(numerator) != len(denominator) or not numerator:
         raise ValueError(f"paired samples must be the same non-zero length, got {len(numerator)} and "
                          f"{len(denominator)}")
