@@ -72,7 +72,8 @@ def model_speed(layers: int = 2, tokens: int = 4096, sequence: int = 512, sparsi
     """A GPT stack (MLP 4x ``d_model``): inference and one training step of the compiled
     PA-DST model (Block 32x32, hardened permutations) against the dense model compiled with
     Inductor and against the same PA-DST model without permutations (the permutation tax);
-    medians of interleaved repeats in one process, the inference compile time with compile
+    medians of interleaved repeats in one process (ratios: medians of per-round ratios,
+    ``timing.paired_ratio``), the inference compile time with compile
     caches off (model construction excluded), parameter bytes and the peak tensor memory
     of a training step."""
     import time
