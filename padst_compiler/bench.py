@@ -73,9 +73,8 @@ def model_speed(layers: int = 2, tokens: int = 4096, sequence: int = 512, sparsi
     PA-DST model (Block 32x32, hardened permutations) against the dense model compiled with
     Inductor and against the same PA-DST model without permutations (the permutation tax);
     medians of interleaved repeats in one process (ratios: medians of per-round ratios,
-    ``timing.paired_ratio``), the inference compile time with compile
-    caches off (model construction excluded), parameter bytes and the peak tensor memory
-    of a training step."""
+    ``timing.paired_ratio``), the inference compile time with compile caches off (model
+    construction excluded), parameter bytes and the peak tensor memory of a training step."""
     import time
 
     from padst_compiler.api import optimize
