@@ -30,6 +30,7 @@ from typing import NamedTuple
 
 import torch
 
+from padst_compiler.kernels import result_buffers
 from padst_compiler.kernels.ops.checks import checks_enabled
 
 SOURCE = Path(__file__).with_name("native.cpp")
@@ -166,11 +167,13 @@ def output_buffer(x: torch.Tensor, out_features: int, scatter: torch.Tensor | No
     through ``scatter`` (a forward's out_index, an input gradient's in_index) when given.
     With the semantic checks off a repeated entry leaves columns unwritten, so the result
     then starts zeroed (wrong numbers, never stale memory). A large result is backed by huge
-    pages (see ``padst_advise_huge_pages`` in native.cpp)."""
-    y = x.new_empty(x.shape[0], out_features)
+    pages (see ``padst_advise_huge_pages`` in native.cpp); inside ``result_buffers.planned``
+    the result is the caller's buffer where it fits."""
+    zeroed = scatter is not None and not checks_enabled()
+    y = result_buffers.new_result(x, x.shape[0], out_features, zeroed=False)
     if y.nbytes >= HUGE_PAGE_RESULT_BYTES:
         library().padst_advise_huge_pages(y.data_ptr(), y.nbytes)
-    return y.zero_() if scatter is not None and not checks_enabled() else y
+    return y.zero_() if zeroed else y
 
 
 def forward(name: str, x: torch.Tensor, y: torch.Tensor, *rest) -> None:

@@ -12,6 +12,7 @@ from collections.abc import Callable
 
 import torch
 
+from padst_compiler.kernels import result_buffers
 from padst_compiler.kernels.cpu import native
 from padst_compiler.kernels.eager import select
 from padst_compiler.kernels.eager.derived import memoize
@@ -35,7 +36,8 @@ def _dispatcher_needed(*tensors: Tensor | None) -> bool:
     return any(t is not None and (type(t) not in _PLAIN_TENSORS or (grad and t.requires_grad)) for t in tensors)
 
 
-def structured_linear(op, x, values, index, out_features, bias=None, in_index=None, out_index=None) -> Tensor:
+def structured_linear(op, x, values, index, out_features, bias=None, in_index=None, out_index=None,
+                      out: Tensor | None = None) -> Tensor:
     """``op(x, values, index, ...)`` for a structured op. A plain eager call that needs no
     gradient runs the op's implementation directly: the dispatcher and the custom-op layers
     cost about 25 µs a call, most of the time of a one-token forward. Where that call ends
@@ -43,9 +45,22 @@ def structured_linear(op, x, values, index, out_features, bias=None, in_index=No
     versions), input shape and implementation choice replay the kernel call alone: the
     checks, the choice and the argument preparation are another 40-60 µs of Python. Each
     layer keeps the call of its latest input shape (decoding repeats one), as a trainable
-    layer's call holds a copy of its weights."""
+    layer's call holds a copy of its weights. With ``out`` (a buffer Inductor planned, of
+    the result's size) the result is written there and ``out`` returned."""
     if _dispatcher_needed(x, values, index, bias, in_index, out_index):
-        return op(x, values, index, out_features, bias, in_index, out_index)
+        y = op(x, values, index, out_features, bias, in_index, out_index)  # an op's result is its own
+    else:
+        with result_buffers.planned(None if out is None else out.view(-1, out_features)):
+            y = _direct(op, x, values, index, out_features, bias, in_index, out_index)
+    if out is None:
+        return y
+    if y.data_ptr() != out.data_ptr():  # an implementation that allocates its result
+        out.copy_(y.view(out.shape))
+    return out
+
+
+def _direct(op, x, values, index, out_features, bias, in_index, out_index) -> Tensor:
+    """The op's implementation, or the replay of its native kernel call (see above)."""
     direct = DIRECT_FORWARD[op]
     if x.dim() == 0 or x.device.type != "cpu" or native.library() is None:
         return direct(x, values, index, out_features, bias, in_index, out_index)

@@ -223,14 +223,15 @@ def _opaque_call(op, structured_linear):
     the autotuner's where it does): called with the choice's tensors (the inverse output
     permutation, which only the templates read, last) and which optional ones are there.
     It runs the op through ``structured_linear``, which skips the dispatcher where nothing
-    needs it and replays the layer's native kernel call: at one token the dispatcher and
-    the op's Python are most of a call."""
+    needs it and replays the layer's native kernel call (at one token the dispatcher and
+    the op's Python are most of a call), into ``out``, a buffer Inductor plans and reuses
+    between layers (see :mod:`padst_compiler.kernels.result_buffers`)."""
     packet = op.overloadpacket
 
-    def call(*tensors, out_features, present):
+    def call(*tensors, out_features, present, out):
         named = dict(zip(("x", "values", "index", *present), tensors))
-        return structured_linear(packet, named["x"], named["values"], named["index"], out_features,
-                                 named.get("bias"), named.get("in_index"), named.get("out_index"))
+        structured_linear(packet, named["x"], named["values"], named["index"], out_features,
+                          named.get("bias"), named.get("in_index"), named.get("out_index"), out=out)
 
     call.__name__ = f"{op.__name__}_call"
     return call
@@ -261,8 +262,7 @@ class _Lowering:
         self.structure = _TEMPLATES[op_name]
         self.template = TritonTemplate(name=f"padst_{op_name}", grid=SymbolicGridFn(self.structure.grid),
                                        source=self.structure.source)
-        self.opaque = ExternKernelChoice(_opaque_call(self.op, structured_linear), name=f"padst_{op_name}_opaque",
-                                         has_out_variant=False)
+        self.opaque = ExternKernelChoice(_opaque_call(self.op, structured_linear), name=f"padst_{op_name}_opaque")
 
     def __call__(self, x, values, index, out_features, bias=None, in_index=None, out_index=None):
         from torch._inductor.lowering import fallback_handler

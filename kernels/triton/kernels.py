@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from padst_compiler.kernels import implementations
+from padst_compiler.kernels import implementations, result_buffers
 from padst_compiler.kernels.permutation import inverse_permutation
 from padst_compiler.kernels.triton import bodies
 from padst_compiler.kernels.triton.bodies import inside, matmul_acc
@@ -93,8 +93,9 @@ def _output(like, rows, cols, scatter):
     """The result a kernel writes, its columns scattered through ``scatter`` (a forward's
     out_index, an input gradient's in_index) when given. A repeated or out-of-range entry
     there leaves columns unwritten, so the result then starts zeroed (wrong numbers, never
-    stale memory), as the native kernels' ``output_buffer`` does."""
-    return like.new_empty(rows, cols) if scatter is None else like.new_zeros(rows, cols)
+    stale memory), as the native kernels' ``output_buffer`` does. Inside
+    ``result_buffers.planned`` it is the caller's buffer where that fits."""
+    return result_buffers.new_result(like, rows, cols, zeroed=scatter is not None)
 
 
 def dot_precision(dtype):

@@ -272,6 +272,43 @@ def test_repeated_eager_calls_replay_the_kernel_and_follow_every_change(monkeypa
         assert len(calls) == 10
 
 
+@pytest.mark.parametrize("structure", [Block(8, 8), NM(4), Diagonal()], ids=str)
+def test_a_call_into_a_planned_buffer_writes_there_and_a_dispatched_one_keeps_its_result_apart(monkeypatch,
+                                                                                              structure):
+    """With ``out`` (a buffer Inductor planned) the direct call's kernel writes into it, first
+    call and replays alike; a call through the dispatcher (here: profiled) gets a result of
+    its own, copied in, even where ``out`` and x share a storage, as Inductor's pooled
+    buffers do (the custom-op layer refuses a result that shares an input's storage)."""
+    from padst_compiler.kernels import result_buffers
+    from padst_compiler.kernels.eager.dispatch import structured_linear
+
+    weight, x, bias, in_index, out_index = make_case(structure, 64, 32, 0.5, (3,), dtype=torch.float32)
+    want = dense_reference(structure, x.double(), weight.values.double(), weight.index, 64, bias.double(), in_index,
+                           out_index)
+    pool = torch.empty(3 * 32 + 3 * 64)
+    x, out = pool[:96].view(3, 32).copy_(x), pool[96:].view(3, 64)
+    handed_out = []
+    new_result = result_buffers.new_result
+    monkeypatch.setattr(result_buffers, "new_result", lambda *args, **kw: handed_out.append(new_result(*args, **kw))
+                        or handed_out[-1])
+
+    def call():
+        out.fill_(float("nan"))
+        handed_out.clear()
+        got = structured_linear(structure.op, x, weight.values, weight.index, 64, bias, in_index, out_index, out=out)
+        assert got is out
+        torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-4)
+
+    with torch.no_grad(), select.only("native"):
+        for _ in range(2):  # the second call replays
+            call()
+            if native.library() is not None:
+                assert handed_out and all(t.data_ptr() == out.data_ptr() for t in handed_out)
+        with torch.autograd.profiler.profile():
+            call()
+        assert handed_out and all(t.untyped_storage().data_ptr() != pool.data_ptr() for t in handed_out)
+
+
 @pytest.mark.parametrize("structure,op", [(Block(4, 8), "block_linear"), (NM(4), "nm_linear"),
                                          (Diagonal(), "diag_linear")], ids=str)
 @pytest.mark.parametrize("batch_shape", [(0,), (2, 0)], ids=str)
