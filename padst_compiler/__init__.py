@@ -9,10 +9,11 @@ import importlib
 from padst_compiler.kernels import NM, Block, Diagonal, SparseWeight, Structure, Unstructured
 
 __all__ = ["Block", "NM", "Diagonal", "Unstructured", "Structure", "SparseWeight", "optimize", "save", "load",
-           "densify", "export", "load_package"]
+           "densify", "export", "load_package", "keep_freed_memory"]
 _LAZY = {"optimize": "padst_compiler.api", "save": "padst_compiler.checkpoint",
          "load": "padst_compiler.checkpoint", "densify": "padst_compiler.training.densify",
-         "export": "padst_compiler.deploy", "load_package": "padst_compiler.deploy"}
+         "export": "padst_compiler.deploy", "load_package": "padst_compiler.deploy",
+         "keep_freed_memory": "padst_compiler.allocator"}
 __version__ = "0.1.0"
 
 

@@ -10,7 +10,7 @@ import torch
 from tabulate import tabulate
 from torch import nn
 
-from padst_compiler import outputs
+from padst_compiler import allocator, outputs
 from padst_compiler.kernels import set_checks
 from padst_compiler.kernels.structures import NM, Block, Diagonal, Structure
 from padst_compiler.memory import tensor_peak_bytes
@@ -19,6 +19,10 @@ from padst_compiler.timing import interleaved_medians, interleaved_samples, mach
 # the keys of the JSON results (--out FILE), by which an earlier result is told from another file
 MODEL_RESULT_KEYS = ("tokens", "sequence", "layers", "sparsity", "d_model", "device", "rows")
 HARDEN_RESULT_KEYS = ("layers", "tokens", "rows")
+
+
+class SettingRefused(ValueError):
+    """A benchmark setting this machine cannot apply (refused before any work)."""
 
 
 def _cold_compile_caches():
@@ -68,19 +72,23 @@ def speed_medians(inference: Mapping[str, Callable[[], object]],
 
 def model_speed(layers: int = 2, tokens: int = 4096, sequence: int = 512, sparsity: float = 0.9,
                 repeats: int = 5, out: str | None = None, d_model: int = 768, heads: int = 12,
-                device: str = "cpu") -> list[dict]:
+                device: str = "cpu", keep_freed_memory: bool = False) -> list[dict]:
     """A GPT stack (MLP 4x ``d_model``): inference and one training step of the compiled
     PA-DST model (Block 32x32, hardened permutations) against the dense model compiled with
     Inductor and against the same PA-DST model without permutations (the permutation tax);
     medians of interleaved repeats in one process (ratios: medians of per-round ratios,
     ``timing.paired_ratio``), the inference compile time with compile caches off (model
-    construction excluded), parameter bytes and the peak tensor memory of a training step."""
+    construction excluded), parameter bytes and the peak tensor memory of a training step.
+    ``keep_freed_memory``: first apply :func:`padst_compiler.allocator.keep_freed_memory`
+    (process-wide; both models then run with it)."""
     import time
 
     from padst_compiler.api import optimize
 
     if out:  # refused now, not after minutes of timing
         outputs.check_file(out, "a padst bench model result", outputs.json_with_keys(MODEL_RESULT_KEYS))
+    if keep_freed_memory and not allocator.keep_freed_memory():
+        raise SettingRefused("--keep-freed-memory is a glibc setting, and this C library is not glibc")
     from padst_compiler.models import GPT, GPTConfig
     from padst_compiler.training import sparsify
 
@@ -132,7 +140,9 @@ def model_speed(layers: int = 2, tokens: int = 4096, sequence: int = 512, sparsi
         return f"{value:.0f}" if value >= 100 else f"{value:.2f}"
 
     where = machine() if device == "cpu" else torch.cuda.get_device_name()
-    print(f"GPT {layers} layers, d {d_model}, {tokens} tokens ({sequence} per sequence), {device}: {where}")
+    kept = allocator.freed_memory_kept()
+    print(f"GPT {layers} layers, d {d_model}, {tokens} tokens ({sequence} per sequence), {device}: {where}"
+          + (", freed memory kept" if kept else ""))
     print(tabulate([(r["model"], ms(r["inference_ms"]), f"{r['inference_speedup']:.2f}x",
                      ms(r["train_step_ms"]), f"{r['train_speedup']:.2f}x", f"{r['compile_s']:.0f}",
                      f"{r['parameter_mib']:.0f}", f"{r['step_peak_mib']:.0f}", f"{r['train_peak_mib']:.0f}")
@@ -146,7 +156,8 @@ def model_speed(layers: int = 2, tokens: int = 4096, sequence: int = 512, sparsi
           f"(ratios: medians of per-round ratios over {len(infer_times[dense])} and {len(train_times[dense])} rounds)")
     if out:
         outputs.write_json(out, {"tokens": tokens, "sequence": sequence, "layers": layers, "sparsity": sparsity,
-                                 "d_model": d_model, "device": device, "machine": where, "rows": rows,
+                                 "d_model": d_model, "device": device, "machine": where,
+                                 "freed_memory_kept": kept, "rows": rows,
                                  "permutation_tax": tax})
     return rows
 

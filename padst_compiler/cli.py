@@ -145,6 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="tokens per sequence (1 with --tokens 1 times one decoding step; default 512)")
     model.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     model.add_argument("--repeats", type=_positive_int, default=5)
+    model.add_argument("--keep-freed-memory", action="store_true",
+                       help="first call padst_compiler.keep_freed_memory() (glibc keeps freed memory for reuse "
+                            "instead of mapping large tensors afresh; both models run with it)")
     model.add_argument("--out", metavar="FILE", help=JSON_OUT_HELP)
     depth = benches.add_parser("depth", help="per-layer forward time from 50 to 500 layers (no slowdown with depth)",
                                description="A stack of N sparsified nn.Linear layers (Block 16x16 at 0.9, hardened "
@@ -259,8 +262,12 @@ def _bench(args) -> int:
 
         if args.device == "cuda" and not torch.cuda.is_available():
             return _error(args, "--device cuda but no CUDA GPU is available")
-        bench.model_speed(layers=args.layers, tokens=args.tokens, sequence=args.sequence, repeats=args.repeats,
-                          out=args.out, d_model=args.d_model, heads=args.heads, device=args.device)
+        try:
+            bench.model_speed(layers=args.layers, tokens=args.tokens, sequence=args.sequence, repeats=args.repeats,
+                              out=args.out, d_model=args.d_model, heads=args.heads, device=args.device,
+                              keep_freed_memory=args.keep_freed_memory)
+        except bench.SettingRefused as error:
+            return _error(args, error)
     elif args.bench == "export":
         from padst_compiler import bench_export
 

@@ -1,6 +1,9 @@
 """The padst command line: the end-to-end demo, its options, the benchmark options."""
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -139,11 +142,15 @@ def test_depth_benchmark_prints_per_layer_times_and_their_spread(tmp_path, capsy
 
 
 @pytest.mark.slow
-def test_model_benchmark_reports_speed_and_the_tensor_memory_of_a_training_step(tmp_path, capsys):
+def test_model_benchmark_reports_speed_and_the_tensor_memory_of_a_training_step(tmp_path):
+    """In a process of its own: keeping freed memory is a process-wide setting."""
     out = tmp_path / "model.json"
-    assert cli.main(["bench", "model", *BENCH_JSON["model"], "--out", str(out)]) == 0
-    assert "train peak MiB" in capsys.readouterr().out
+    command = "import sys; from padst_compiler.cli import main; sys.exit(main(sys.argv[1:]))"
+    printed = subprocess.run([sys.executable, "-c", command, "bench", "model", *BENCH_JSON["model"],
+                              "--keep-freed-memory", "--out", str(out)], capture_output=True, text=True, check=True)
+    assert "train peak MiB" in printed.stdout and "freed memory kept" in printed.stdout
     result = json.loads(out.read_text())
+    assert result["freed_memory_kept"] is True
     assert set(result["permutation_tax"]) == {"inference", "train_step"}
     rows = {r["model"]: r for r in result["rows"]}
     assert all(r["inference_ms"] > 0 and r["train_step_ms"] > 0 and r["compile_s"] > 0 for r in rows.values())
@@ -298,6 +305,19 @@ def test_harden_benchmark_overwrites_its_own_earlier_result(tmp_path, monkeypatc
 def test_kernel_benchmark_on_a_missing_gpu_is_one_line(capsys):
     assert "no CUDA GPU is available" in refused(["bench", "kernels", "--device", "cuda"], "padst bench kernels",
                                                  capsys)
+
+
+def test_model_benchmark_refuses_to_keep_freed_memory_without_glibc_and_writes_nothing(tmp_path, monkeypatch,
+                                                                                          capsys):
+    from padst_compiler import allocator, bench
+
+    monkeypatch.setattr(allocator.platform, "libc_ver", lambda: ("", ""))
+    monkeypatch.setattr(bench, "speed_samples", lambda *args: pytest.fail("the benchmark started"))
+    out = tmp_path / "model.json"
+    line = refused(["bench", "model", *BENCH_JSON["model"], "--keep-freed-memory", "--out", str(out)],
+                   "padst bench model", capsys)
+    assert "--keep-freed-memory is a glibc setting" in line and not out.exists()
+    assert not allocator.freed_memory_kept() or "mmap_max=0" in os.environ.get("GLIBC_TUNABLES", "")
 
 
 def test_model_benchmark_presets_set_the_size_and_explicit_options_win():
