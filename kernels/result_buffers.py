@@ -1,12 +1,12 @@
 """Where a forward kernel writes its result: a new tensor, or a buffer its caller planned.
 
 Inductor plans the buffers of the extern kernels it calls with ``out=`` and hands a freed
-one to the next op of the same size, so a 12-layer model allocates each size about once a
-call. A result an op allocates itself is new memory every call: on the CPU a large one is
-a fresh mapping that the kernel faults in page by page, which cost a GPT-2-small forward
-(12 layers, 4096 tokens) about as much time as its attention projections' arithmetic.
-The structured forward ops' Inductor call therefore runs inside :func:`planned`, and the
-kernels take their result from :func:`new_result`.
+one to a later op of the same size where that does not raise its estimate of the peak. A
+result an op allocates itself is new memory on every call: on the CPU a large one is a
+fresh mapping the kernel faults in page by page. As out= calls, the structured ops of a
+12-layer GPT-2-small forward at 4096 tokens went from 325 to 205 ms of system time a call
+(1.40-1.48 s -> 1.18-1.20 s in all). The structured forward ops' Inductor call therefore
+runs inside :func:`planned`, and the kernels take their result from :func:`new_result`.
 """
 
 from __future__ import annotations
