@@ -8,13 +8,20 @@ of the code, so any use is refused. A bare ``import`` must still succeed: librar
 for packages of the same name, and transformers imports any ``kernels`` it finds (the
 Hub's kernels package) while importing its ``Trainer``, which then failed in such a
 directory. The stand-in has no file and no version, which such probes read as a folder
-shadowing a package that is not installed.
+shadowing a package that is not installed. Where a package of that name is installed
+(transformers 5.25 depends on the Hub's ``kernels``), the import gives that package: the
+root folder must not hide it.
 """
 
 from __future__ import annotations
 
+import importlib.machinery
+import importlib.util
 import sys
 import types
+from pathlib import Path
+
+_ROOT = Path(__file__).resolve().parents[1]  # the repository root, where the folders are
 
 
 class MisplacedPackage(types.ModuleType):
@@ -32,6 +39,14 @@ class MisplacedPackage(types.ModuleType):
 
 
 def stand_in(name: str, proper: str) -> None:
-    """Make the module being imported as ``name`` a ``MisplacedPackage`` (the rest of its file
-    still runs, into the module object this discards)."""
-    sys.modules[name] = MisplacedPackage(name, proper)
+    """Make the module being imported as ``name`` the package of that name installed
+    elsewhere on ``sys.path`` if there is one, else a ``MisplacedPackage`` (the rest of the
+    folder's ``__init__`` still runs, into the module object this discards)."""
+    elsewhere = [entry for entry in sys.path if Path(entry or ".").resolve() != _ROOT]
+    spec = importlib.machinery.PathFinder.find_spec(name, elsewhere)
+    if spec is None or spec.origin is None:  # none, or a bare folder (a namespace package)
+        sys.modules[name] = MisplacedPackage(name, proper)
+        return
+    installed = importlib.util.module_from_spec(spec)
+    sys.modules[name] = installed  # its own imports of name.<submodule> must find it
+    spec.loader.exec_module(installed)

@@ -1,6 +1,8 @@
 """One import namespace, an installable wheel with nothing but padst_compiler in it,
 and the console script."""
 
+import importlib.machinery
+import os
 import subprocess
 import sys
 import zipfile
@@ -12,15 +14,42 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _installed_elsewhere(name: str) -> bool:
+    """Whether a package ``name`` is installed outside the repository root (transformers 5.25
+    brings the Hub's ``kernels``)."""
+    elsewhere = [entry for entry in sys.path if Path(entry or ".").resolve() != ROOT]
+    spec = importlib.machinery.PathFinder.find_spec(name, elsewhere)
+    return spec is not None and spec.origin is not None
+
+
 @pytest.mark.parametrize("folder", ["kernels", "passes", "training", "integrations"])
 def test_root_folders_cannot_be_used_under_a_second_name(folder):
     """From the repository root ``import kernels`` finds the folder: a stand-in with no file or
-    version (what a package probe reads as "not installed") that refuses any use."""
+    version (what a package probe reads as "not installed") that refuses any use, or, where
+    a package of that name is installed, that package."""
+    if _installed_elsewhere(folder):
+        code = f"import {folder}, pathlib; print(pathlib.Path({folder}.__file__).resolve())"
+        result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+        assert Path(result.stdout.strip()).parent != ROOT / folder
+        return
     code = (f"import {folder}; assert getattr({folder}, '__file__', None) is None; "
             f"assert getattr({folder}, '__version__', 'N/A') == 'N/A'; {folder}.anything")
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode != 0
     assert f"ImportError: this package must be imported as padst_compiler.{folder}" in result.stderr
+
+
+def test_an_installed_package_named_like_a_root_folder_is_what_the_root_imports(tmp_path):
+    """The root folder must not hide a package of the same name that is installed: its
+    import, and its own imports of its submodules, give that package."""
+    package = tmp_path / "passes"
+    package.mkdir()
+    (package / "__init__.py").write_text("from passes.part import VALUE\n")
+    (package / "part.py").write_text("VALUE = 'installed'\n")
+    code = "import passes; print(passes.VALUE)"
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True,
+                            env={**os.environ, "PYTHONPATH": str(tmp_path)})
+    assert result.stdout.strip() == "installed"
 
 
 def test_transformers_imports_its_trainer_from_the_repository_root():
@@ -42,7 +71,9 @@ def test_subpackages_resolve_to_the_root_folders():
     for folder in folders:
         module = sys.modules[f"padst_compiler.{folder}"]
         assert Path(module.__file__).resolve().parent == ROOT / folder
-    assert not set(folders) & set(sys.modules)
+    for folder in folders:  # under a top-level name only an installed package of that name
+        module = sys.modules.get(folder)
+        assert module is None or Path(module.__file__).resolve().parent != ROOT / folder
 
 
 def test_wheel_holds_only_the_padst_compiler_package(tmp_path):
