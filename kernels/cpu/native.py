@@ -170,7 +170,7 @@ def output_buffer(x: torch.Tensor, out_features: int, scatter: torch.Tensor | No
     pages (see ``padst_advise_huge_pages`` in native.cpp); inside ``result_buffers.planned``
     the result is the caller's buffer where it fits."""
     zeroed = scatter is not None and not checks_enabled()
-    y = result_buffers.new_result(x, x.shape[0], out_features, zeroed=False)
+    y = result_buffers.new_result(x, x.shape[0], out_features, zeroed=False)  # zeroed below: after the advice
     if y.nbytes >= HUGE_PAGE_RESULT_BYTES:
         library().padst_advise_huge_pages(y.data_ptr(), y.nbytes)
     return y.zero_() if zeroed else y

@@ -65,9 +65,9 @@ def test_inductor_on_the_cpu_calls_the_ops_as_extern_kernels_that_replay(monkeyp
     assert "padst-lowering-" in torch.compiler.config.cache_key_tag
 
 
-def _block_stack(depth: int, width: int = 32, activation=None):
+def _block_stack(depth: int, width: int = 32, activation=None, scale: float = 1.0):
     gen = torch.Generator().manual_seed(0)
-    weights = [Block(8, 8).project(torch.randn(width, width, generator=gen), 0.5) for _ in range(depth)]
+    weights = [Block(8, 8).project(scale * torch.randn(width, width, generator=gen), 0.5) for _ in range(depth)]
 
     def model(x):
         for weight in weights:
@@ -78,20 +78,15 @@ def _block_stack(depth: int, width: int = 32, activation=None):
     return model
 
 
-def test_the_extern_call_writes_into_buffers_inductor_plans_and_reuses_between_layers(monkeypatch):
+def test_the_extern_call_writes_into_buffers_inductor_plans_and_reuses_between_layers(handed_out):
     """A result the op allocated itself would be new memory every call (on the CPU, a large
     one is faulted in page by page); as an out= call its buffer is Inductor's, which hands
     a freed one to a later layer of the same size, and the native kernel writes into it."""
     from torch._inductor.utils import run_and_get_code
     from torch.testing import FileCheck
 
-    from padst_compiler.kernels import result_buffers
     from padst_compiler.kernels.eager import select
 
-    handed_out = []
-    new_result = result_buffers.new_result
-    monkeypatch.setattr(result_buffers, "new_result", lambda *args, **kw: handed_out.append(new_result(*args, **kw))
-                        or handed_out[-1])
     model = _block_stack(depth=4)
     x = torch.randn(16, 32)
     compiled = torch.compile(model, backend="inductor", fullgraph=True)
@@ -104,6 +99,20 @@ def test_the_extern_call_writes_into_buffers_inductor_plans_and_reuses_between_l
     torch.testing.assert_close(again, got)
     FileCheck().check("padst_block_linear_opaque(").check_regex(
         r"buf[0-9]+ = buf[0-9]+; del buf[0-9]+  # reuse\n(.*#.*\n)?.*padst_block_linear_opaque\(.*out=buf").run(code[0])
+
+
+def test_a_256_layer_stack_compiles_to_two_result_buffers_in_all():
+    """Real depth: every layer's result is one of two buffers Inductor plans (each layer
+    reads the other's), where each call used to allocate 256."""
+    from torch._inductor.utils import run_and_get_code
+
+    model = _block_stack(depth=256, scale=0.25)
+    x = torch.randn(16, 32)
+    with torch.no_grad(), torch._inductor.config.patch(fx_graph_cache=False):
+        got, code = run_and_get_code(torch.compile(model, backend="inductor", fullgraph=True), x)
+        torch.testing.assert_close(got, model(x))
+    assert code[0].count("padst_block_linear_opaque(") == 256
+    assert code[0].count("empty_strided_cpu((16, 32)") == 2
 
 
 def test_a_dynamic_compile_keeps_the_extern_call_for_every_token_count(caplog):

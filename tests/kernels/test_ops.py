@@ -273,13 +273,12 @@ def test_repeated_eager_calls_replay_the_kernel_and_follow_every_change(monkeypa
 
 
 @pytest.mark.parametrize("structure", [Block(8, 8), NM(4), Diagonal()], ids=str)
-def test_a_call_into_a_planned_buffer_writes_there_and_a_dispatched_one_keeps_its_result_apart(monkeypatch,
+def test_a_call_into_a_planned_buffer_writes_there_and_a_dispatched_one_keeps_its_result_apart(handed_out,
                                                                                               structure):
     """With ``out`` (a buffer Inductor planned) the direct call's kernel writes into it, first
     call and replays alike; a call through the dispatcher (here: profiled) gets a result of
     its own, copied in, even where ``out`` and x share a storage, as Inductor's pooled
     buffers do (the custom-op layer refuses a result that shares an input's storage)."""
-    from padst_compiler.kernels import result_buffers
     from padst_compiler.kernels.eager.dispatch import structured_linear
 
     weight, x, bias, in_index, out_index = make_case(structure, 64, 32, 0.5, (3,), dtype=torch.float32)
@@ -287,10 +286,6 @@ def test_a_call_into_a_planned_buffer_writes_there_and_a_dispatched_one_keeps_it
                            out_index)
     pool = torch.empty(3 * 32 + 3 * 64)
     x, out = pool[:96].view(3, 32).copy_(x), pool[96:].view(3, 64)
-    handed_out = []
-    new_result = result_buffers.new_result
-    monkeypatch.setattr(result_buffers, "new_result", lambda *args, **kw: handed_out.append(new_result(*args, **kw))
-                        or handed_out[-1])
 
     def call():
         out.fill_(float("nan"))
