@@ -31,7 +31,7 @@ from typing import NamedTuple
 import torch
 
 from padst_compiler.kernels import result_buffers
-from padst_compiler.kernels.ops.checks import checks_enabled
+from padst_compiler.kernels.ops.checks import checks_enabled, is_permutation
 
 SOURCE = Path(__file__).with_name("native.cpp")
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
@@ -165,11 +165,11 @@ _recording = threading.local()
 def output_buffer(x: torch.Tensor, out_features: int, scatter: torch.Tensor | None) -> torch.Tensor:
     """The ``[tokens, out_features]`` result a native kernel writes, its columns scattered
     through ``scatter`` (a forward's out_index, an input gradient's in_index) when given.
-    With the semantic checks off a repeated entry leaves columns unwritten, so the result
-    then starts zeroed (wrong numbers, never stale memory). A large result is backed by huge
-    pages (see ``padst_advise_huge_pages`` in native.cpp); inside ``result_buffers.planned``
-    the result is the caller's buffer where it fits."""
-    zeroed = scatter is not None and not checks_enabled()
+    With the semantic checks off a ``scatter`` that is not a permutation leaves columns
+    unwritten, so the result then starts zeroed (wrong numbers, never stale memory). A large
+    result is backed by huge pages (see ``padst_advise_huge_pages`` in native.cpp); inside
+    ``result_buffers.planned`` the result is the caller's buffer where it fits."""
+    zeroed = scatter is not None and not checks_enabled() and not is_permutation(scatter)
     y = result_buffers.new_result(x, x.shape[0], out_features, zeroed=False)  # zeroed below: after the advice
     if y.nbytes >= HUGE_PAGE_RESULT_BYTES:
         library().padst_advise_huge_pages(y.data_ptr(), y.nbytes)

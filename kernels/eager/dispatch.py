@@ -20,8 +20,10 @@ from padst_compiler.kernels.ops import checks
 
 Tensor = torch.Tensor
 
-# ``torch.ops.padst.<name>`` -> the function its forward runs (filled in as the ops are defined).
+# ``torch.ops.padst.<name>`` -> the function its forward runs, and the same for the
+# ``<name>_grad_input`` ops (filled in as the ops are defined).
 DIRECT_FORWARD: dict[object, Callable] = {}
+DIRECT_GRAD_INPUT: dict[object, Callable] = {}
 _PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
 
 
@@ -47,11 +49,30 @@ def structured_linear(op, x, values, index, out_features, bias=None, in_index=No
     layer keeps the call of its latest input shape (decoding repeats one), as a trainable
     layer's call holds a copy of its weights. With ``out`` (a buffer Inductor planned, of
     the result's size) the result is written there and ``out`` returned."""
-    if _dispatcher_needed(x, values, index, bias, in_index, out_index):
-        y = op(x, values, index, out_features, bias, in_index, out_index)  # an op's result is its own
+    args = (x, values, index, out_features, bias, in_index, out_index)
+    return _run(op, args, out, lambda: _direct(op, *args))
+
+
+def structured_grad_input(op, grad, values, index, in_features, in_index=None, out_index=None,
+                          out: Tensor | None = None) -> Tensor:
+    """``op(grad, values, index, ...)`` for a structured op's ``*_grad_input``, skipping the
+    dispatcher where nothing needs it and writing into ``out`` as :func:`structured_linear`
+    does. No replay: a backward runs at training token counts, where the Python around the
+    kernel call is a small share of it."""
+    args = (grad, values, index, in_features, in_index, out_index)
+    return _run(op, args, out, lambda: DIRECT_GRAD_INPUT[op](*args))
+
+
+def _run(op, args: tuple, out: Tensor | None, direct: Callable[[], Tensor]) -> Tensor:
+    """``op(*args)`` through the dispatcher where a call needs it, else ``direct()`` (the
+    op's implementation), its kernels writing into ``out`` where it fits (see
+    :mod:`..result_buffers`); with ``out`` any result written elsewhere is copied there and
+    ``out`` returned."""
+    if _dispatcher_needed(*(a for a in args if not isinstance(a, int))):
+        y = op(*args)  # an op's result is its own
     else:
-        with result_buffers.planned(None if out is None else out.view(-1, out_features)):
-            y = _direct(op, x, values, index, out_features, bias, in_index, out_index)
+        with result_buffers.planned(None if out is None else out.view(-1, out.shape[-1])):
+            y = direct()
     if out is None:
         return y
     if y.data_ptr() != out.data_ptr():  # an implementation that allocates its result

@@ -7,8 +7,11 @@ kernel, one per tile configuration, and the opaque op (the tuned kernel of
 through Inductor's own store, so an elementwise consumer (an activation, a residual add, a
 cast) fuses into the kernel instead of re-reading the output from memory.
 
-The backward ops keep the user-kernel decomposition of :mod:`.visibility`: their
-transposed structure is prepared by host code, which a template cannot hold.
+The backward ops keep the user-kernel decomposition of :mod:`.visibility` on CUDA: their
+transposed structure is prepared by host code, which a template cannot hold. Elsewhere the
+input-gradient ops, like the forward ops without templates, lower to an extern call that
+writes into a buffer Inductor plans (and hands a freed one to a later layer), where a
+fallback call would allocate its result anew on every call.
 
 This uses Inductor's private lowering API. It is gated on the torch versions it was written
 against, registered the first time a structured op is traced (importing Inductor's lowering
@@ -218,20 +221,21 @@ def _emits_triton(x) -> bool:
     return device is not None and (device.type == "cuda" or (device.type == "cpu" and config.cpu_backend == "triton"))
 
 
-def _opaque_call(op, structured_linear):
+def _opaque_call(op, run):
     """The op as an extern kernel (Inductor's own choice where it emits no Triton, one of
-    the autotuner's where it does): called with the choice's tensors (the inverse output
-    permutation, which only the templates read, last) and which optional ones are there.
-    It runs the op through ``structured_linear``, which skips the dispatcher where nothing
-    needs it and replays the layer's native kernel call (at one token the dispatcher and
-    the op's Python are most of a call), into ``out``, a buffer Inductor plans and reuses
-    between layers (see :mod:`padst_compiler.kernels.result_buffers`)."""
+    the autotuner's where it does): called with the choice's tensors, their argument names
+    (``present``; for a forward op the inverse output permutation, which only the
+    templates read, comes last and is not named) and the op's feature count. It runs the op
+    through ``run`` (:mod:`..eager.dispatch`), which skips the dispatcher where nothing
+    needs it and, for a forward op, replays the layer's native kernel call (at one token
+    the dispatcher and the op's Python are most of a call), into ``out``, a buffer Inductor
+    plans and reuses between layers (see :mod:`padst_compiler.kernels.result_buffers`)."""
     packet = op.overloadpacket
+    arguments = [(argument.name, isinstance(argument.type, torch.IntType)) for argument in op._schema.arguments]
 
-    def call(*tensors, out_features, present, out):
-        named = dict(zip(("x", "values", "index", *present), tensors))
-        structured_linear(packet, named["x"], named["values"], named["index"], out_features,
-                          named.get("bias"), named.get("in_index"), named.get("out_index"), out=out)
+    def call(*tensors, features, present, out):
+        named = dict(zip(present, tensors))
+        run(packet, *(features if is_int else named.get(name) for name, is_int in arguments), out=out)
 
     call.__name__ = f"{op.__name__}_call"
     return call
@@ -248,77 +252,109 @@ def _inverse(out_index):
         out_index, 0, out_index, positions)
 
 
-class _Lowering:
+class _ExternInputs:
+    """An op's tensors as an extern call takes them: the first flattened to 2-D, every tensor
+    contiguous, the absent optional ones left out (``present`` names the others), and the
+    ``[tokens, features]`` layout of the result."""
+
+    def __init__(self, first, named: dict, features: int):
+        from torch._inductor import ir
+        from torch._inductor import lowering as L
+        from torch._inductor.utils import sympy_product
+        from torch._inductor.virtualized import V
+
+        self.sizes = first.get_size()
+        self.first_features = V.graph.sizevars.guard_int(self.sizes[-1])
+        tokens = sympy_product(self.sizes[:-1])
+        first = ir.ExternKernel.realize_input(L.view(first, [tokens, self.first_features]))
+        self.present = tuple(name for name, node in named.items() if node is not None)
+        self.nodes = [first, *(ir.ExternKernel.require_contiguous(named[name]) for name in self.present[1:])]
+        self.features = features
+        self.layout = ir.FixedLayout(first.get_device(), first.get_dtype(), [tokens, features])
+
+    def opaque_choice(self) -> dict:
+        """The keyword arguments of the opaque call's ``bind`` and ``maybe_append_choice``."""
+        return dict(input_nodes=self.nodes, layout=self.layout, features=self.features, present=self.present)
+
+    def result(self, flat):
+        """The 2-D result ``flat`` in the shape of the op's result."""
+        from torch._inductor import lowering as L
+
+        return L.view(flat, [*self.sizes[:-1], self.features])
+
+
+class _ExternLowering:
+    """An op lowered to one extern call that writes into a buffer Inductor plans (the
+    backward ops' input gradients, and the forward ops where no template applies)."""
+
+    def __init__(self, op_name: str, run):
+        from torch._inductor.select_algorithm import ExternKernelChoice
+
+        self.op = getattr(torch.ops.padst, op_name).default
+        self.opaque = ExternKernelChoice(_opaque_call(self.op, run), name=f"padst_{op_name}_opaque")
+
+    def __call__(self, *args, **kwargs):
+        from torch._inductor.lowering import fallback_handler
+        from torch._inductor.virtualized import V
+
+        if not V.graph.cpp_wrapper:  # a C++ wrapper calls ops, not Python functions
+            try:
+                return self.lower(*args, **kwargs)
+            except Exception:  # a torch whose private pieces differ: the op itself still works
+                log.warning("padst: lowering %s failed; Inductor calls the op through the dispatcher",
+                            self.op, exc_info=True)
+        return fallback_handler(self.op, add_to_fallback_set=False)(*args, **kwargs)
+
+    def lower(self, grad, values, index, in_features, in_index=None, out_index=None):
+        """A ``*_grad_input`` op (the forward lowering overrides this)."""
+        inputs = _ExternInputs(grad, dict(grad=grad, values=values, index=index, in_index=in_index,
+                                          out_index=out_index), in_features)
+        return inputs.result(self.opaque.bind(**inputs.opaque_choice()).output_node())
+
+
+class _Lowering(_ExternLowering):
     """The lowering of one forward op: Triton templates and the opaque op, measured by
     Inductor's autotuner where it emits Triton; elsewhere the opaque op alone, as an extern
     call that skips the dispatcher."""
 
-    def __init__(self, op_name: str):
-        from torch._inductor.select_algorithm import ExternKernelChoice, SymbolicGridFn, TritonTemplate
+    def __init__(self, op_name: str, run):
+        from torch._inductor.select_algorithm import SymbolicGridFn, TritonTemplate
 
-        from padst_compiler.kernels.eager.dispatch import structured_linear  # (lazy: the registry imports this module)
-
-        self.op = getattr(torch.ops.padst, op_name).default
+        super().__init__(op_name, run)
         self.structure = _TEMPLATES[op_name]
         self.template = TritonTemplate(name=f"padst_{op_name}", grid=SymbolicGridFn(self.structure.grid),
                                        source=self.structure.source)
-        self.opaque = ExternKernelChoice(_opaque_call(self.op, structured_linear), name=f"padst_{op_name}_opaque")
 
-    def __call__(self, x, values, index, out_features, bias=None, in_index=None, out_index=None):
-        from torch._inductor.lowering import fallback_handler
-        from torch._inductor.virtualized import V
-
-        args = (x, values, index, out_features, bias, in_index, out_index)
-        if not V.graph.cpp_wrapper:  # a C++ wrapper calls ops, not Python functions
-            templates = "template" in OFFER and _emits_triton(x) and x.get_dtype() in _TEMPLATE_DTYPES
-            try:
-                return self.select(*args, templates=templates)
-            except Exception:  # a torch whose private pieces differ: the op itself still works
-                log.warning("padst: lowering %s failed; Inductor calls the op through the dispatcher",
-                            self.op, exc_info=True)
-        return fallback_handler(self.op, add_to_fallback_set=False)(*args)
-
-    def select(self, x, values, index, out_features, bias, in_index, out_index, templates: bool):
+    def lower(self, x, values, index, out_features, bias=None, in_index=None, out_index=None):
         from torch._inductor import ir
-        from torch._inductor import lowering as L
         from torch._inductor.select_algorithm import autotune_select_algorithm
-        from torch._inductor.utils import sympy_product
-        from torch._inductor.virtualized import V
 
-        sizes = x.get_size()
-        in_features = V.graph.sizevars.guard_int(sizes[-1])
-        tokens = sympy_product(sizes[:-1])
-        x2 = ir.ExternKernel.realize_input(L.view(x, [tokens, in_features]))
-        contiguous = ir.ExternKernel.require_contiguous
-        values, index = contiguous(values), contiguous(index)
-        optional = {"bias": bias, "in_index": in_index, "out_index": out_index}
-        present = tuple(name for name, node in optional.items() if node is not None)
-        nodes = [x2, values, index, *(contiguous(optional[name]) for name in present)]
-        layout = ir.FixedLayout(x2.get_device(), x2.get_dtype(), [tokens, out_features])
-        opaque = dict(input_nodes=nodes, layout=layout, out_features=out_features, present=present)
-        if not templates:
-            out = self.opaque.bind(**opaque).output_node()
-            return L.view(out, [*sizes[:-1], out_features])
+        inputs = _ExternInputs(x, dict(x=x, values=values, index=index, bias=bias, in_index=in_index,
+                                       out_index=out_index), out_features)
+        if not ("template" in OFFER and _emits_triton(x) and x.get_dtype() in _TEMPLATE_DTYPES):
+            return inputs.result(self.opaque.bind(**inputs.opaque_choice()).output_node())
 
+        nodes, in_features = list(inputs.nodes), inputs.first_features
+        values, index = nodes[1], nodes[2]
         if out_index is not None:  # every choice is timed on the same inputs: the opaque call ignores this one
-            nodes.append(contiguous(_inverse(nodes[-1])))
+            nodes.append(ir.ExternKernel.require_contiguous(_inverse(nodes[-1])))
         choices = []
         if "opaque" in OFFER:
-            self.opaque.maybe_append_choice(choices, **opaque)
+            self.opaque.maybe_append_choice(choices, **{**inputs.opaque_choice(), "input_nodes": nodes})
         constants = self.structure.constants(values, index, in_features, out_features)
         flags = dict(HAS_BIAS=bias is not None, HAS_IN_MAP=in_index is not None, HAS_OUT_POS=out_index is not None)
-        precision = self._dot_precision(x2.get_dtype())
+        precision = self._dot_precision(x.get_dtype())
         for config in self._configs() if "template" in OFFER else ():
             config = dict(config)
             error = self.template.maybe_append_choice(
-                choices, input_nodes=nodes, layout=layout, num_stages=2, num_warps=config.pop("num_warps"),
+                choices, input_nodes=nodes, layout=inputs.layout, num_stages=2, num_warps=config.pop("num_warps"),
                 DOT_PRECISION=precision, **constants, **flags, **config)
             if error is not None:
                 raise error
-        out, _ = autotune_select_algorithm(f"padst_{self.structure.name}_linear", choices, nodes, layout,
-                                           input_gen_fns=self._input_generators(nodes, present, in_features,
-                                                                                out_features))
-        return L.view(out, [*sizes[:-1], out_features])
+        out, _ = autotune_select_algorithm(f"padst_{self.structure.name}_linear", choices, nodes, inputs.layout,
+                                           input_gen_fns=self._input_generators(nodes, inputs.present[3:],
+                                                                                in_features, out_features))
+        return inputs.result(out)
 
     def _configs(self) -> list[dict]:
         """Tile configurations to measure; the interpreter runs one (it would time Python)."""
@@ -376,8 +412,11 @@ def ensure_registered() -> None:
             from torch._inductor import lowering as L
             from torch._library.utils import get_layout_constraint_tag
 
-            for op_name in _TEMPLATES:
-                lowering = _Lowering(op_name)
+            from padst_compiler.kernels.eager import dispatch  # (lazy: the registry imports this module)
+
+            lowerings = [*(_Lowering(name, dispatch.structured_linear) for name in _TEMPLATES),
+                         *(_ExternLowering(f"{name}_grad_input", dispatch.structured_grad_input) for name in _TEMPLATES)]
+            for lowering in lowerings:
                 # The input layouts Inductor gives an op without a lowering of its own.
                 constraint = L.tag_to_layout_constraint(get_layout_constraint_tag(lowering.op, with_default=True))
                 if constraint is not None:

@@ -95,6 +95,21 @@ def check_permutation(op: str, name: str, index: torch.Tensor, length: int) -> N
     _check_once(index, ("permutation", length), run)
 
 
+def is_permutation(index: torch.Tensor) -> bool:
+    """Whether the 1-D ``index`` is a permutation of ``range(len(index))``, found once per
+    version whatever :func:`set_checks` says. A kernel that scatters its result through an
+    index that is not one leaves columns unwritten, which its caller must then zero; with the
+    checks off this tells the few such calls from the many that need no zero fill (a pass
+    over the whole result on every call, against one over the index per version)."""
+    n = index.numel()
+
+    def find():
+        return n == 0 or (int(index.min()) >= 0 and int(index.max()) < n
+                          and bool((torch.bincount(index, minlength=n) == 1).all()))
+
+    return memoize("check", (index,), find, "is a permutation")
+
+
 def check_in_range(op: str, name: str, index: torch.Tensor, bound: int) -> None:
     """Every value of ``index`` lies in ``[0, bound)``. The kernels read and write through
     these values, so this check runs whatever :func:`set_checks` says (once per version)."""

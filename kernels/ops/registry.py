@@ -179,9 +179,11 @@ def define_structured_op(kernels: StructuredKernels):
 
     grad_input = torch.library.custom_op(f"{qualname}_grad_input", compute_grad_input, mutates_args=(),
                                          schema=_GRAD_INPUT_SCHEMA)
+    dispatch.DIRECT_GRAD_INPUT[getattr(torch.ops.padst, f"{kernels.name}_grad_input")] = compute_grad_input
 
     @grad_input.register_fake
     def _(grad, values, index, in_features, in_index, out_index):
+        inductor_lowering.ensure_registered()
         _check_grad_call(f"{qualname}_grad_input", kernels, grad, values, index, in_features, in_index, out_index)
         return grad.new_empty(*grad.shape[:-1], in_features)
 

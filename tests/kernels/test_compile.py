@@ -101,6 +101,33 @@ def test_the_extern_call_writes_into_buffers_inductor_plans_and_reuses_between_l
         r"buf[0-9]+ = buf[0-9]+; del buf[0-9]+  # reuse\n(.*#.*\n)?.*padst_block_linear_opaque\(.*out=buf").run(code[0])
 
 
+def test_the_input_gradients_are_extern_calls_into_buffers_inductor_plans_and_reuses(handed_out):
+    """The backward's input gradients, as out= calls: each layer's gradient is written into
+    a buffer Inductor planned (a freed one, past the first two), not allocated per call."""
+    from torch._inductor.utils import run_and_get_code
+    from torch.testing import FileCheck
+
+    from padst_compiler.kernels.eager import select
+
+    model = _block_stack(depth=4, activation=torch.tanh)
+    x = torch.randn(16, 32, requires_grad=True)
+    compiled = torch.compile(model, backend="inductor", fullgraph=True)
+    want = torch.autograd.grad(model(x).square().sum(), x)[0]
+    with torch._inductor.config.patch(fx_graph_cache=False), select.only("native"):
+        got, code = run_and_get_code(lambda: torch.autograd.grad(compiled(x).square().sum(), x)[0])
+        handed_out.clear()
+        again = torch.autograd.grad(compiled(x).square().sum(), x)[0]
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(again, want)
+    assert handed_out[-1].data_ptr() == again.data_ptr(), "the first layer's input gradient was not written in place"
+    backward = code[-1]
+    assert backward.count("padst_block_linear_grad_input_opaque(") == 4
+    assert "padst.block_linear_grad_input.default(" not in backward
+    FileCheck().check_regex(
+        r"buf[0-9]+ = buf[0-9]+; del buf[0-9]+  # reuse\n(.*#.*\n)?.*padst_block_linear_grad_input_opaque\(.*out=buf"
+    ).run(backward)
+
+
 def test_a_256_layer_stack_compiles_to_two_result_buffers_in_all():
     """Real depth: every layer's result is one of two buffers Inductor plans (each layer
     reads the other's), where each call used to allocate 256."""

@@ -37,9 +37,23 @@ def test_native_outputs_start_zeroed_when_a_repeated_out_index_could_leave_holes
     """The native kernels scatter output columns through out_index's inverse: with the checks
     off a repeated entry leaves columns unwritten, which must read as zeros, not as whatever
     the allocator held (bad_index_cases caught NaNs there, in a few runs out of ten)."""
+    from padst_compiler.kernels import result_buffers
     from padst_compiler.kernels.cpu import native
 
-    x, out_index = torch.randn(3, 8), torch.arange(16)
-    with set_checks(False):
-        assert torch.equal(native.output_buffer(x, 16, out_index), torch.zeros(3, 16))
+    x, repeated = torch.randn(3, 8), torch.tensor([0, 0, *range(2, 16)])
+    with set_checks(False), result_buffers.planned(torch.full((3, 16), 7.0)):
+        assert torch.equal(native.output_buffer(x, 16, repeated), torch.zeros(3, 16))
     assert native.output_buffer(x, 16, None).shape == (3, 16)
+
+
+def test_native_outputs_scattered_through_a_permutation_are_not_zero_filled():
+    """A permutation leaves no hole: zeroing the result would be a pass over it on every call
+    (the input gradients of a permuted model's layers, with the checks off)."""
+    from padst_compiler.kernels import result_buffers
+    from padst_compiler.kernels.cpu import native
+
+    x, planned = torch.randn(3, 8), torch.full((3, 16), 7.0)
+    for checks in (False, True):
+        with set_checks(checks), result_buffers.planned(planned):
+            assert native.output_buffer(x, 16, torch.randperm(16)) is planned
+        assert torch.equal(planned, torch.full((3, 16), 7.0))
