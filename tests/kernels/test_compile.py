@@ -110,15 +110,16 @@ def test_the_input_gradients_are_extern_calls_into_buffers_inductor_plans_and_re
     from padst_compiler.kernels.eager import select
 
     model = _block_stack(depth=4, activation=torch.tanh)
-    x = torch.randn(16, 32, requires_grad=True)
+    x = torch.randn(16, 32, generator=torch.Generator().manual_seed(1), requires_grad=True)
     compiled = torch.compile(model, backend="inductor", fullgraph=True)
     want = torch.autograd.grad(model(x).square().sum(), x)[0]
+    close = dict(rtol=1e-4, atol=1e-5)  # (Inductor's tanh and its derivative are not eager's to the last bit)
     with torch._inductor.config.patch(fx_graph_cache=False), select.only("native"):
         got, code = run_and_get_code(lambda: torch.autograd.grad(compiled(x).square().sum(), x)[0])
         handed_out.clear()
         again = torch.autograd.grad(compiled(x).square().sum(), x)[0]
-    torch.testing.assert_close(got, want)
-    torch.testing.assert_close(again, want)
+    torch.testing.assert_close(got, want, **close)
+    torch.testing.assert_close(again, want, **close)
     assert handed_out[-1].data_ptr() == again.data_ptr(), "the first layer's input gradient was not written in place"
     backward = code[-1]
     assert backward.count("padst_block_linear_grad_input_opaque(") == 4
