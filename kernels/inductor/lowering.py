@@ -283,9 +283,9 @@ class _ExternInputs:
         return L.view(flat, [*self.sizes[:-1], self.features])
 
 
-class _ExternLowering:
-    """An op lowered to one extern call that writes into a buffer Inductor plans (the
-    backward ops' input gradients, and the forward ops where no template applies)."""
+class _ExternLowering(ABC):
+    """An op lowered to one extern call that writes into a buffer Inductor plans, or where
+    building it fails, to the op called through the dispatcher."""
 
     def __init__(self, op_name: str, run):
         from torch._inductor.select_algorithm import ExternKernelChoice
@@ -305,14 +305,24 @@ class _ExternLowering:
                             self.op, exc_info=True)
         return fallback_handler(self.op, add_to_fallback_set=False)(*args, **kwargs)
 
-    def lower(self, grad, values, index, in_features, in_index=None, out_index=None):
-        """A ``*_grad_input`` op (the forward lowering overrides this)."""
-        inputs = _ExternInputs(grad, dict(grad=grad, values=values, index=index, in_index=in_index,
-                                          out_index=out_index), in_features)
+    @abstractmethod
+    def lower(self, *args, **kwargs):
+        """The op's arguments (Inductor's nodes) -> its result node."""
+
+    def extern_call(self, inputs: _ExternInputs):
+        """The op as the opaque extern call alone."""
         return inputs.result(self.opaque.bind(**inputs.opaque_choice()).output_node())
 
 
-class _Lowering(_ExternLowering):
+class _GradInputLowering(_ExternLowering):
+    """An input-gradient op: the extern call (its transposed structure is host code)."""
+
+    def lower(self, grad, values, index, in_features, in_index=None, out_index=None):
+        return self.extern_call(_ExternInputs(grad, dict(grad=grad, values=values, index=index, in_index=in_index,
+                                                         out_index=out_index), in_features))
+
+
+class _ForwardLowering(_ExternLowering):
     """The lowering of one forward op: Triton templates and the opaque op, measured by
     Inductor's autotuner where it emits Triton; elsewhere the opaque op alone, as an extern
     call that skips the dispatcher."""
@@ -332,7 +342,7 @@ class _Lowering(_ExternLowering):
         inputs = _ExternInputs(x, dict(x=x, values=values, index=index, bias=bias, in_index=in_index,
                                        out_index=out_index), out_features)
         if not ("template" in OFFER and _emits_triton(x) and x.get_dtype() in _TEMPLATE_DTYPES):
-            return inputs.result(self.opaque.bind(**inputs.opaque_choice()).output_node())
+            return self.extern_call(inputs)
 
         nodes, in_features = list(inputs.nodes), inputs.first_features
         values, index = nodes[1], nodes[2]
@@ -414,8 +424,9 @@ def ensure_registered() -> None:
 
             from padst_compiler.kernels.eager import dispatch  # (lazy: the registry imports this module)
 
-            lowerings = [*(_Lowering(name, dispatch.structured_linear) for name in _TEMPLATES),
-                         *(_ExternLowering(f"{name}_grad_input", dispatch.structured_grad_input) for name in _TEMPLATES)]
+            lowerings = [*(_ForwardLowering(name, dispatch.structured_linear) for name in _TEMPLATES),
+                         *(_GradInputLowering(f"{name}_grad_input", dispatch.structured_grad_input)
+                           for name in _TEMPLATES)]
             for lowering in lowerings:
                 # The input layouts Inductor gives an op without a lowering of its own.
                 constraint = L.tag_to_layout_constraint(get_layout_constraint_tag(lowering.op, with_default=True))

@@ -206,7 +206,7 @@ def test_a_failing_template_falls_back_to_the_opaque_op_with_a_warning(monkeypat
     def broken(*args, **kwargs):
         raise RuntimeError("template codegen broke")
 
-    monkeypatch.setattr(inductor_lowering._Lowering, "lower", broken)
+    monkeypatch.setattr(inductor_lowering._ForwardLowering, "lower", broken)
     structure = Block(16, 16)
     weight, x, residual, bias, in_index, out_index = _case(structure, (OUT, IN), True)
     model = _epilogue_model(structure, OUT)

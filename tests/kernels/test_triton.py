@@ -57,7 +57,10 @@ def test_template_lowerings_register_on_this_torch():
     inductor_lowering.ensure_registered()
     for structure in (Block(16, 16), NM(4), Diagonal()):
         assert isinstance(getattr(lowerings.get(structure.op.default), "__wrapped__", None),
-                          inductor_lowering._Lowering), structure
+                          inductor_lowering._ForwardLowering), structure
+        grad_input = getattr(torch.ops.padst, f"{structure.op.__name__}_grad_input").default
+        assert isinstance(getattr(lowerings.get(grad_input), "__wrapped__", None),
+                          inductor_lowering._GradInputLowering), structure
 
 
 def test_the_inductor_templates_run_the_bodies_and_tiles_of_the_launcher_kernels():
