@@ -25,6 +25,10 @@ class SettingRefused(ValueError):
     """A benchmark setting this machine cannot apply (refused before any work)."""
 
 
+class ProcessFailed(RuntimeError):
+    """One of the fresh processes of :func:`model_speed_in_processes` failed (it printed why)."""
+
+
 def _cold_compile_caches():
     """Inductor's and AOTAutograd's on-disk caches off (they would hide the compile time)."""
     import contextlib
@@ -160,6 +164,66 @@ def model_speed(layers: int = 2, tokens: int = 4096, sequence: int = 512, sparsi
                                  "freed_memory_kept": kept, "rows": rows,
                                  "permutation_tax": tax})
     return rows
+
+
+def model_speed_in_processes(processes: int, out: str | None = None, **options) -> dict[str, dict]:
+    """:func:`model_speed` (same ``options``) in ``processes`` fresh processes, one after
+    another: one process's ratios drift by more than the permutation tax from run to run
+    (where its memory landed, the machine's phase), so a tax of a few percent, or a ratio
+    near a target, is a mean over processes. Prints each process's table, then the mean and
+    standard deviation over processes of the PA-DST ratios and the permutation tax, and
+    returns those; ``out`` gets every process's rows (with its number) and the summary."""
+    import json
+    import subprocess
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    if processes < 2:
+        raise ValueError(f"a spread over processes needs at least 2, got {processes}")
+    if out:
+        outputs.check_file(out, "a padst bench model result", outputs.json_with_keys(MODEL_RESULT_KEYS))
+    argv = [flag for name, value in options.items() if value not in (None, False)
+            for flag in ([f"--{name.replace('_', '-')}"] + ([] if value is True else [str(value)]))]
+    results = []
+    with tempfile.TemporaryDirectory(prefix="padst-bench-") as folder:
+        for number in range(1, processes + 1):
+            path = Path(folder) / f"{number}.json"
+            print(f"process {number} of {processes}", flush=True)
+            done = subprocess.run([sys.executable, "-m", "padst_compiler.cli", "bench", "model", *argv,
+                                   "--out", str(path)])
+            if done.returncode:
+                raise ProcessFailed(f"process {number} of {processes} failed (exit code {done.returncode}); "
+                                   "nothing was written")
+            results.append(json.loads(path.read_text()))
+    summary = process_spread(results)
+    print(f"PA-DST over {processes} processes (mean ± standard deviation; each process's value):")
+    print(tabulate([(name, f"{s['mean']:+.1f} ± {s['sd']:.1f} %" if "tax" in name else f"{s['mean']:.2f} ± {s['sd']:.2f}x",
+                     ", ".join(f"{v:+.1f}" if "tax" in name else f"{v:.2f}" for v in s["values"]))
+                    for name, s in summary.items()],
+                   headers=["", "mean ± sd", "per process"], disable_numparse=True))
+    if out:
+        first = results[0]
+        outputs.write_json(out, {**{key: first[key] for key in MODEL_RESULT_KEYS if key != "rows"},
+                                 "machine": first["machine"], "freed_memory_kept": first["freed_memory_kept"],
+                                 "rows": [{**row, "process": number} for number, result in enumerate(results, 1)
+                                          for row in result["rows"]],
+                                 "permutation_tax": [result["permutation_tax"] for result in results],
+                                 "summary": summary})
+    return summary
+
+
+def process_spread(results: list[dict]) -> dict[str, dict]:
+    """The PA-DST ratios and the permutation tax (percent) of several :func:`model_speed`
+    results: each one's value, their mean and sample standard deviation."""
+    def permuted(result):
+        return next(row for row in result["rows"] if row["model"] == "PA-DST (padst)")
+
+    values = {"inference vs dense": [permuted(r)["inference_speedup"] for r in results],
+              "train step vs dense": [permuted(r)["train_speedup"] for r in results],
+              "permutation tax: inference": [100 * r["permutation_tax"]["inference"] for r in results],
+              "permutation tax: train step": [100 * r["permutation_tax"]["train_step"] for r in results]}
+    return {name: {"mean": statistics.mean(v), "sd": statistics.stdev(v), "values": v} for name, v in values.items()}
 
 
 def _training_step_memory(model: nn.Module, scalar: Callable[[], torch.Tensor], device: str) -> dict[str, float]:

@@ -148,6 +148,10 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--keep-freed-memory", action="store_true",
                        help="first call padst_compiler.keep_freed_memory() (glibc keeps freed memory for reuse "
                             "instead of mapping large tensors afresh; both models run with it)")
+    model.add_argument("--processes", type=_positive_int, default=1,
+                       help="run the benchmark in this many fresh processes, one after another, and print the "
+                            "mean and standard deviation of the ratios and the permutation tax over them (a tax of "
+                            "a few percent is smaller than one process's run-to-run drift)")
     model.add_argument("--out", metavar="FILE", help=JSON_OUT_HELP)
     depth = benches.add_parser("depth", help="per-layer forward time from 50 to 500 layers (no slowdown with depth)",
                                description="A stack of N sparsified nn.Linear layers (Block 16x16 at 0.9, hardened "
@@ -262,11 +266,15 @@ def _bench(args) -> int:
 
         if args.device == "cuda" and not torch.cuda.is_available():
             return _error(args, "--device cuda but no CUDA GPU is available")
+        options = dict(layers=args.layers, tokens=args.tokens, sequence=args.sequence, repeats=args.repeats,
+                       d_model=args.d_model, heads=args.heads, device=args.device,
+                       keep_freed_memory=args.keep_freed_memory)
         try:
-            bench.model_speed(layers=args.layers, tokens=args.tokens, sequence=args.sequence, repeats=args.repeats,
-                              out=args.out, d_model=args.d_model, heads=args.heads, device=args.device,
-                              keep_freed_memory=args.keep_freed_memory)
-        except bench.SettingRefused as error:
+            if args.processes > 1:
+                bench.model_speed_in_processes(args.processes, out=args.out, **options)
+            else:
+                bench.model_speed(out=args.out, **options)
+        except (bench.SettingRefused, bench.ProcessFailed) as error:
             return _error(args, error)
     elif args.bench == "export":
         from padst_compiler import bench_export

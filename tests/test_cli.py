@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from padst_compiler import bench_depth, bench_kernels, cli, debug, demo, outputs
+from padst_compiler import bench, bench_depth, bench_kernels, cli, debug, demo, outputs
 from padst_compiler.kernels import NM, Block, Diagonal
 from padst_compiler.models import GPTConfig
 
@@ -159,6 +159,40 @@ def test_model_benchmark_reports_speed_and_the_tensor_memory_of_a_training_step(
         assert r["step_peak_mib"] > 0.5 * r["parameter_mib"]
     dense, sparse = rows["dense (Inductor)"], rows["PA-DST (padst)"]
     assert sparse["parameter_mib"] < dense["parameter_mib"] / 5 and sparse["train_peak_mib"] < dense["train_peak_mib"]
+
+
+@pytest.mark.slow
+def test_model_benchmark_in_fresh_processes_prints_and_writes_the_spread_over_them(tmp_path):
+    out = tmp_path / "model.json"
+    command = "import sys; from padst_compiler.cli import main; sys.exit(main(sys.argv[1:]))"
+    printed = subprocess.run([sys.executable, "-c", command, "bench", "model", *BENCH_JSON["model"],
+                              "--processes", "2", "--out", str(out)], capture_output=True, text=True, check=True)
+    assert printed.stdout.count("train peak MiB") == 2 and "PA-DST over 2 processes" in printed.stdout
+    result = json.loads(out.read_text())
+    assert [row["process"] for row in result["rows"]] == [1, 1, 1, 2, 2, 2] and len(result["permutation_tax"]) == 2
+    spread = result["summary"]["train step vs dense"]
+    assert spread["values"] == [row["train_speedup"] for row in result["rows"] if row["model"] == "PA-DST (padst)"]
+    outputs.check_file(out, "a result", outputs.json_with_keys(bench.MODEL_RESULT_KEYS))  # a rerun may replace it
+
+
+def test_the_spread_over_processes_is_the_mean_and_sample_deviation_of_each_process_value():
+    def result(inference, train, tax):
+        rows = [{"model": "dense (Inductor)", "inference_speedup": 1.0, "train_speedup": 1.0},
+                {"model": "PA-DST (padst)", "inference_speedup": inference, "train_speedup": train}]
+        return {"rows": rows, "permutation_tax": {"inference": tax, "train_step": -tax}}
+
+    spread = bench.process_spread([result(3.0, 2.0, 0.01), result(2.0, 3.0, 0.03)])
+    assert spread["inference vs dense"] == {"mean": 2.5, "sd": pytest.approx(0.5 ** 0.5), "values": [3.0, 2.0]}
+    assert spread["permutation tax: train step"]["mean"] == pytest.approx(-2.0)
+    assert spread["permutation tax: inference"]["values"] == pytest.approx([1.0, 3.0])
+
+
+def test_a_failed_benchmark_process_is_one_line(monkeypatch, tmp_path, capsys):
+    out = tmp_path / "model.json"
+    monkeypatch.setattr(sys, "executable", "false")  # a child that exits 1 at once
+    line = refused(["bench", "model", *BENCH_JSON["model"], "--processes", "2", "--out", str(out)],
+                   "padst bench model", capsys)
+    assert "process 1 of 2 failed (exit code 1); nothing was written" in line and not out.exists()
 
 
 @pytest.mark.slow

@@ -59,6 +59,17 @@ def test_the_lead_in_call_keeps_a_candidate_from_paying_for_the_one_before_it():
     assert interleaved_medians(candidates, repeats=3, min_seconds=0, lead_in=False)["after"] >= 0.03
 
 
+def test_each_round_starts_one_candidate_further_on():
+    """No candidate always runs right after the same other one (a step timed after the dense
+    model's paid for the memory that step freed, even after its lead-in call)."""
+    from padst_compiler.timing import interleaved_samples
+
+    calls = []
+    candidates = {name: (lambda name=name: calls.append(name)) for name in "abc"}
+    interleaved_samples(candidates, repeats=4, warmup=1, min_seconds=0, lead_in=False)
+    assert "".join(calls) == "abc" + "abc" + "bca" + "cab" + "abc"
+
+
 def test_samples_are_per_round_and_a_paired_ratio_keeps_still_through_a_slow_phase():
     import statistics
 
