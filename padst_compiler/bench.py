@@ -17,8 +17,16 @@ from padst_compiler.memory import tensor_peak_bytes
 from padst_compiler.timing import interleaved_medians, interleaved_samples, machine, paired_ratio
 
 # the keys of the JSON results (--out FILE), by which an earlier result is told from another file
-MODEL_RESULT_KEYS = ("tokens", "sequence", "layers", "sparsity", "d_model", "device", "rows")
+MODEL_RESULT_KEYS = ("tokens", "sequence", "layers", "sparsity", "d_model", "device", "machine", "freed_memory_kept",
+                     "rows", "permutation_tax")
+MODEL_SPREAD_KEYS = (*MODEL_RESULT_KEYS, "summary")  # --processes N
 HARDEN_RESULT_KEYS = ("layers", "tokens", "rows")
+
+
+def is_model_result(text: str) -> bool:
+    """Whether ``text`` is a ``padst bench model`` result, of one process or of several:
+    either command may replace either."""
+    return outputs.json_with_keys(MODEL_RESULT_KEYS)(text) or outputs.json_with_keys(MODEL_SPREAD_KEYS)(text)
 
 
 class SettingRefused(ValueError):
@@ -90,7 +98,7 @@ def model_speed(layers: int = 2, tokens: int = 4096, sequence: int = 512, sparsi
     from padst_compiler.api import optimize
 
     if out:  # refused now, not after minutes of timing
-        outputs.check_file(out, "a padst bench model result", outputs.json_with_keys(MODEL_RESULT_KEYS))
+        outputs.check_file(out, "a padst bench model result", is_model_result)
     if keep_freed_memory and not allocator.keep_freed_memory():
         raise SettingRefused("--keep-freed-memory is a glibc setting, and this C library is not glibc")
     from padst_compiler.models import GPT, GPTConfig
@@ -182,7 +190,7 @@ def model_speed_in_processes(processes: int, out: str | None = None, **options) 
     if processes < 2:
         raise ValueError(f"a spread over processes needs at least 2, got {processes}")
     if out:
-        outputs.check_file(out, "a padst bench model result", outputs.json_with_keys(MODEL_RESULT_KEYS))
+        outputs.check_file(out, "a padst bench model result", is_model_result)
     argv = [flag for name, value in options.items() if value not in (None, False)
             for flag in ([f"--{name.replace('_', '-')}"] + ([] if value is True else [str(value)]))]
     results = []
@@ -198,14 +206,17 @@ def model_speed_in_processes(processes: int, out: str | None = None, **options) 
             results.append(json.loads(path.read_text()))
     summary = process_spread(results)
     print(f"PA-DST over {processes} processes (mean ± standard deviation; each process's value):")
-    print(tabulate([(name, f"{s['mean']:+.1f} ± {s['sd']:.1f} %" if "tax" in name else f"{s['mean']:.2f} ± {s['sd']:.2f}x",
-                     ", ".join(f"{v:+.1f}" if "tax" in name else f"{v:.2f}" for v in s["values"]))
-                    for name, s in summary.items()],
-                   headers=["", "mean ± sd", "per process"], disable_numparse=True))
+    def shown(name, value, sd=None):  # the tax in percent, the ratios as factors
+        if "tax" in name:
+            return f"{value:+.1f}" + ("" if sd is None else f" ± {sd:.1f} %")
+        return f"{value:.2f}" + ("" if sd is None else f" ± {sd:.2f}x")
+
+    print(tabulate([(name, shown(name, s["mean"], s["sd"]), ", ".join(shown(name, v) for v in s["values"]))
+                    for name, s in summary.items()], headers=["", "mean ± sd", "per process"], disable_numparse=True))
     if out:
         first = results[0]
-        outputs.write_json(out, {**{key: first[key] for key in MODEL_RESULT_KEYS if key != "rows"},
-                                 "machine": first["machine"], "freed_memory_kept": first["freed_memory_kept"],
+        sizes = {key: first[key] for key in MODEL_RESULT_KEYS if key not in ("rows", "permutation_tax")}
+        outputs.write_json(out, {**sizes,
                                  "rows": [{**row, "process": number} for number, result in enumerate(results, 1)
                                           for row in result["rows"]],
                                  "permutation_tax": [result["permutation_tax"] for result in results],

@@ -150,6 +150,7 @@ def test_model_benchmark_reports_speed_and_the_tensor_memory_of_a_training_step(
                               "--keep-freed-memory", "--out", str(out)], capture_output=True, text=True, check=True)
     assert "train peak MiB" in printed.stdout and "freed memory kept" in printed.stdout
     result = json.loads(out.read_text())
+    assert set(result) == set(bench.MODEL_RESULT_KEYS) and bench.is_model_result(out.read_text())  # a rerun replaces it
     assert result["freed_memory_kept"] is True
     assert set(result["permutation_tax"]) == {"inference", "train_step"}
     rows = {r["model"]: r for r in result["rows"]}
@@ -172,7 +173,8 @@ def test_model_benchmark_in_fresh_processes_prints_and_writes_the_spread_over_th
     assert [row["process"] for row in result["rows"]] == [1, 1, 1, 2, 2, 2] and len(result["permutation_tax"]) == 2
     spread = result["summary"]["train step vs dense"]
     assert spread["values"] == [row["train_speedup"] for row in result["rows"] if row["model"] == "PA-DST (padst)"]
-    outputs.check_file(out, "a result", outputs.json_with_keys(bench.MODEL_RESULT_KEYS))  # a rerun may replace it
+    assert set(result) == set(bench.MODEL_SPREAD_KEYS)
+    outputs.check_file(out, "a result", bench.is_model_result)  # a rerun may replace it
 
 
 def test_the_spread_over_processes_is_the_mean_and_sample_deviation_of_each_process_value():
