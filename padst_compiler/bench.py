@@ -206,6 +206,7 @@ def model_speed_in_processes(processes: int, out: str | None = None, **options) 
             results.append(json.loads(path.read_text()))
     summary = process_spread(results)
     print(f"PA-DST over {processes} processes (mean ± standard deviation; each process's value):")
+
     def shown(name, value, sd=None):  # the tax in percent, the ratios as factors
         if "tax" in name:
             return f"{value:+.1f}" + ("" if sd is None else f" ± {sd:.1f} %")
