@@ -181,7 +181,6 @@ def model_speed_in_processes(processes: int, out: str | None = None, **options) 
     near a target, is a mean over processes. Prints each process's table, then the mean and
     standard deviation over processes of the PA-DST ratios and the permutation tax, and
     returns those; ``out`` gets every process's rows (with its number) and the summary."""
-    import json
     import subprocess
     import sys
     import tempfile
@@ -203,7 +202,7 @@ def model_speed_in_processes(processes: int, out: str | None = None, **options) 
             if done.returncode:
                 raise ProcessFailed(f"process {number} of {processes} failed (exit code {done.returncode}); "
                                    "nothing was written")
-            results.append(json.loads(path.read_text()))
+            results.append(outputs.read_json(path))
     summary = process_spread(results)
     print(f"PA-DST over {processes} processes (mean ± standard deviation; each process's value):")
 

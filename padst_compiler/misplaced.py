@@ -38,13 +38,20 @@ class MisplacedPackage(types.ModuleType):
                           "project (pip install -e .) and import it through padst_compiler")
 
 
+def installed_elsewhere(name: str) -> importlib.machinery.ModuleSpec | None:
+    """The spec of a package ``name`` installed on ``sys.path`` outside the repository root,
+    or None (none, or a bare folder: a namespace package)."""
+    elsewhere = [entry for entry in sys.path if Path(entry or ".").resolve() != _ROOT]
+    spec = importlib.machinery.PathFinder.find_spec(name, elsewhere)
+    return None if spec is None or spec.origin is None else spec
+
+
 def stand_in(name: str, proper: str) -> None:
     """Make the module being imported as ``name`` the package of that name installed
     elsewhere on ``sys.path`` if there is one, else a ``MisplacedPackage`` (the rest of the
     folder's ``__init__`` still runs, into the module object this discards)."""
-    elsewhere = [entry for entry in sys.path if Path(entry or ".").resolve() != _ROOT]
-    spec = importlib.machinery.PathFinder.find_spec(name, elsewhere)
-    if spec is None or spec.origin is None:  # none, or a bare folder (a namespace package)
+    spec = installed_elsewhere(name)
+    if spec is None:
         sys.modules[name] = MisplacedPackage(name, proper)
         return
     installed = importlib.util.module_from_spec(spec)

@@ -1,7 +1,6 @@
 """One import namespace, an installable wheel with nothing but padst_compiler in it,
 and the console script."""
 
-import importlib.machinery
 import os
 import subprocess
 import sys
@@ -11,15 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from padst_compiler.misplaced import installed_elsewhere
+
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _installed_elsewhere(name: str) -> bool:
-    """Whether a package ``name`` is installed outside the repository root (transformers 5.25
-    brings the Hub's ``kernels``)."""
-    elsewhere = [entry for entry in sys.path if Path(entry or ".").resolve() != ROOT]
-    spec = importlib.machinery.PathFinder.find_spec(name, elsewhere)
-    return spec is not None and spec.origin is not None
 
 
 @pytest.mark.parametrize("folder", ["kernels", "passes", "training", "integrations"])
@@ -27,7 +20,7 @@ def test_root_folders_cannot_be_used_under_a_second_name(folder):
     """From the repository root ``import kernels`` finds the folder: a stand-in with no file or
     version (what a package probe reads as "not installed") that refuses any use, or, where
     a package of that name is installed, that package."""
-    if _installed_elsewhere(folder):
+    if installed_elsewhere(folder) is not None:
         code = f"import {folder}, pathlib; print(pathlib.Path({folder}.__file__).resolve())"
         result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
         assert Path(result.stdout.strip()).parent != ROOT / folder

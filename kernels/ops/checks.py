@@ -82,17 +82,11 @@ def check_permutation(op: str, name: str, index: torch.Tensor, length: int) -> N
     once while checks are on."""
     check_index_tensor(op, name, index, (length,))
     check_in_range(op, name, index, length)
-    if not _reads_values(index):
-        return
-
-    def run():
+    if _reads_values(index) and not is_permutation(index):
         counts = torch.bincount(index, minlength=length)
-        if bool((counts != 1).any()):
-            repeated = int(torch.nonzero(counts > 1)[0])
-            fail(op, f"{name} is not a permutation of {length} features: {repeated} appears "
-                     f"{int(counts[repeated])} times")
-
-    _check_once(index, ("permutation", length), run)
+        repeated = int(torch.nonzero(counts > 1)[0])
+        fail(op, f"{name} is not a permutation of {length} features: {repeated} appears "
+                 f"{int(counts[repeated])} times")
 
 
 def is_permutation(index: torch.Tensor) -> bool:
