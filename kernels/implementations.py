@@ -204,23 +204,24 @@ def _block_forward_native(x, values, col_blocks, out_features, bias, in_index, o
     plan = memoize("block forward", (col_blocks, in_index, out_index), lambda: _BlockForwardPlan(
         torch.arange(n_rows + 1) * kept, _block_columns(col_blocks, block_cols, None if pack else in_index),
         None if in_index is None or not pack else _int32(in_index),
-        None if out_index is None else _inverse(out_index)), block_cols, pack)
+        None if out_index is None else _int32(out_index)), block_cols, pack)
     panels = _frozen_memoize("block panels", values, lambda: values.detach().transpose(2, 3).contiguous())
     bias = None if bias is None else bias.detach().contiguous()
     native.forward("padst_block_mm", x, y, n_rows, block_rows, plan.entry_ptr, plan.columns, block_cols, panels,
-                   None, bias, plan.out_columns, plan.in_columns, x.shape[1])
+                   None, bias, plan.out_map, plan.in_columns, x.shape[1])
     return y
 
 
 class _BlockForwardPlan(NamedTuple):
     """Index-derived arguments of the native block forward, memoized together (one lookup
-    a call matters at one token): the columns each entry reads and the int32 ``in_index``
-    the kernel packs rows through (when it does)."""
+    a call matters at one token): the columns each entry reads, the int32 ``in_index``
+    the kernel packs rows through (when it does) and the int32 ``out_index`` it gathers
+    each row of the result through."""
 
     entry_ptr: Tensor
     columns: Tensor
     in_columns: Tensor | None
-    out_columns: Tensor | None
+    out_map: Tensor | None
 
 
 def block_grad_input(grad, values, col_blocks, in_features, in_index, out_index):
@@ -250,12 +251,12 @@ def _block_grad_input_native(grad, values, col_blocks, in_features, in_index, ou
     n_rows, kept, block_rows, block_cols = values.shape
     transposed = _block_transposed(col_blocks, block_rows, block_cols, in_features, out_index)
     panels = values.detach().contiguous()  # [R*k, r, c]: entry e reads block order[e] in place
-    dx_columns = None if in_index is None else in_index.contiguous()
+    dx_map = None if in_index is None else _int32(_inverse(in_index))  # dx[:, f] = z[:, inverse(in_index)[f]]
     grad = grad.contiguous()
-    dx = native.output_buffer(grad, in_features, in_index)  # scattered to in_index's columns
+    dx = native.output_buffer(grad, in_features, in_index)
     native.run("padst_block_mm", grad.data_ptr(), grad.stride(0), dx.data_ptr(), dx.stride(0), grad.shape[0],
                in_features // block_cols, block_cols, transposed.entry_ptr.data_ptr(), transposed.rows.data_ptr(),
-               block_rows, panels.data_ptr(), transposed.order.data_ptr(), None, native.pointer(dx_columns), None, 0)
+               block_rows, panels.data_ptr(), transposed.order.data_ptr(), None, native.pointer(dx_map), None, 0)
     return dx
 
 
@@ -277,16 +278,17 @@ def _block_grad_values_torch(grad, x, values, col_blocks, in_index, out_index):
 
 
 def _block_grad_values_native(grad, x, values, col_blocks, in_index, out_index):
-    """SDDMM over the kept blocks. With an ``out_index`` alone the kernel reads the gradient's
-    rows through ``inverse(out_index)``; with both permutations it is put in z order first."""
+    """SDDMM over the kept blocks. The kernel reads the gradient's rows through
+    ``inverse(out_index)`` and packs each tile of tokens of x in ``in_index`` order."""
     n_rows, kept, block_rows, block_cols = values.shape
-    row_map = _inverse(out_index) if out_index is not None and in_index is None else None
-    dz = (grad if row_map is not None else _rows_in_z_order(grad, out_index)).contiguous()
-    x = x.contiguous()
-    columns = _block_columns(col_blocks, block_cols, in_index)
+    row_map = None if out_index is None else _inverse(out_index)
+    in_map = None if in_index is None else _int32(in_index)
+    grad, x = grad.contiguous(), x.contiguous()
+    columns = _block_columns(col_blocks, block_cols, None)
     dv = torch.empty_like(values, memory_format=torch.contiguous_format)
-    native.run("padst_block_sddmm", dz.data_ptr(), dz.stride(0), x.data_ptr(), x.stride(0), x.shape[0],
-               n_rows, kept, block_rows, block_cols, columns.data_ptr(), native.pointer(row_map), dv.data_ptr())
+    native.run("padst_block_sddmm", grad.data_ptr(), grad.stride(0), x.data_ptr(), x.stride(0), x.shape[0],
+               n_rows, kept, block_rows, block_cols, columns.data_ptr(), native.pointer(row_map), dv.data_ptr(),
+               native.pointer(in_map), x.shape[1])
     return dv
 
 

@@ -3,7 +3,7 @@
 //
 // Two kernel families cover the three structures, forward and backward:
 //
-//   block_mm     y[t, ocol(o, :)] = bias + sum_e x[t, icol(e, :)] @ panel(e)
+//   block_mm     z[t, o*W:(o+1)*W] = bias + sum_e x[t, icol(e, :)] @ panel(e), y[t, f] = z[t, omap(f)]
 //                Block-sparse times dense: output block o (width W) sums a variable
 //                list of entries e, each a (D x W) weight panel reading D input columns
 //                (entries may share panels through panel_of, so nothing is gathered).
@@ -12,7 +12,8 @@
 //                Column maps fuse in_index / out_index: the input side is read one scalar
 //                at a time (broadcast), so an indexed load costs nothing extra.
 //   block_sddmm  dv[e] = dz[:, rows(e)]^T @ x[:, icol(e, :)], summed over all tokens; with an
-//                out_index the gradient's rows are read through a map (no extra pass).
+//                out_index the gradient's rows are read through a map (no extra pass), with an
+//                in_index each tile of tokens of x is packed in map order first.
 //   ell_mm       Row-sparse (constant or variable row length) times dense, with tokens
 //                as vector lanes; used by N:M and diagonal weights.
 //   ell_sddmm    dv[e] = sum_t dz[t, row(e)] * x[t, col(e)].
@@ -116,7 +117,7 @@ struct BlockMM {
     const float* panels;       // [P, D, W]
     const int64_t* panel_of;   // [E]: panel of each entry, or null (entry e uses panel e)
     const float* bias;         // [blocks * W] or null
-    const int64_t* ocol;       // [blocks * W] output column of each z column, or null (identity)
+    const int32_t* omap;       // [blocks * W] z column of each y column, or null (y is z)
 };
 
 // MR tokens by NV vectors of one output block, from its column c0: MR*NV accumulators stay
@@ -144,29 +145,32 @@ static void block_mm_tile(const BlockMM& a, const float* xrow, int64_t t0, int64
     }
     for (int m = 0; m < MR; ++m) {
         float* yrow = a.y + (t0 + m) * a.y_stride;
-        if (!a.ocol) {
-            for (int v = 0; v < NV; ++v) store<V>(yrow + o * a.width + c0 + v * L, acc[m][v]);
-        } else {
-            const int64_t* oc = a.ocol + o * a.width + c0;
-            for (int v = 0; v < NV; ++v)
-                for (int l = 0; l < L; ++l) yrow[oc[v * L + l]] = acc[m][v][l];
-        }
+        for (int v = 0; v < NV; ++v) store<V>(yrow + o * a.width + c0 + v * L, acc[m][v]);
     }
 }
 
-// row[in_map[f]] for f < in_features into out. The row is first copied front to back, which
+// out[f] = row[map[f]] for f < width, with the row in L1: stores front to back, and on AVX-512
+// 16-lane gathers. An output map (out_index, or an input gradient's in_index) is applied this
+// way to a block kernel's rows of z: the scalar scatter y[ocol[j]] = z[j] the other kernels
+// use made a 4096-token Block(32x32) input gradient through in_index 17-66 % slower than
+// without (768 -> 2304, 768 -> 768, 768 -> 3072).
+// pack_row: row[in_map[f]] for f < in_features into out. The row is first copied front to back, which
 // the hardware prefetcher streams, instead of being read in map order, one cache miss at a time.
 // On AVX-512 the copy, in L1, is read with 16-lane gathers (a 3072 -> 768 Block(32x32) forward
 // through in_index at 4096 tokens: 12.7 -> 10.3 ms); AVX2 builds keep the scalar loop, as
 // AVX2 gathers were not measured.
-static void pack_row(const float* row, const int32_t* in_map, int64_t in_features, float* scratch, float* out) {
-    std::memcpy(scratch, row, sizeof(float) * in_features);
+static void gather_row(const float* row, const int32_t* map, int64_t width, float* out) {
     int64_t f = 0;
 #if defined(__AVX512F__)
-    for (; f + 16 <= in_features; f += 16)
-        _mm512_storeu_ps(out + f, _mm512_i32gather_ps(_mm512_loadu_si512(in_map + f), scratch, 4));
+    for (; f + 16 <= width; f += 16)
+        _mm512_storeu_ps(out + f, _mm512_i32gather_ps(_mm512_loadu_si512(map + f), row, 4));
 #endif
-    for (; f < in_features; ++f) out[f] = scratch[in_map[f]];
+    for (; f < width; ++f) out[f] = row[map[f]];
+}
+
+static void pack_row(const float* row, const int32_t* in_map, int64_t in_features, float* scratch, float* out) {
+    std::memcpy(scratch, row, sizeof(float) * in_features);
+    gather_row(scratch, in_map, in_features, out);
 }
 
 // Each work item is MR tokens across every output block, so each thread writes whole rows
@@ -176,7 +180,7 @@ static void pack_row(const float* row, const int32_t* in_map, int64_t in_feature
 // unpermuted x (read through the map directly, every column of a panel would be a
 // different cache line of every row): per item when items are whole rows of y, once for
 // all tokens when the blocks are split (few tokens; with an out_index their tiles then
-// write z, see scatter_rows).
+// write z, see scatter_rows, and each row of y is gathered from it, see gather_row).
 template <typename V, int NV, int MR>
 static void block_mm_run(const BlockMM& a, int64_t tokens, int64_t blocks, const int32_t* in_map,
                          int64_t in_features) {
@@ -186,9 +190,9 @@ static void block_mm_run(const BlockMM& a, int64_t tokens, int64_t blocks, const
     const int64_t per_split = (blocks + splits - 1) / splits;
     const bool pack_all = in_map && splits > 1, pack_items = in_map && splits == 1;
     float* all = pack_all ? buffer(SHARED, tokens * in_features) : nullptr;
-    const bool scatter_after = a.ocol && splits > 1, scatter_items = a.ocol && splits == 1;
+    const bool gather_after = a.omap && splits > 1, gather_items = a.omap && splits == 1;
     const int64_t z_width = blocks * a.width;
-    float* z = scatter_after ? buffer(OUTPUT, tokens * z_width) : nullptr;
+    float* z = gather_after ? buffer(OUTPUT, tokens * z_width) : nullptr;
 #pragma omp parallel
     {
         float* scratch = in_map ? buffer(ROWS, in_features) : nullptr;
@@ -198,13 +202,13 @@ static void block_mm_run(const BlockMM& a, int64_t tokens, int64_t blocks, const
                 pack_row(a.x + t * a.x_stride, in_map, in_features, scratch, all + t * in_features);
         }
         float* packed = pack_items ? buffer(TILE, MR * in_features) : nullptr;
-        float* z_item = scatter_items ? buffer(OUTPUT, MR * z_width) : nullptr;
+        float* z_item = gather_items ? buffer(OUTPUT, MR * z_width) : nullptr;
         BlockMM item = a;
         if (in_map) item.x_stride = in_features;
-        if (scatter_after || scatter_items) {
-            item.y = scatter_after ? z : z_item;
+        if (gather_after || gather_items) {
+            item.y = gather_after ? z : z_item;
             item.y_stride = z_width;
-            item.ocol = nullptr;
+            item.omap = nullptr;
         }
 #pragma omp for collapse(2) schedule(dynamic, 1)
         for (int64_t g = 0; g < groups; ++g) {
@@ -217,7 +221,7 @@ static void block_mm_run(const BlockMM& a, int64_t tokens, int64_t blocks, const
                         pack_row(a.x + (t0 + m) * a.x_stride, in_map, in_features, scratch, packed + m * in_features);
                     rows = packed;
                 }
-                const int64_t z0 = scatter_items ? 0 : t0;  // the item's first row in item.y
+                const int64_t z0 = gather_items ? 0 : t0;  // the item's first row in item.y
                 for (int64_t o = part * per_split; o < o1; ++o)
                     for (int64_t c0 = 0; c0 < a.width; c0 += NV * (int64_t)(sizeof(V) / sizeof(float))) {
                         if (count == MR)
@@ -226,20 +230,23 @@ static void block_mm_run(const BlockMM& a, int64_t tokens, int64_t blocks, const
                             for (int64_t m = 0; m < count; ++m)
                                 block_mm_tile<V, NV, 1>(item, rows + m * item.x_stride, z0 + m, o, c0);
                     }
-                if (scatter_items)
+                if (gather_items)
                     for (int64_t m = 0; m < count; ++m)
-                        scatter_row(z_item + m * z_width, z_width, a.y + (t0 + m) * a.y_stride, a.ocol);
+                        gather_row(z_item + m * z_width, a.omap, z_width, a.y + (t0 + m) * a.y_stride);
             }
         }
-        if (scatter_after) scatter_rows(z, z_width, a.y, a.y_stride, tokens, a.ocol);
+        if (gather_after) {
+#pragma omp for schedule(static)
+            for (int64_t t = 0; t < tokens; ++t) gather_row(z + t * z_width, a.omap, z_width, a.y + t * a.y_stride);
+        }
     }
 }
 
 extern "C" int padst_block_mm(const float* x, int64_t x_stride, float* y, int64_t y_stride, int64_t tokens,
                               int64_t blocks, int64_t width, const int64_t* entry_ptr, const int64_t* icol,
                               int64_t depth, const float* panels, const int64_t* panel_of, const float* bias,
-                              const int64_t* ocol, const int32_t* in_map, int64_t in_features) {
-    BlockMM a{x, x_stride, y, y_stride, width, entry_ptr, icol, depth, panels, panel_of, bias, ocol};
+                              const int32_t* out_map, const int32_t* in_map, int64_t in_features) {
+    BlockMM a{x, x_stride, y, y_stride, width, entry_ptr, icol, depth, panels, panel_of, bias, out_map};
     if (width != 8 && width != 16 && width != 32 && width != 48 && width != 64)
         return 1;  // unsupported width: the caller uses the PyTorch path
     if (width == 8)
@@ -298,7 +305,7 @@ static void block_sddmm_tile(const BlockSDDMM& a, int64_t e, int64_t c0, int64_t
 
 // RB weight rows by NV vectors of weight columns from column v0: the variant for a gradient
 // whose rows are scattered (zcol, an out_index): dz is read one scalar at a time, x columns
-// as vectors (they must be consecutive: no in_index).
+// as vectors (consecutive: an in_index is applied by packing x).
 template <typename V, int NV, int RB>
 static void block_sddmm_rows_tile(const BlockSDDMM& a, int64_t e, int64_t r0, int64_t v0, int64_t t0, int64_t t1,
                                   float* out) {
@@ -337,9 +344,12 @@ using SddmmTile = void (*)(const BlockSDDMM&, int64_t, int64_t, int64_t, int64_t
 // other side of the block, ``vectors`` wide, in chunks of ``vector_step`` (one tile's vectors).
 // With ``transposed`` the tiles add into a per-thread [cols, rows] copy of each block, which
 // is transposed into dv once at the end: adding scalars into [rows, cols] after every token
-// tile cost as much as the tile's arithmetic.
+// tile cost as much as the tile's arithmetic. With ``in_map`` (an in_index) each thread packs
+// the tile's rows of x in map order (see pack_row) and the tiles read them as consecutive
+// columns: read through the map, every weight column was another cache line of each row.
 static void block_sddmm_run(const BlockSDDMM& a, int64_t entries, int64_t extent, int64_t step, int64_t vectors,
-                            int64_t vector_step, SddmmTile full, SddmmTile tail, bool transposed) {
+                            int64_t vector_step, SddmmTile full, SddmmTile tail, bool transposed,
+                            const int32_t* in_map, int64_t in_features) {
     const int64_t tile = SDDMM_TOKEN_TILE, block = a.rows * a.cols;
 #pragma omp parallel
     {
@@ -348,14 +358,25 @@ static void block_sddmm_run(const BlockSDDMM& a, int64_t entries, int64_t extent
         const int64_t e0 = std::min(entries, me * per), e1 = std::min(entries, e0 + per);
         float* sums = transposed ? buffer(TILE, (e1 - e0) * block) : a.dv + e0 * block;
         std::memset(sums, 0, sizeof(float) * (e1 - e0) * block);
-        for (int64_t t0 = 0; t0 < a.tokens; t0 += tile) {
+        float* scratch = in_map ? buffer(ROWS, in_features) : nullptr;
+        float* packed = in_map ? buffer(SHARED, tile * in_features) : nullptr;
+        for (int64_t t0 = 0; t0 < a.tokens && e0 < e1; t0 += tile) {
             const int64_t t1 = std::min(a.tokens, t0 + tile);
+            BlockSDDMM item = a;  // the tile's rows, from token 0
+            item.dz = a.dz + t0 * a.dz_stride;
+            item.x = a.x + t0 * a.x_stride;
+            if (in_map) {
+                for (int64_t t = t0; t < t1; ++t)
+                    pack_row(a.x + t * a.x_stride, in_map, in_features, scratch, packed + (t - t0) * in_features);
+                item.x = packed;
+                item.x_stride = in_features;
+            }
             for (int64_t e = e0; e < e1; ++e) {
                 float* out = sums + (e - e0) * block;
                 for (int64_t v0 = 0; v0 < vectors; v0 += vector_step) {
                     int64_t c = 0;
-                    for (; c + step <= extent; c += step) full(a, e, c, v0, t0, t1, out);
-                    for (; c < extent; ++c) tail(a, e, c, v0, t0, t1, out);
+                    for (; c + step <= extent; c += step) full(item, e, c, v0, 0, t1 - t0, out);
+                    for (; c < extent; ++c) tail(item, e, c, v0, 0, t1 - t0, out);
                 }
             }
         }
@@ -367,46 +388,38 @@ static void block_sddmm_run(const BlockSDDMM& a, int64_t entries, int64_t extent
     }
 }
 
-template <typename V, int NV, int CB>
-static void block_sddmm_columns(const BlockSDDMM& a, int64_t entries) {
-    block_sddmm_run(a, entries, a.cols, CB, a.rows, NV * sizeof(V) / sizeof(float), block_sddmm_tile<V, NV, CB>,
-                    block_sddmm_tile<V, NV, 1>, true);
-}
-
-template <typename V, int NV, int RB>
-static void block_sddmm_rows(const BlockSDDMM& a, int64_t entries) {
-    block_sddmm_run(a, entries, a.rows, RB, a.cols, NV * sizeof(V) / sizeof(float),
-                    block_sddmm_rows_tile<V, NV, RB>, block_sddmm_rows_tile<V, NV, 1>, false);
-}
-
 // Vectors along the block's columns where the gradient's rows are scattered (zcol), else along its rows.
 template <typename V, int NV, int K>
-static void block_sddmm(const BlockSDDMM& a, int64_t entries) {
+static void block_sddmm(const BlockSDDMM& a, int64_t entries, const int32_t* in_map, int64_t in_features) {
+    constexpr int64_t lanes = NV * sizeof(V) / sizeof(float);
     if (a.zcol)
-        block_sddmm_rows<V, NV, K>(a, entries);
+        block_sddmm_run(a, entries, a.rows, K, a.cols, lanes, block_sddmm_rows_tile<V, NV, K>,
+                        block_sddmm_rows_tile<V, NV, 1>, false, in_map, in_features);
     else
-        block_sddmm_columns<V, NV, K>(a, entries);
+        block_sddmm_run(a, entries, a.cols, K, a.rows, lanes, block_sddmm_tile<V, NV, K>, block_sddmm_tile<V, NV, 1>,
+                        true, in_map, in_features);
 }
 
 extern "C" int padst_block_sddmm(const float* dz, int64_t dz_stride, const float* x, int64_t x_stride,
                                  int64_t tokens, int64_t block_rows, int64_t kept, int64_t rows, int64_t cols,
-                                 const int64_t* icol, const int64_t* zcol, float* dv) {
+                                 const int64_t* icol, const int64_t* zcol, float* dv, const int32_t* in_map,
+                                 int64_t in_features) {
     BlockSDDMM a{dz, dz_stride, x, x_stride, tokens, kept, rows, cols, icol, zcol, dv};
     const int64_t entries = block_rows * kept;
     const int64_t vectors = zcol ? cols : rows;  // vectors along the block's columns, else its rows
     if (vectors != 8 && vectors != 16 && vectors != 32 && vectors != 48 && vectors != 64) return 1;
     if (vectors == 8)
-        block_sddmm<v8, 1, 12>(a, entries);
+        block_sddmm<v8, 1, 12>(a, entries, in_map, in_features);
     else if (!WIDE_REGISTERS)  // 16 at a time: 12 accumulators, 2 vectors and a broadcast
-        block_sddmm<v8, 2, 6>(a, entries);
+        block_sddmm<v8, 2, 6>(a, entries, in_map, in_features);
     else if (vectors == 16)
-        block_sddmm<v16, 1, 12>(a, entries);
+        block_sddmm<v16, 1, 12>(a, entries, in_map, in_features);
     else if (vectors == 32)
-        block_sddmm<v16, 2, 8>(a, entries);
+        block_sddmm<v16, 2, 8>(a, entries, in_map, in_features);
     else if (vectors == 48)
-        block_sddmm<v16, 3, 6>(a, entries);
+        block_sddmm<v16, 3, 6>(a, entries, in_map, in_features);
     else
-        block_sddmm<v16, 4, 5>(a, entries);
+        block_sddmm<v16, 4, 5>(a, entries, in_map, in_features);
     return 0;
 }
 

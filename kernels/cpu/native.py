@@ -49,7 +49,7 @@ _P = ctypes.c_void_p
 _I = ctypes.c_int64
 _SIGNATURES = {
     "padst_block_mm": (_P, _I, _P, _I, _I, _I, _I, _P, _P, _I, _P, _P, _P, _P, _P, _I),
-    "padst_block_sddmm": (_P, _I, _P, _I, _I, _I, _I, _I, _I, _P, _P, _P),
+    "padst_block_sddmm": (_P, _I, _P, _I, _I, _I, _I, _I, _I, _P, _P, _P, _P, _I),
     "padst_ell_mm": (_P, _I, _P, _I, _I, _I, _I, _P, _P, _P, _P, _P, _P),
     "padst_ell_sddmm": (_P, _I, _P, _I, _I, _I, _I, _P, _P, _P),
     "padst_diag_mm": (_P, _I, _P, _I, _I, _I, _I, _I, _P, _P, _P, _P, _P),

@@ -143,6 +143,24 @@ def test_a_256_layer_stack_compiles_to_two_result_buffers_in_all():
     assert code[0].count("empty_strided_cpu((16, 32)") == 2
 
 
+def test_a_256_layer_backward_writes_its_input_gradients_into_a_few_planned_buffers():
+    """Real depth for the backward: all 256 input gradients are out= calls into buffers
+    Inductor reuses, with gradients equal to eager's."""
+    from torch._inductor.utils import run_and_get_code
+
+    model = _block_stack(depth=256, activation=torch.tanh, scale=0.25)
+    x = torch.randn(16, 32, generator=torch.Generator().manual_seed(2), requires_grad=True)
+    want = torch.autograd.grad(model(x).sum(), x)[0]
+    compiled = torch.compile(model, backend="inductor", fullgraph=True)
+    with torch._inductor.config.patch(fx_graph_cache=False):
+        got, code = run_and_get_code(lambda: torch.autograd.grad(compiled(x).sum(), x)[0])
+    # 256 of Inductor's tanh derivatives, each a few ulp from eager's: compare as a whole
+    assert (got - want).norm() <= 1e-4 * want.norm()
+    backward = code[-1]
+    assert backward.count("padst_block_linear_grad_input_opaque(") == 256
+    assert backward.count("empty_strided_cpu((16, 32)") <= 3, "input gradients were not written into reused buffers"
+
+
 def test_a_dynamic_compile_keeps_the_extern_call_for_every_token_count(caplog):
     from torch._inductor.utils import run_and_get_code
 
