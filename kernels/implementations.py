@@ -263,7 +263,11 @@ def _block_grad_input_native(grad, values, col_blocks, in_features, in_index, ou
 def block_grad_values(grad, x, values, col_blocks, in_index, out_index):
     candidates = {}
     if _native_fp32(grad, x, values) and {values.shape[2], values.shape[3]} <= set(native.BLOCK_WIDTHS):
-        candidates["native"] = lambda: _block_grad_values_native(grad, x, values, col_blocks, in_index, out_index)
+        candidates["native"] = lambda: _block_grad_values_native(grad, x, values, col_blocks, in_index, out_index,
+                                                                 pack=False)
+        if in_index is not None:  # as in the forward, which way of reading through in_index wins depends on the shape
+            candidates["native-packed"] = lambda: _block_grad_values_native(grad, x, values, col_blocks, in_index,
+                                                                            out_index, pack=True)
     candidates["torch"] = lambda: _block_grad_values_torch(grad, x, values, col_blocks, in_index, out_index)
     candidates["dense"] = lambda: _block_values_from_rows(
         dense_grad_values(grad, x, _block_rows(values, col_blocks, in_index).cols, out_index), values.shape)
@@ -277,16 +281,22 @@ def _block_grad_values_torch(grad, x, values, col_blocks, in_index, out_index):
     return dv.view(n_rows, block_rows, kept, block_cols).permute(0, 2, 1, 3).contiguous()
 
 
-def _block_grad_values_native(grad, x, values, col_blocks, in_index, out_index):
-    """SDDMM over the kept blocks. The kernel reads the gradient's rows through
-    ``inverse(out_index)`` and packs each tile of tokens of x in ``in_index`` order."""
+def _block_grad_values_native(grad, x, values, col_blocks, in_index, out_index, pack):
+    """SDDMM over the kept blocks. ``in_index`` is either fused into the columns of x each
+    block reads (scattered reads; more of them the more blocks are kept) or, with ``pack``,
+    applied by the kernel packing each tile of tokens of x in ``in_index`` order (a pass over
+    x, whatever the number of blocks). The kernel reads the gradient's rows through
+    ``inverse(out_index)`` where it reads consecutive columns of x; with a fused in_index the
+    gradient is put in z order first."""
     n_rows, kept, block_rows, block_cols = values.shape
-    row_map = None if out_index is None else _inverse(out_index)
-    in_map = None if in_index is None else _int32(in_index)
-    grad, x = grad.contiguous(), x.contiguous()
-    columns = _block_columns(col_blocks, block_cols, None)
+    fused_in_index = in_index is not None and not pack
+    row_map = None if out_index is None or fused_in_index else _inverse(out_index)
+    dz = (_rows_in_z_order(grad, out_index) if fused_in_index else grad).contiguous()
+    in_map = _int32(in_index) if in_index is not None and pack else None
+    x = x.contiguous()
+    columns = _block_columns(col_blocks, block_cols, in_index if fused_in_index else None)
     dv = torch.empty_like(values, memory_format=torch.contiguous_format)
-    native.run("padst_block_sddmm", grad.data_ptr(), grad.stride(0), x.data_ptr(), x.stride(0), x.shape[0],
+    native.run("padst_block_sddmm", dz.data_ptr(), dz.stride(0), x.data_ptr(), x.stride(0), x.shape[0],
                n_rows, kept, block_rows, block_cols, columns.data_ptr(), native.pointer(row_map), dv.data_ptr(),
                native.pointer(in_map), x.shape[1])
     return dv

@@ -68,20 +68,29 @@ def test_implementation_matches_dense_reference(structure, out_features, in_feat
 @pytest.mark.parametrize("tokens", [1, 13, 200])
 @pytest.mark.parametrize("option", ["bias+in+out", "in_index"])
 @needs_native
-def test_block_forward_packing_rows_through_in_index_matches_dense_reference(structure, out_features, in_features,
-                                                                             tokens, option):
-    """The block forward's other way of applying in_index: packing rows of x (once for all
-    tokens when few, per tile of tokens when many)."""
+def test_block_packing_rows_through_in_index_matches_dense_reference(structure, out_features, in_features,
+                                                                     tokens, option):
+    """The block forward's and values gradient's other way of applying in_index: packing rows
+    of x (the forward: once for all tokens when few, per tile of tokens when many; the
+    gradient: per tile of tokens)."""
     weight, x, bias, in_index, out_index = _case(structure, out_features, in_features, tokens, option)
+    values = weight.values.clone().requires_grad_()
+    grad = torch.randn(tokens, out_features, generator=torch.Generator().manual_seed(1))
     select.clear()
     with select.set_autotune(True):
-        weight.structure.op(x, weight.values, weight.index, out_features, bias, in_index, out_index)
-    assert "native-packed" in select.choices()[0]["ms"]
+        weight.structure.op(x, values, weight.index, out_features, bias, in_index, out_index).backward(grad)
+    measured = {choice["op"]: choice["ms"] for choice in select.choices()}
+    assert "native-packed" in measured["block_forward"] and "native-packed" in measured["block_grad_values"]
+    values.grad = None
     with select.only("native-packed"):
-        y = weight.structure.op(x, weight.values, weight.index, out_features, bias, in_index, out_index)
-    reference = dense_reference(structure, x.double(), weight.values.double(), weight.index, out_features,
+        y = weight.structure.op(x, values, weight.index, out_features, bias, in_index, out_index)
+        y.backward(grad)
+    values64 = weight.values.double().requires_grad_()
+    reference = dense_reference(structure, x.double(), values64, weight.index, out_features,
                                 None if bias is None else bias.double(), in_index, out_index)
+    reference.backward(grad.double())
     torch.testing.assert_close(y.double(), reference, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(values.grad.double(), values64.grad, rtol=1e-5, atol=1e-4)
 
 
 @pytest.mark.parametrize("m,out_features", [(4, 40), (8, 16), (16, 33), (32, 64)])
