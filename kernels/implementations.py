@@ -285,19 +285,17 @@ def _block_grad_values_native(grad, x, values, col_blocks, in_index, out_index, 
     """SDDMM over the kept blocks. ``in_index`` is either fused into the columns of x each
     block reads (scattered reads; more of them the more blocks are kept) or, with ``pack``,
     applied by the kernel packing each tile of tokens of x in ``in_index`` order (a pass over
-    x, whatever the number of blocks). The kernel reads the gradient's rows through
-    ``inverse(out_index)`` where it reads consecutive columns of x; with a fused in_index the
-    gradient is put in z order first."""
+    x, whatever the number of blocks). The kernel packs the gradient's rows in z order
+    (through ``inverse(out_index)``) the same way."""
     n_rows, kept, block_rows, block_cols = values.shape
-    fused_in_index = in_index is not None and not pack
-    row_map = None if out_index is None or fused_in_index else _inverse(out_index)
-    dz = (_rows_in_z_order(grad, out_index) if fused_in_index else grad).contiguous()
-    in_map = _int32(in_index) if in_index is not None and pack else None
-    x = x.contiguous()
-    columns = _block_columns(col_blocks, block_cols, in_index if fused_in_index else None)
+    pack_in_index = in_index is not None and pack
+    in_map = _int32(in_index) if pack_in_index else None
+    out_map = None if out_index is None else _int32(_inverse(out_index))
+    grad, x = grad.contiguous(), x.contiguous()
+    columns = _block_columns(col_blocks, block_cols, None if pack_in_index else in_index)
     dv = torch.empty_like(values, memory_format=torch.contiguous_format)
-    native.run("padst_block_sddmm", dz.data_ptr(), dz.stride(0), x.data_ptr(), x.stride(0), x.shape[0],
-               n_rows, kept, block_rows, block_cols, columns.data_ptr(), native.pointer(row_map), dv.data_ptr(),
+    native.run("padst_block_sddmm", grad.data_ptr(), grad.stride(0), x.data_ptr(), x.stride(0), x.shape[0],
+               n_rows, kept, block_rows, block_cols, columns.data_ptr(), native.pointer(out_map), dv.data_ptr(),
                native.pointer(in_map), x.shape[1])
     return dv
 
