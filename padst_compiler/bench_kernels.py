@@ -2,7 +2,8 @@
 
 For each structure, layer shape, token count and sparsity it times, interleaved and as
 medians of repeats: the structured forward, the same forward with a fused ``in_index`` and
-with a fused ``out_index``, and forward+backward (gradients of input, kept values and bias), each against
+with a fused ``out_index``, and forward+backward (gradients of input, kept values and bias; also
+with either permutation), each against
 ``F.linear`` with a dense weight of the same shape, and the share of a forward+backward
 with a fused ``in_index`` spent in the index range checks that no flag turns off. The forward is timed as inference
 runs it, on frozen values (as ``optimize`` leaves them, so value repackings are kept
@@ -46,6 +47,8 @@ class KernelResult:
     out_index_cost: float  # the same for a fused out_index
     train_ms: float
     dense_train_ms: float
+    train_in_index_cost: float  # forward+backward with a fused in_index over the same without, minus 1
+    train_out_index_cost: float  # the same for a fused out_index
     range_check_share: float  # of a forward+backward with a fused in_index, in the always-on range checks
     implementations: str
 
@@ -95,6 +98,8 @@ def measure(structure: Structure, in_features: int, out_features: int, tokens: i
                 repeats=repeats)
         train = interleaved_medians({
             "sparse": sync(lambda: sparse(values=values).backward(grad)),
+            "in_index": sync(lambda: sparse(in_index, values).backward(grad)),
+            "out_index": sync(lambda: sparse(values=values, out_index=out_index).backward(grad)),
             "dense": sync(lambda: F.linear(x, dense, bias).backward(grad))}, repeats=repeats)
     range_checks = _range_check_share(sync(lambda: sparse(in_index, values).backward(grad)), train["sparse"])
     # run() clears the choices before each case, so every record here is this case's
@@ -102,7 +107,8 @@ def measure(structure: Structure, in_features: int, out_features: int, tokens: i
     return KernelResult(str(structure), in_features, out_features, tokens, sparsity, weight.kept_fraction,
                         forward["sparse"] * 1e3, forward["dense"] * 1e3, forward["in_index"] / forward["sparse"] - 1,
                         forward["out_index"] / forward["sparse"] - 1,
-                        train["sparse"] * 1e3, train["dense"] * 1e3, range_checks, " ".join(chosen) or "-")
+                        train["sparse"] * 1e3, train["dense"] * 1e3, train["in_index"] / train["sparse"] - 1,
+                        train["out_index"] / train["sparse"] - 1, range_checks, " ".join(chosen) or "-")
 
 
 def _range_check_share(step, step_seconds: float, cover: float = 0.2) -> float:
@@ -163,8 +169,10 @@ def table(results: list[KernelResult]) -> str:
     rows = [(r.structure, f"{r.in_features}->{r.out_features}", r.tokens, r.sparsity, f"{r.kept_fraction:.3f}",
              f"{r.forward_ms:.3f}", f"{r.forward_speedup:.2f}x", f"{r.in_index_cost * 100:+.0f}%",
              f"{r.out_index_cost * 100:+.0f}%",
-             f"{r.train_ms:.3f}", f"{r.train_speedup:.2f}x", f"{r.range_check_share * 100:.2f}%", r.implementations)
+             f"{r.train_ms:.3f}", f"{r.train_speedup:.2f}x", f"{r.train_in_index_cost * 100:+.0f}%",
+             f"{r.train_out_index_cost * 100:+.0f}%", f"{r.range_check_share * 100:.2f}%", r.implementations)
             for r in results]
     return tabulate(rows, headers=["structure", "shape", "tokens", "sparsity", "kept", "fwd ms", "fwd vs dense",
-                                   "in_index", "out_index", "fwd+bwd ms", "fwd+bwd vs dense", "range checks", "implementation"],
+                                   "in_index", "out_index", "fwd+bwd ms", "fwd+bwd vs dense", "fwd+bwd in_index",
+                                   "fwd+bwd out_index", "range checks", "implementation"],
                     disable_numparse=True)

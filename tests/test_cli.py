@@ -118,10 +118,11 @@ def test_kernel_benchmark_prints_ratios_and_writes_json(tmp_path, capsys):
     assert cli.main(["bench", "kernels", "--tokens", "1", "--sparsity", "0.9", "--repeats", "1", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "fwd vs dense" in printed and "Block(32x32)" in printed and "Diagonal()" in printed
-    assert "out_index" in printed and "range checks" in printed
+    assert "out_index" in printed and "fwd+bwd in_index" in printed and "range checks" in printed
     rows = json.loads(out.read_text())
     assert len(rows) == 8 and all(r["forward_speedup"] > 0 and r["train_speedup"] > 0 for r in rows)
-    assert all(0 < r["range_check_share"] < 1 and r["in_index_cost"] > -1 and r["out_index_cost"] > -1
+    assert all(0 < r["range_check_share"] < 1 and min(r["in_index_cost"], r["out_index_cost"],
+                                                        r["train_in_index_cost"], r["train_out_index_cost"]) > -1
                for r in rows)
     outputs.check_file(out, "a result", outputs.json_with_keys(bench_kernels.RESULT_KEYS))  # a rerun may replace it
 
