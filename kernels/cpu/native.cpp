@@ -150,15 +150,11 @@ static void block_mm_tile(const BlockMM& a, const float* xrow, int64_t t0, int64
 }
 
 // out[f] = row[map[f]] for f < width, with the row in L1: stores front to back, and on AVX-512
-// 16-lane gathers. An output map (out_index, or an input gradient's in_index) is applied this
-// way to a block kernel's rows of z: the scalar scatter y[ocol[j]] = z[j] the other kernels
-// use made a 4096-token Block(32x32) input gradient through in_index 17-66 % slower than
-// without (768 -> 2304, 768 -> 768, 768 -> 3072).
-// pack_row: row[in_map[f]] for f < in_features into out. The row is first copied front to back, which
-// the hardware prefetcher streams, instead of being read in map order, one cache miss at a time.
-// On AVX-512 the copy, in L1, is read with 16-lane gathers (a 3072 -> 768 Block(32x32) forward
-// through in_index at 4096 tokens: 12.7 -> 10.3 ms); AVX2 builds keep the scalar loop, as
-// AVX2 gathers were not measured.
+// 16-lane gathers (AVX2 builds keep the scalar loop, as AVX2 gathers were not measured). An
+// output map (out_index, or an input gradient's in_index) is applied this way to a block
+// kernel's rows of z: the scalar scatter y[ocol[j]] = z[j] the other kernels use made a
+// 4096-token Block(32x32) input gradient through in_index 1.19-1.72x as slow as without
+// (768 -> 2304, 768 -> 768, 768 -> 3072), against 1.02-1.23x now.
 static void gather_row(const float* row, const int32_t* map, int64_t width, float* out) {
     int64_t f = 0;
 #if defined(__AVX512F__)
@@ -168,6 +164,10 @@ static void gather_row(const float* row, const int32_t* map, int64_t width, floa
     for (; f < width; ++f) out[f] = row[map[f]];
 }
 
+// row[in_map[f]] for f < in_features into out. The row is first copied front to back, which
+// the hardware prefetcher streams, instead of being read in map order, one cache miss at a
+// time; the copy, in L1, is then gathered (a 3072 -> 768 Block(32x32) forward through
+// in_index at 4096 tokens: 12.7 -> 10.3 ms with AVX-512 gathers).
 static void pack_row(const float* row, const int32_t* in_map, int64_t in_features, float* scratch, float* out) {
     std::memcpy(scratch, row, sizeof(float) * in_features);
     gather_row(scratch, in_map, in_features, out);
