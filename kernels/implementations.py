@@ -200,7 +200,7 @@ def _block_forward_native(x, values, col_blocks, out_features, bias, in_index, o
     contiguous columns)."""
     n_rows, kept, block_rows, block_cols = values.shape
     x = x.contiguous()
-    y = native.output_buffer(x, out_features, out_index)
+    y = native.output_buffer(x, out_features)
     plan = memoize("block forward", (col_blocks, in_index, out_index), lambda: _BlockForwardPlan(
         torch.arange(n_rows + 1) * kept, _block_columns(col_blocks, block_cols, None if pack else in_index),
         None if in_index is None or not pack else _int32(in_index),
@@ -253,7 +253,7 @@ def _block_grad_input_native(grad, values, col_blocks, in_features, in_index, ou
     panels = values.detach().contiguous()  # [R*k, r, c]: entry e reads block order[e] in place
     dx_map = None if in_index is None else _int32(_inverse(in_index))  # dx[:, f] = z[:, inverse(in_index)[f]]
     grad = grad.contiguous()
-    dx = native.output_buffer(grad, in_features, in_index)
+    dx = native.output_buffer(grad, in_features)
     native.run("padst_block_mm", grad.data_ptr(), grad.stride(0), dx.data_ptr(), dx.stride(0), grad.shape[0],
                in_features // block_cols, block_cols, transposed.entry_ptr.data_ptr(), transposed.rows.data_ptr(),
                block_rows, panels.data_ptr(), transposed.order.data_ptr(), None, native.pointer(dx_map), None, 0)
@@ -347,12 +347,11 @@ def ell_forward(x, ell: EllIndex, vals, bias, out_index, key: tuple, preferred: 
 
 def _ell_forward_native(x, ell: EllIndex, vals, bias, out_index):
     x = x.contiguous()
-    y = native.output_buffer(x, ell.cols.shape[0], out_index)
+    y = native.output_buffer(x, ell.cols.shape[0])
     vals = vals.detach().contiguous()
     bias = None if bias is None else bias.detach().contiguous()
-    out_columns = None if out_index is None else _inverse(out_index)
     native.forward("padst_ell_mm", x, y, x.shape[1], ell.cols.shape[0], ell.row_ptr, ell.cols32, vals, None, bias,
-                   out_columns)
+                   None if out_index is None else _int32(out_index))
     return y
 
 
@@ -400,11 +399,12 @@ def ell_grad_values(grad, x, ell: EllIndex, out_index, key: tuple):
 
 
 def _ell_grad_values_native(grad, x, ell: EllIndex, out_index):
-    dz = _rows_in_z_order(grad, out_index).contiguous()
-    x = x.contiguous()
+    grad, x = grad.contiguous(), x.contiguous()
     dv = x.new_empty(ell.cols.shape)
-    native.run("padst_ell_sddmm", dz.data_ptr(), dz.stride(0), x.data_ptr(), x.stride(0), x.shape[0],
-               x.shape[1], ell.cols.shape[0], ell.row_ptr.data_ptr(), ell.cols32.data_ptr(), dv.data_ptr())
+    dz_map = None if out_index is None else _int32(_inverse(out_index))  # read grad's columns in z order
+    native.run("padst_ell_sddmm", grad.data_ptr(), grad.stride(0), x.data_ptr(), x.stride(0), x.shape[0],
+               x.shape[1], ell.cols.shape[0], ell.row_ptr.data_ptr(), ell.cols32.data_ptr(), dv.data_ptr(),
+               native.pointer(dz_map))
     return dv
 
 
@@ -516,32 +516,32 @@ def _sliced(rows: Tensor) -> Tensor:
 
 class _FewTokenArguments(NamedTuple):
     """What the few-token native forwards take besides the weight: contiguous x, the output,
-    bias, int32 ``in_index`` and the output column of each z row."""
+    bias, int32 ``in_index`` and int32 ``out_index``."""
 
     x: Tensor
     y: Tensor
     bias: Tensor | None
     in_columns: Tensor | None
-    out_columns: Tensor | None
+    out_map: Tensor | None
 
 
 def _few_token_arguments(x, out_features, bias, in_index, out_index) -> _FewTokenArguments:
     x = x.contiguous()
-    return _FewTokenArguments(x, native.output_buffer(x, out_features, out_index),
+    return _FewTokenArguments(x, native.output_buffer(x, out_features),
                               None if bias is None else bias.detach().contiguous(),
                               None if in_index is None else _int32(in_index),
-                              None if out_index is None else _inverse(out_index))
+                              None if out_index is None else _int32(out_index))
 
 
 def _nm_forward_sliced(x, values, positions, bias, in_index, out_index):
     """``padst_nm_mm``: register permutes within each group instead of gathers."""
     out_features, groups, kept = positions.shape
-    x, y, bias, in_columns, out_columns = _few_token_arguments(x, out_features, bias, in_index, out_index)
+    x, y, bias, in_columns, out_map = _few_token_arguments(x, out_features, bias, in_index, out_index)
     # offered for frozen values only, so both repackings are kept under one lookup
     sliced_values, sliced_positions = memoize("nm sliced", (values, positions), lambda: (
         _sliced(values.detach()), _sliced(positions.reshape(out_features, -1).to(torch.uint8))))
     native.forward("padst_nm_mm", x, y, x.shape[1], out_features, groups, kept, sliced_values, sliced_positions,
-                   bias, in_columns, out_columns)
+                   bias, in_columns, out_map)
     return y
 
 
@@ -578,11 +578,11 @@ def diag_forward(x, values, offsets, out_features, bias, in_index, out_index):
 
 def _diag_forward_native(x, values, offsets, out_features, bias, in_index, out_index):
     """The diagonals streamed in their own layout (``padst_diag_mm``), permutations fused."""
-    x, y, bias, in_columns, out_columns = _few_token_arguments(x, out_features, bias, in_index, out_index)
+    x, y, bias, in_columns, out_map = _few_token_arguments(x, out_features, bias, in_index, out_index)
     values = values.detach().contiguous()
     offsets = offsets.contiguous()
     native.forward("padst_diag_mm", x, y, x.shape[1], out_features, values.shape[0], offsets, values, bias,
-                   in_columns, out_columns)
+                   in_columns, out_map)
     return y
 
 

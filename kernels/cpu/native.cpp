@@ -74,19 +74,30 @@ static float* buffer(Slot slot, size_t count) {
     return b.data();
 }
 
-// Threads that split the output columns of the same rows of y, through a scattering map
-// (an out_index), would store into each other's cache lines on every row: both cores then
-// fight over them (a 16-token call of a 256-wide layer took 2-2.5x as long as without the
-// map). Such kernels write z, the rows in their own column order, and then scatter whole
-// rows: y[t, ocol[j]] = z[t, j], each thread its own tokens. Called inside a parallel
-// region, after the barrier that completes z.
-static void scatter_row(const float* z, int64_t width, float* y, const int64_t* ocol) {
-    for (int64_t j = 0; j < width; ++j) y[ocol[j]] = z[j];
+// out[f] = row[map[f]] for f < width, with the row in L1: stores front to back, and on AVX-512
+// 16-lane gathers (AVX2 builds keep the scalar loop, as AVX2 gathers were not measured). This
+// is how every kernel applies an output map (a forward's out_index, a block input gradient's
+// inverse in_index) to rows of z: the scalar scatter y[inverse(map)[j]] = z[j] they used made
+// a 4096-token Block(32x32) input gradient through in_index 1.19-1.72x as slow as without
+// (768 -> 2304, 768 -> 768, 768 -> 3072), against 1.02-1.23x with the gather. It also writes
+// every column of out whatever the map holds, so no result needs zeroing first.
+static void gather_row(const float* row, const int32_t* map, int64_t width, float* out) {
+    int64_t f = 0;
+#if defined(__AVX512F__)
+    for (; f + 16 <= width; f += 16)
+        _mm512_storeu_ps(out + f, _mm512_i32gather_ps(_mm512_loadu_si512(map + f), row, 4));
+#endif
+    for (; f < width; ++f) out[f] = row[map[f]];
 }
 
-static void scatter_rows(const float* z, int64_t width, float* y, int64_t ys, int64_t tokens, const int64_t* ocol) {
+// Threads that split the output columns of the same rows of y, through an output map,
+// would store into each other's cache lines on every row: both cores then fight over them
+// (a 16-token call of a 256-wide layer took 2-2.5x as long as without the map). Such
+// kernels write z, the rows in their own column order, and then gather whole rows, each
+// thread its own tokens. Called inside a parallel region, after the barrier that completes z.
+static void gather_rows(const float* z, int64_t width, float* y, int64_t ys, int64_t tokens, const int32_t* map) {
 #pragma omp for schedule(static)
-    for (int64_t t = 0; t < tokens; ++t) scatter_row(z + t * width, width, y + t * ys, ocol);
+    for (int64_t t = 0; t < tokens; ++t) gather_row(z + t * width, map, width, y + t * ys);
 }
 
 // Asks the kernel to back [p, p + bytes) with transparent huge pages (where the system
@@ -149,21 +160,6 @@ static void block_mm_tile(const BlockMM& a, const float* xrow, int64_t t0, int64
     }
 }
 
-// out[f] = row[map[f]] for f < width, with the row in L1: stores front to back, and on AVX-512
-// 16-lane gathers (AVX2 builds keep the scalar loop, as AVX2 gathers were not measured). An
-// output map (out_index, or an input gradient's in_index) is applied this way to a block
-// kernel's rows of z: the scalar scatter y[ocol[j]] = z[j] the other kernels use made a
-// 4096-token Block(32x32) input gradient through in_index 1.19-1.72x as slow as without
-// (768 -> 2304, 768 -> 768, 768 -> 3072), against 1.02-1.23x now.
-static void gather_row(const float* row, const int32_t* map, int64_t width, float* out) {
-    int64_t f = 0;
-#if defined(__AVX512F__)
-    for (; f + 16 <= width; f += 16)
-        _mm512_storeu_ps(out + f, _mm512_i32gather_ps(_mm512_loadu_si512(map + f), row, 4));
-#endif
-    for (; f < width; ++f) out[f] = row[map[f]];
-}
-
 // row[in_map[f]] for f < in_features into out. The row is first copied front to back, which
 // the hardware prefetcher streams, instead of being read in map order, one cache miss at a
 // time; the copy, in L1, is then gathered (a 3072 -> 768 Block(32x32) forward through
@@ -180,7 +176,7 @@ static void pack_row(const float* row, const int32_t* in_map, int64_t in_feature
 // unpermuted x (read through the map directly, every column of a panel would be a
 // different cache line of every row): per item when items are whole rows of y, once for
 // all tokens when the blocks are split (few tokens; with an out_index their tiles then
-// write z, see scatter_rows, and each row of y is gathered from it, see gather_row).
+// write z, and rows of y are gathered from it, see gather_rows).
 template <typename V, int NV, int MR>
 static void block_mm_run(const BlockMM& a, int64_t tokens, int64_t blocks, const int32_t* in_map,
                          int64_t in_features) {
@@ -235,10 +231,7 @@ static void block_mm_run(const BlockMM& a, int64_t tokens, int64_t blocks, const
                         gather_row(z_item + m * z_width, a.omap, z_width, a.y + (t0 + m) * a.y_stride);
             }
         }
-        if (gather_after) {
-#pragma omp for schedule(static)
-            for (int64_t t = 0; t < tokens; ++t) gather_row(z + t * z_width, a.omap, z_width, a.y + t * a.y_stride);
-        }
+        if (gather_after) gather_rows(z, z_width, a.y, a.y_stride, tokens, a.omap);
     }
 }
 
@@ -395,13 +388,34 @@ extern "C" int padst_block_sddmm(const float* dz, int64_t dz_stride, const float
 // Threads never wait for each other inside a call (no barriers): with few token
 // tiles they split the output rows instead and each transposes the small tile itself.
 
-// out[(f - f0) * lanes + l] = in[(t0 + l) * stride + f] for f in [f0, f1), zero past the last token.
+// out[(f - f0) * lanes + l] = in[(t0 + l) * stride + column(f)] for f in [f0, f1), zero past the
+// last token; column(f) is f, or map[f] where the tile's features are a reordering of in's
+// columns (a gradient's rows read in z order: each row is small enough to stay in L1 while
+// its columns are picked, which costs far less than reordering the whole gradient first).
 static void transpose_tile(const float* in, int64_t stride, int64_t t0, int64_t count, int64_t f0, int64_t f1,
-                           int64_t lanes, float* out) {
+                           int64_t lanes, float* out, const int32_t* map = nullptr) {
     for (int64_t l = 0; l < lanes; ++l) {
         const float* row = in + (t0 + l) * stride;
-        for (int64_t f = f0; f < f1; ++f) out[(f - f0) * lanes + l] = l < count ? row[f] : 0.0f;
+        for (int64_t f = f0; f < f1; ++f) out[(f - f0) * lanes + l] = l < count ? row[map ? map[f] : f] : 0.0f;
     }
+}
+
+// out[f] = tile[map[f] * lanes + lane] for f < width: one token (lane) of a feature-major tile
+// as a row of y in map order, stored front to back (see gather_row). The vector path needs
+// every index of the tile to fit an int32.
+static void gather_lane(const float* tile, int64_t lanes, int64_t lane, const int32_t* map, int64_t width,
+                        float* out) {
+    int64_t f = 0;
+#if defined(__AVX512F__)
+    if (width * lanes <= INT32_MAX) {
+        const __m512i stride = _mm512_set1_epi32((int32_t)lanes);
+        for (; f + 16 <= width; f += 16) {
+            const __m512i at = _mm512_mullo_epi32(_mm512_loadu_si512(map + f), stride);
+            _mm512_storeu_ps(out + f, _mm512_i32gather_ps(at, tile + lane, 4));
+        }
+    }
+#endif
+    for (; f < width; ++f) out[f] = tile[map[f] * lanes + lane];
 }
 
 // Entry e's value: vals[e], or vals[val_of[e]] where the entries are a reordering of the
@@ -453,11 +467,11 @@ struct RowSplit {
 template <int NT>
 static void ell_mm_run(const float* x, int64_t xs, float* y, int64_t ys, int64_t tokens, int64_t features,
                        int64_t rows, const int64_t* row_ptr, const int32_t* cols, const float* vals,
-                       const float* bias, const int64_t* ocol) {
+                       const float* bias, const int32_t* out_map) {
     constexpr int64_t lanes = NT * 16;
     if (rows == 0) return;
     const RowSplit split(tokens, lanes, rows);
-    float* z = ocol && split.chunks > 1 ? buffer(OUTPUT, tokens * rows) : nullptr;  // see scatter_rows
+    float* z = out_map && split.chunks > 1 ? buffer(OUTPUT, tokens * rows) : nullptr;  // see gather_rows
 #pragma omp parallel
     {
         float* xt = buffer(ROWS, features * lanes);
@@ -477,13 +491,15 @@ static void ell_mm_run(const float* x, int64_t xs, float* y, int64_t ys, int64_t
             for (int64_t l = 0; l < count; ++l) {
                 if (z) {
                     for (int64_t o = r0; o < r1; ++o) z[(t0 + l) * rows + o] = yt[(o - r0) * lanes + l];
+                } else if (out_map) {  // one chunk: all rows of the tile are here
+                    gather_lane(yt, lanes, l, out_map, rows, y + (t0 + l) * ys);
                 } else {
                     float* out = y + (t0 + l) * ys;
-                    for (int64_t o = r0; o < r1; ++o) out[ocol ? ocol[o] : o] = yt[(o - r0) * lanes + l];
+                    for (int64_t o = r0; o < r1; ++o) out[o] = yt[(o - r0) * lanes + l];
                 }
             }
         }
-        if (z) scatter_rows(z, rows, y, ys, tokens, ocol);
+        if (z) gather_rows(z, rows, y, ys, tokens, out_map);
     }
 }
 
@@ -521,9 +537,9 @@ static inline float gather_dot(const float* xr, const int32_t* cols, const float
 // A handful of tokens would leave most vector lanes empty: gather-dot each row instead.
 static void ell_mm_few_tokens(const float* x, int64_t xs, float* y, int64_t ys, int64_t tokens, int64_t rows,
                               const int64_t* row_ptr, const int32_t* cols, const float* vals,
-                              const int32_t* val_of, const float* bias, const int64_t* ocol) {
-    float* z = ocol ? buffer(OUTPUT, tokens * rows) : y;  // see scatter_rows
-    const int64_t zs = ocol ? rows : ys;
+                              const int32_t* val_of, const float* bias, const int32_t* out_map) {
+    float* z = out_map ? buffer(OUTPUT, tokens * rows) : y;  // see gather_rows
+    const int64_t zs = out_map ? rows : ys;
 #pragma omp parallel
     {
 #pragma omp for schedule(static)
@@ -531,7 +547,7 @@ static void ell_mm_few_tokens(const float* x, int64_t xs, float* y, int64_t ys, 
             for (int64_t t = 0; t < tokens; ++t)
                 z[t * zs + o] = gather_dot(x + t * xs, cols, vals, val_of, row_ptr[o], row_ptr[o + 1]) +
                                 (bias ? bias[o] : 0.0f);
-        if (ocol) scatter_rows(z, rows, y, ys, tokens, ocol);
+        if (out_map) gather_rows(z, rows, y, ys, tokens, out_map);
     }
 }
 
@@ -539,9 +555,9 @@ static void ell_mm_few_tokens(const float* x, int64_t xs, float* y, int64_t ys, 
 // it; more tokens reorder them once, which costs less than an indirection per read.
 extern "C" int padst_ell_mm(const float* x, int64_t xs, float* y, int64_t ys, int64_t tokens, int64_t features,
                             int64_t rows, const int64_t* row_ptr, const int32_t* cols, const float* vals,
-                            const int32_t* val_of, const float* bias, const int64_t* ocol) {
+                            const int32_t* val_of, const float* bias, const int32_t* out_map) {
     if (tokens <= 4) {
-        ell_mm_few_tokens(x, xs, y, ys, tokens, rows, row_ptr, cols, vals, val_of, bias, ocol);
+        ell_mm_few_tokens(x, xs, y, ys, tokens, rows, row_ptr, cols, vals, val_of, bias, out_map);
         return 0;
     }
     if (val_of) {
@@ -551,16 +567,17 @@ extern "C" int padst_ell_mm(const float* x, int64_t xs, float* y, int64_t ys, in
         vals = ordered;
     }
     if (tokens <= 16)
-        ell_mm_run<1>(x, xs, y, ys, tokens, features, rows, row_ptr, cols, vals, bias, ocol);
+        ell_mm_run<1>(x, xs, y, ys, tokens, features, rows, row_ptr, cols, vals, bias, out_map);
     else
-        ell_mm_run<2>(x, xs, y, ys, tokens, features, rows, row_ptr, cols, vals, bias, ocol);
+        ell_mm_run<2>(x, xs, y, ys, tokens, features, rows, row_ptr, cols, vals, bias, out_map);
     return 0;
 }
 
 // Each thread owns a range of output rows (so dv needs no atomics) and walks all token tiles.
 template <int NT>
 static void ell_sddmm_run(const float* dz, int64_t dzs, const float* x, int64_t xs, int64_t tokens,
-                          int64_t features, int64_t rows, const int64_t* row_ptr, const int32_t* cols, float* dv) {
+                          int64_t features, int64_t rows, const int64_t* row_ptr, const int32_t* cols, float* dv,
+                          const int32_t* dz_map) {
     constexpr int64_t lanes = NT * 16;
     std::memset(dv, 0, sizeof(float) * row_ptr[rows]);
 #pragma omp parallel
@@ -573,7 +590,7 @@ static void ell_sddmm_run(const float* dz, int64_t dzs, const float* x, int64_t 
         for (int64_t t0 = 0; r0 < r1 && t0 < tokens; t0 += lanes) {
             const int64_t count = std::min(lanes, tokens - t0);
             transpose_tile(x, xs, t0, count, 0, features, lanes, xt);
-            transpose_tile(dz, dzs, t0, count, r0, r1, lanes, dzt);
+            transpose_tile(dz, dzs, t0, count, r0, r1, lanes, dzt, dz_map);
             for (int64_t o = r0; o < r1; ++o) {
                 v16 g[NT];
                 for (int n = 0; n < NT; ++n) g[n] = load<v16>(dzt + (o - r0) * lanes + n * 16);
@@ -592,25 +609,29 @@ static void ell_sddmm_run(const float* dz, int64_t dzs, const float* x, int64_t 
 
 // A handful of tokens: each kept value's gradient is a short dot product of its own.
 static void ell_sddmm_few_tokens(const float* dz, int64_t dzs, const float* x, int64_t xs, int64_t tokens,
-                                 int64_t rows, const int64_t* row_ptr, const int32_t* cols, float* dv) {
+                                 int64_t rows, const int64_t* row_ptr, const int32_t* cols, float* dv,
+                                 const int32_t* dz_map) {
 #pragma omp parallel for schedule(static)
     for (int64_t o = 0; o < rows; ++o)
         for (int64_t e = row_ptr[o]; e < row_ptr[o + 1]; ++e) {
+            const int64_t column = dz_map ? dz_map[o] : o;
             float sum = 0.0f;
-            for (int64_t t = 0; t < tokens; ++t) sum += dz[t * dzs + o] * x[t * xs + cols[e]];
+            for (int64_t t = 0; t < tokens; ++t) sum += dz[t * dzs + column] * x[t * xs + cols[e]];
             dv[e] = sum;
         }
 }
 
+// dz_map (optional): row o of the weight's gradient reads column dz_map[o] of dz (a gradient
+// w.r.t. y = z[:, out_index] read in z order, dz_map = inverse(out_index)).
 extern "C" int padst_ell_sddmm(const float* dz, int64_t dzs, const float* x, int64_t xs, int64_t tokens,
                                int64_t features, int64_t rows, const int64_t* row_ptr, const int32_t* cols,
-                               float* dv) {
+                               float* dv, const int32_t* dz_map) {
     if (tokens <= 4)
-        ell_sddmm_few_tokens(dz, dzs, x, xs, tokens, rows, row_ptr, cols, dv);
+        ell_sddmm_few_tokens(dz, dzs, x, xs, tokens, rows, row_ptr, cols, dv, dz_map);
     else if (tokens <= 16)
-        ell_sddmm_run<1>(dz, dzs, x, xs, tokens, features, rows, row_ptr, cols, dv);
+        ell_sddmm_run<1>(dz, dzs, x, xs, tokens, features, rows, row_ptr, cols, dv, dz_map);
     else
-        ell_sddmm_run<4>(dz, dzs, x, xs, tokens, features, rows, row_ptr, cols, dv);
+        ell_sddmm_run<4>(dz, dzs, x, xs, tokens, features, rows, row_ptr, cols, dv, dz_map);
     return 0;
 }
 
@@ -638,15 +659,15 @@ static inline vi16 widen(const uint8_t* p) {
 
 extern "C" int padst_nm_mm(const float* x, int64_t xs, float* y, int64_t ys, int64_t tokens, int64_t in,
                            int64_t out, int64_t groups, int64_t kept, const float* vals, const uint8_t* positions,
-                           const float* bias, const int32_t* icol, const int64_t* ocol) {
+                           const float* bias, const int32_t* icol, const int32_t* out_map) {
     constexpr int64_t L = 16;
     const int64_t m = in / groups, chunks = (out + L - 1) / L, per_chunk = groups * kept;
     if (m > 2 * L) return 1;
     // each token's inputs (through in_index), padded so a group's two vectors never read past the end
     const int64_t padded = in + 2 * L;
     float* inputs = buffer(SHARED, tokens * padded);
-    float* z = ocol ? buffer(OUTPUT, tokens * out) : y;  // threads own chunks of columns: see scatter_rows
-    const int64_t zs = ocol ? out : ys;
+    float* z = out_map ? buffer(OUTPUT, tokens * out) : y;  // threads own chunks of columns: see gather_rows
+    const int64_t zs = out_map ? out : ys;
 #pragma omp parallel
     {
 #pragma omp for schedule(static)
@@ -676,7 +697,7 @@ extern "C" int padst_nm_mm(const float* x, int64_t xs, float* y, int64_t ys, int
                     z[t * zs + o] = sum[l] + (bias ? bias[o] : 0.0f);
                 }
             }
-        if (ocol) scatter_rows(z, out, y, ys, tokens, ocol);
+        if (out_map) gather_rows(z, out, y, ys, tokens, out_map);
     }
     return 0;
 }
@@ -692,12 +713,12 @@ extern "C" int padst_nm_mm(const float* x, int64_t xs, float* y, int64_t ys, int
 // disjoint output rows.
 extern "C" int padst_diag_mm(const float* x, int64_t xs, float* y, int64_t ys, int64_t tokens, int64_t in,
                              int64_t out, int64_t diagonals, const int64_t* offsets, const float* vals,
-                             const float* bias, const int32_t* icol, const int64_t* ocol) {
+                             const float* bias, const int32_t* icol, const int32_t* out_map) {
     constexpr int64_t L = 16, U = 4 * L;  // 4 vectors of u per step
     const int64_t shorter = std::min(in, out), length = std::max(in, out), chunks = length / shorter;
     float* twice = buffer(SHARED, tokens * 2 * in);
-    float* z = ocol ? buffer(OUTPUT, tokens * out) : y;  // threads own ranges of rows: see scatter_rows
-    const int64_t zs = ocol ? out : ys;
+    float* z = out_map ? buffer(OUTPUT, tokens * out) : y;  // threads own ranges of rows: see gather_rows
+    const int64_t zs = out_map ? out : ys;
 #pragma omp parallel
     {
 #pragma omp for schedule(static)
@@ -745,9 +766,9 @@ extern "C" int padst_diag_mm(const float* x, int64_t xs, float* y, int64_t ys, i
                 }
             }
         }
-        if (ocol) {
+        if (out_map) {
 #pragma omp barrier
-            scatter_rows(z, out, y, ys, tokens, ocol);
+            gather_rows(z, out, y, ys, tokens, out_map);
         }
     }
     return 0;

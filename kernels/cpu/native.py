@@ -31,7 +31,6 @@ from typing import NamedTuple
 import torch
 
 from padst_compiler.kernels import result_buffers
-from padst_compiler.kernels.ops.checks import checks_enabled, is_permutation
 
 SOURCE = Path(__file__).with_name("native.cpp")
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
@@ -51,7 +50,7 @@ _SIGNATURES = {
     "padst_block_mm": (_P, _I, _P, _I, _I, _I, _I, _P, _P, _I, _P, _P, _P, _P, _P, _I),
     "padst_block_sddmm": (_P, _I, _P, _I, _I, _I, _I, _I, _I, _P, _P, _P, _P, _I),
     "padst_ell_mm": (_P, _I, _P, _I, _I, _I, _I, _P, _P, _P, _P, _P, _P),
-    "padst_ell_sddmm": (_P, _I, _P, _I, _I, _I, _I, _P, _P, _P),
+    "padst_ell_sddmm": (_P, _I, _P, _I, _I, _I, _I, _P, _P, _P, _P),
     "padst_diag_mm": (_P, _I, _P, _I, _I, _I, _I, _I, _P, _P, _P, _P, _P),
     "padst_nm_mm": (_P, _I, _P, _I, _I, _I, _I, _I, _I, _P, _P, _P, _P, _P),
     "padst_advise_huge_pages": (_P, _I),
@@ -162,18 +161,16 @@ class ForwardCall(NamedTuple):
 _recording = threading.local()
 
 
-def output_buffer(x: torch.Tensor, out_features: int, scatter: torch.Tensor | None) -> torch.Tensor:
-    """The ``[tokens, out_features]`` result a native kernel writes, its columns scattered
-    through ``scatter`` (a forward's out_index, an input gradient's in_index) when given.
-    With the semantic checks off a ``scatter`` that is not a permutation leaves columns
-    unwritten, so the result then starts zeroed (wrong numbers, never stale memory). A large
-    result is backed by huge pages (see ``padst_advise_huge_pages`` in native.cpp); inside
-    ``result_buffers.planned`` the result is the caller's buffer where it fits."""
-    zeroed = scatter is not None and not checks_enabled() and not is_permutation(scatter)
-    y = result_buffers.new_result(x, x.shape[0], out_features, zeroed=False)  # zeroed below: after the advice
+def output_buffer(x: torch.Tensor, out_features: int) -> torch.Tensor:
+    """The ``[tokens, out_features]`` result a native kernel writes, uninitialised: every
+    kernel writes every element, output maps included (they gather, see ``gather_row`` in
+    native.cpp), whatever an unchecked index holds. A large result is backed by huge pages
+    (see ``padst_advise_huge_pages``); inside ``result_buffers.planned`` the result is the
+    caller's buffer where it fits."""
+    y = result_buffers.new_result(x, x.shape[0], out_features, zeroed=False)
     if y.nbytes >= HUGE_PAGE_RESULT_BYTES:
         library().padst_advise_huge_pages(y.data_ptr(), y.nbytes)
-    return y.zero_() if zeroed else y
+    return y
 
 
 def forward(name: str, x: torch.Tensor, y: torch.Tensor, *rest) -> None:

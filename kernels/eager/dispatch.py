@@ -91,7 +91,7 @@ def _direct(op, x, values, index, out_features, bias, in_index, out_index) -> Te
     shape = (x2.shape, x2.stride())
     recorded = layer.get("replay")  # (shape, call); one dict operation at a time, safe across threads
     if recorded is not None and recorded[0] == shape:
-        y = native.output_buffer(x2, out_features, out_index)
+        y = native.output_buffer(x2, out_features)
         recorded[1].replay(x2, y)
         return y.view(*x.shape[:-1], out_features)
     with native.recording() as last, select.replayed():

@@ -91,10 +91,7 @@ def check_permutation(op: str, name: str, index: torch.Tensor, length: int) -> N
 
 def is_permutation(index: torch.Tensor) -> bool:
     """Whether the 1-D ``index`` is a permutation of ``range(len(index))``, found once per
-    version whatever :func:`set_checks` says. A kernel that scatters its result through an
-    index that is not one leaves columns unwritten, which its caller must then zero; with the
-    checks off this tells the few such calls from the many that need no zero fill (a pass
-    over the whole result on every call, against one over the index per version)."""
+    index version."""
     n = index.numel()
 
     def find():

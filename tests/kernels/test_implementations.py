@@ -290,7 +290,7 @@ def test_a_large_result_is_backed_by_huge_pages_and_still_right(out_index):
                                    "out_index" if out_index else "plain")
     with torch.no_grad(), select.only("native"):
         y = structure.op(x, weight.values, weight.index, out_features, None, None, index)
-        small = native.output_buffer(x[:1], out_features, None)
+        small = native.output_buffer(x[:1], out_features)
     assert "hg" in _vm_flags(y.data_ptr() + y.nbytes // 2)  # madvise(MADV_HUGEPAGE) marks the mapping
     assert "hg" not in _vm_flags(small.data_ptr())
     torch.testing.assert_close(y, dense_reference(structure, x, weight.values, weight.index, out_features, None,

@@ -7,9 +7,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
-from padst_compiler.kernels import Block, set_checks
+from padst_compiler.kernels import NM, Block, Diagonal, implementations, result_buffers, set_checks
+from padst_compiler.kernels.cpu import native
+from padst_compiler.kernels.eager import select
+from .reference import dense_reference
 
 
 def test_bad_indices_never_crash_any_op_or_implementation():
@@ -33,27 +37,35 @@ def test_the_range_check_names_the_op_and_index_and_runs_with_checks_off():
             raise AssertionError("an index outside its tensor was accepted")
 
 
-def test_native_outputs_start_zeroed_when_a_repeated_out_index_could_leave_holes():
-    """The native kernels scatter output columns through out_index's inverse: with the checks
-    off a repeated entry leaves columns unwritten, which must read as zeros, not as whatever
-    the allocator held (bad_index_cases caught NaNs there, in a few runs out of ten)."""
-    from padst_compiler.kernels import result_buffers
-    from padst_compiler.kernels.cpu import native
+@pytest.mark.parametrize("structure,prefix", [(Block(16, 16), "block"), (NM(8), "nm"), (Diagonal(), "diag")],
+                         ids=["block", "nm", "diag"])
+@pytest.mark.parametrize("tokens", [1, 16, 300])  # few-token kernels, output split across threads, tiles
+@pytest.mark.parametrize("implementation", ["native", "native-sliced", "native-streamed", "native-packed"])
+def test_native_kernels_write_every_column_through_a_repeated_out_index(structure, prefix, tokens,
+                                                                       implementation):
+    """Output maps are gathers: with the checks off a repeated out_index still writes every
+    column (here exactly ``z[:, out_index]``), so no result needs zeroing first and none can
+    show what its memory held before (a NaN-filled buffer here); the same for an input
+    gradient through a repeated in_index."""
+    if native.library() is None:
+        pytest.skip("the native library is not built")
+    weight = structure.project(torch.randn(64, 128), 0.75)
+    values = weight.values.detach()
+    x, grad = torch.randn(tokens, 128), torch.randn(tokens, 64)
+    out_index, in_index = torch.tensor([0, 0, *range(2, 64)]), torch.tensor([5, 5, *range(2, 128)])
+    with set_checks(False), torch.no_grad(), select.only(implementation):
+        with result_buffers.planned(torch.full((tokens, 64), float("nan"))):
+            y = getattr(implementations, f"{prefix}_forward")(x, values, weight.index, 64, None, None, out_index)
+        with result_buffers.planned(torch.full((tokens, 128), float("nan"))):
+            dx = getattr(implementations, f"{prefix}_grad_input")(grad, values, weight.index, 128, in_index, None)
+    torch.testing.assert_close(y, dense_reference(structure, x, values, weight.index, 64, None, None, out_index))
+    assert dx.isfinite().all()
 
-    x, repeated = torch.randn(3, 8), torch.tensor([0, 0, *range(2, 16)])
-    with set_checks(False), result_buffers.planned(torch.full((3, 16), 7.0)):
-        assert torch.equal(native.output_buffer(x, 16, repeated), torch.zeros(3, 16))
-    assert native.output_buffer(x, 16, None).shape == (3, 16)
 
-
-def test_native_outputs_scattered_through_a_permutation_are_not_zero_filled():
-    """A permutation leaves no hole: zeroing the result would be a pass over it on every call
-    (the input gradients of a permuted model's layers, with the checks off)."""
-    from padst_compiler.kernels import result_buffers
-    from padst_compiler.kernels.cpu import native
-
+def test_the_native_result_buffer_is_handed_over_as_planned():
+    """No pass over the result before the kernel writes it, whatever the checks say."""
     x, planned = torch.randn(3, 8), torch.full((3, 16), 7.0)
     for checks in (False, True):
         with set_checks(checks), result_buffers.planned(planned):
-            assert native.output_buffer(x, 16, torch.randperm(16)) is planned
+            assert native.output_buffer(x, 16) is planned
         assert torch.equal(planned, torch.full((3, 16), 7.0))
