@@ -88,13 +88,19 @@ def token_bucket(tokens: int) -> int:
     return 1 << max(0, tokens - 1).bit_length()
 
 
-def _seconds(candidate: Candidate, repeats: int = 3) -> float:
-    candidate()  # warm-up: first-touch allocations, lazily built native library
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
+def _best_seconds(candidates: dict[str, Candidate], repeats: int = 3) -> dict[str, float]:
+    """Best of ``repeats`` timed calls of each candidate, after one warm-up call each
+    (first-touch allocations, the lazily built native library). The rounds interleave the
+    candidates (a b a b ...), so a slow phase of the machine spreads over all of them
+    instead of landing on whichever one was being timed when it came."""
+    for candidate in candidates.values():
         candidate()
-        best = min(best, time.perf_counter() - start)
+    best = dict.fromkeys(candidates, float("inf"))
+    for _ in range(repeats):
+        for name, candidate in candidates.items():
+            start = time.perf_counter()
+            candidate()
+            best[name] = min(best[name], time.perf_counter() - start)
     return best
 
 
@@ -112,7 +118,8 @@ def run(op: str, key: tuple, candidates: dict[str, Candidate]) -> torch.Tensor:
         if _distributed():
             name = _chosen[full_key] = names[0]
         else:
-            _timings[full_key] = {n: _seconds(_as_repeated(c) if replaying else c) for n, c in candidates.items()}
+            _timings[full_key] = _best_seconds({n: _as_repeated(c) if replaying else c
+                                                for n, c in candidates.items()})
             name = _chosen[full_key] = min(_timings[full_key], key=_timings[full_key].get)
     return candidates[name]()
 

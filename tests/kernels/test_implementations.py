@@ -6,6 +6,7 @@ the native library."""
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -142,6 +143,26 @@ def test_autotune_measures_once_per_regime_and_records_the_choice():
     assert len(records) == 1
     assert records[0]["chosen"] in records[0]["ms"] and set(records[0]["ms"]) >= {"torch", "dense"}
     assert select.token_bucket(33) == select.token_bucket(64) == 64 and select.token_bucket(1) == 1
+
+
+def test_the_first_call_times_its_candidates_in_interleaved_rounds_and_runs_the_winner():
+    """a b a b ...: a slow phase of the machine while one candidate is timed must not decide
+    the choice for the whole run (sequential timing put every repeat of one candidate in it)."""
+    calls = []
+
+    def candidate(name, seconds):
+        def run():
+            calls.append(name)
+            time.sleep(seconds)
+            return torch.tensor(seconds)
+        return run
+
+    select.clear()
+    with select.set_autotune(True):
+        result = select.run("test_op", ("regime",), {"slow": candidate("slow", 0.004), "fast": candidate("fast", 0)})
+    assert calls == ["slow", "fast"] * 4 + ["fast"] and float(result) == 0
+    (record,) = [r for r in select.choices() if r["op"] == "test_op"]
+    assert record["chosen"] == "fast" and record["ms"]["slow"] >= 4
 
 
 @needs_native
