@@ -262,7 +262,13 @@ def _bench(args) -> int:
         chosen = {} if args.structures is None else {"structures": tuple(args.structures)}
         bench.hardening_speed(**chosen, layers=args.layers, out=args.out)
     elif args.bench == "model":
+        import os
+
         import torch
+
+        # PyTorch's profiler (the step-memory measure) prints two lines of its own to stderr on
+        # every use unless its log level says otherwise; it reads the level once, at first use
+        os.environ.setdefault("KINETO_LOG_LEVEL", "6")
 
         if args.device == "cuda" and not torch.cuda.is_available():
             return _error(args, "--device cuda but no CUDA GPU is available")

@@ -150,6 +150,7 @@ def test_model_benchmark_reports_speed_and_the_tensor_memory_of_a_training_step(
     printed = subprocess.run([sys.executable, "-c", command, "bench", "model", *BENCH_JSON["model"],
                               "--keep-freed-memory", "--out", str(out)], capture_output=True, text=True, check=True)
     assert "train peak MiB" in printed.stdout and "freed memory kept" in printed.stdout
+    assert "profiler_start" not in printed.stderr  # PyTorch's profiler kept quiet
     result = json.loads(out.read_text())
     assert set(result) == set(bench.MODEL_RESULT_KEYS) and bench.is_model_result(out.read_text())  # a rerun replaces it
     assert result["freed_memory_kept"] is True

@@ -73,7 +73,7 @@ def test_block_packing_rows_through_in_index_matches_dense_reference(structure, 
                                                                      tokens, option):
     """The block forward's and values gradient's other way of applying in_index: packing rows
     of x (the forward: once for all tokens when few, per tile of tokens when many; the
-    gradient: per tile of tokens)."""
+    gradient: once for all tokens, each thread a share, read in tiles of 64 tokens)."""
     weight, x, bias, in_index, out_index = _case(structure, out_features, in_features, tokens, option)
     values = weight.values.clone().requires_grad_()
     grad = torch.randn(tokens, out_features, generator=torch.Generator().manual_seed(1))
