@@ -14,9 +14,9 @@ import torch
 from padst_compiler.kernels import NM, Block, Diagonal, implementations
 from padst_compiler.kernels.cpu import native
 from padst_compiler.kernels.eager import select
+from .markers import needs_native
 from .reference import dense_reference
 
-needs_native = pytest.mark.skipif(native.library() is None, reason="no C++ compiler: native kernels not built")
 
 # (structure, out, in): every block width the kernels specialise, on both sides; diagonals
 # long enough for the streamed kernel's full vector steps and its tails

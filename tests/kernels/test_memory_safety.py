@@ -13,6 +13,7 @@ import torch
 from padst_compiler.kernels import NM, Block, Diagonal, implementations, result_buffers, set_checks
 from padst_compiler.kernels.cpu import native
 from padst_compiler.kernels.eager import select
+from .markers import needs_native
 from .reference import dense_reference
 
 
@@ -37,6 +38,7 @@ def test_the_range_check_names_the_op_and_index_and_runs_with_checks_off():
             raise AssertionError("an index outside its tensor was accepted")
 
 
+@needs_native
 @pytest.mark.parametrize("structure,prefix", [(Block(16, 16), "block"), (NM(8), "nm"), (Diagonal(), "diag")],
                          ids=["block", "nm", "diag"])
 @pytest.mark.parametrize("tokens", [1, 16, 300])  # few-token kernels, output split across threads, tiles
@@ -47,8 +49,6 @@ def test_native_kernels_write_every_column_through_a_repeated_out_index(structur
     column (here exactly ``z[:, out_index]``), so no result needs zeroing first and none can
     show what its memory held before (a NaN-filled buffer here); the same for an input
     gradient through a repeated in_index."""
-    if native.library() is None:
-        pytest.skip("the native library is not built")
     weight = structure.project(torch.randn(64, 128), 0.75)
     values = weight.values.detach()
     x, grad = torch.randn(tokens, 128), torch.randn(tokens, 64)

@@ -10,6 +10,7 @@ from padst_compiler.kernels.cpu import native
 from padst_compiler.kernels.eager import select
 from padst_compiler.kernels.permutation import inverse_permutation
 
+from .markers import needs_native
 from .reference import dense_reference
 
 STRUCTURES = [Block(4, 8), Block(8, 4), NM(4), NM(8), Diagonal()]
@@ -229,7 +230,7 @@ def test_eager_calls_without_gradients_skip_the_dispatcher_with_the_same_result(
     assert len(calls) == 1  # none of these took the direct path
 
 
-@pytest.mark.skipif(native.library() is None, reason="no C++ compiler: native kernels not built")
+@needs_native
 @pytest.mark.parametrize("structure", [Block(8, 8), NM(4), Diagonal()], ids=str)
 def test_repeated_eager_calls_replay_the_kernel_and_follow_every_change(monkeypatch, structure):
     """A repeated direct call replays the native kernel call of the first; a new version of
